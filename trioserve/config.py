@@ -1,0 +1,193 @@
+"""Configuration: one frozen dataclass, the single source of every option.
+
+Each field carries its command-line help in its metadata; :mod:`trioserve.cli`
+builds the argument parser from these fields, so a flag and its config field
+cannot drift apart. Embedders pass a :class:`Config` (or keyword overrides) to
+:func:`trioserve.serve_wsgi`.
+
+Every default has its reason next to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+COMMON_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s'
+
+
+class ConfigError(ValueError):
+    """An option has an invalid value. The message is one line, fit for a terminal."""
+
+
+def _option(default: Any, help: str, *, flags: tuple[str, ...] = (), metavar: str = "") -> Any:
+    metadata = {"help": help, "flags": flags, "metavar": metavar}
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda: tuple(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything that can be configured. Create with keywords; change with ``replace()``."""
+
+    bind: tuple[str, ...] = _option(
+        # Loopback by default: exposing a server is a decision, not an accident.
+        ("127.0.0.1:8000",),
+        "address to listen on: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N; repeatable",
+        flags=("-b", "--bind"),
+        metavar="ADDRESS",
+    )
+    threads: int = _option(
+        # Same as trio's default thread limiter: enough for apps that block on
+        # I/O (databases, HTTP calls); CPU-bound apps gain nothing past a few.
+        40,
+        "worker threads for running the app (concurrent app calls per process)",
+    )
+    root_path: str = _option(
+        "", "SCRIPT_NAME: the URL prefix the app is mounted under (e.g. /api)", metavar="PATH"
+    )
+    factory: bool = _option(False, "treat MODULE:ATTR as a factory: call it to get the app")
+    log_level: str = _option(
+        "info", "error log level: debug, info, warning, error, critical", metavar="LEVEL"
+    )
+    access_log: str | None = _option(
+        None, "write an access log line per request to FILE, or - for stdout", metavar="FILE"
+    )
+    access_log_format: str = _option(
+        COMMON_LOG_FORMAT,
+        "access log format, gunicorn-style %%(atom)s fields (default: common log format)",
+        metavar="FORMAT",
+    )
+    certfile: str | None = _option(None, "TLS certificate chain (PEM); enables HTTPS", metavar="FILE")
+    keyfile: str | None = _option(None, "TLS private key (PEM)", metavar="FILE")
+    keep_alive_timeout: float = _option(
+        # Long enough to reuse a connection between a page and its assets,
+        # short enough that idle clients do not pin sockets (nginx 75 s, uvicorn 5 s).
+        5.0,
+        "seconds an idle keep-alive connection stays open",
+        metavar="SECONDS",
+    )
+    graceful_timeout: float = _option(
+        # Kubernetes' default termination grace period is 30 s.
+        30.0,
+        "seconds in-flight requests get to finish on shutdown before they are cancelled",
+        metavar="SECONDS",
+    )
+    tls_handshake_timeout: float = _option(
+        10.0, "seconds a client gets to finish the TLS handshake", metavar="SECONDS"
+    )
+    backlog: int = _option(
+        # gunicorn's default; the kernel clamps it to net.core.somaxconn.
+        2048,
+        "listen() backlog: connections the kernel queues before they are accepted",
+    )
+    max_request_body_size: int = _option(
+        # waitress uses the same 1 GiB: big uploads work, unbounded ones do not. 0 = no limit.
+        1 * GiB,
+        "largest request body accepted, in bytes (413 beyond); 0 means no limit",
+        metavar="BYTES",
+    )
+    max_header_size: int = _option(
+        # Request line plus headers. h11 uses 16 KiB, nginx 4 x 8 KiB; large
+        # cookies are common enough to allow 64 KiB.
+        64 * KiB,
+        "largest request head (request line + headers) in bytes (431 beyond)",
+        metavar="BYTES",
+    )
+    max_request_line_size: int = _option(
+        # nginx and gunicorn allow about 8 KiB.
+        8 * KiB,
+        "longest request line (method, target, version) in bytes (414 beyond)",
+        metavar="BYTES",
+    )
+    max_header_count: int = _option(
+        100, "most header fields in one request (Apache's default; 431 beyond)"
+    )
+    h2_max_concurrent_streams: int = _option(
+        # h2's own default and what most servers announce.
+        100,
+        "HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; also caps live app calls per connection",
+    )
+    h2_initial_window_size: int = _option(
+        # Request body bytes buffered per stream before the app reads them.
+        # Larger than the 64 KiB protocol default so uploads are not
+        # round-trip bound; the connection window is this times the stream limit.
+        256 * KiB,
+        "HTTP/2 receive window per stream, in bytes",
+        metavar="BYTES",
+    )
+    h2_max_frame_size: int = _option(
+        # The protocol minimum: small frames bound what one frame can make us buffer.
+        16 * KiB,
+        "largest HTTP/2 frame accepted, in bytes (16384..16777215)",
+        metavar="BYTES",
+    )
+    h2_max_header_list_size: int = _option(
+        64 * KiB,
+        "HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE: largest decoded header block, in bytes",
+        metavar="BYTES",
+    )
+    server_header: str = _option(
+        "trioserve", 'value of the Server response header; "" to send none', metavar="TEXT"
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bind, str):
+            object.__setattr__(self, "bind", (self.bind,))
+        else:
+            object.__setattr__(self, "bind", tuple(self.bind))
+        _check(bool(self.bind), "at least one bind address is needed")
+        _check(self.threads >= 1, f"threads must be at least 1, not {self.threads}")
+        _check(
+            self.log_level.lower() in ("debug", "info", "warning", "error", "critical"),
+            f"unknown log level {self.log_level!r}",
+        )
+        for name in (
+            "keep_alive_timeout",
+            "graceful_timeout",
+            "tls_handshake_timeout",
+        ):
+            value = getattr(self, name)
+            _check(value > 0, f"{name.replace('_', '-')} must be positive, not {value}")
+        _check(self.max_request_body_size >= 0, "max-request-body-size cannot be negative")
+        _check(self.max_header_size >= 1024, "max-header-size must be at least 1024")
+        _check(self.max_request_line_size >= 64, "max-request-line-size must be at least 64")
+        _check(self.max_header_count >= 1, "max-header-count must be at least 1")
+        _check(self.backlog >= 1, "backlog must be at least 1")
+        _check(
+            1 <= self.h2_max_concurrent_streams <= 2**31 - 1,
+            "h2-max-concurrent-streams must be between 1 and 2**31-1",
+        )
+        _check(
+            1 <= self.h2_initial_window_size <= 2**31 - 1,
+            "h2-initial-window-size must be between 1 and 2**31-1",
+        )
+        _check(
+            2**14 <= self.h2_max_frame_size <= 2**24 - 1,
+            "h2-max-frame-size must be between 16384 and 16777215",
+        )
+        _check(self.h2_max_header_list_size >= 1024, "h2-max-header-list-size must be at least 1024")
+        _check(
+            (self.certfile is None) == (self.keyfile is None),
+            "--certfile and --keyfile go together",
+        )
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def options() -> list[dataclasses.Field[Any]]:
+    """The configurable fields, in declaration order (used to build the CLI)."""
+    return list(dataclasses.fields(Config))

@@ -1,0 +1,568 @@
+"""Connection lifecycle: one nursery per connection, one reader, one sender, a task per stream.
+
+General theory of operation
+---------------------------
+
+:func:`serve_connection` finishes the TLS handshake (under a timeout), picks
+the protocol (ALPN, or the HTTP/2 preface on a cleartext port), and hands the
+socket to a :class:`Connection`, which runs this task tree::
+
+    Connection.run
+    └── nursery
+        ├── _reader_task        the only task that reads the socket
+        ├── _sender_task        the only task that writes the socket
+        └── RequestStream.run   one per request/stream, each in its own cancel scope
+            └── to_thread.run_sync(call_app)   the WSGI app, in a worker thread
+
+Who may block on what:
+
+* The reader blocks only on the socket, and pauses (waiting on an event) only
+  for connection-wide reasons: the peer is not reading our output, or, on
+  HTTP/1.1, the current request's body buffer is full. It never waits on one
+  HTTP/2 stream; per-stream body memory is bounded by flow control instead.
+* The sender sleeps until woken, then writes everything the protocol has
+  queued in one ``send_all`` (``data_to_send`` coalesces).
+* Stream tasks block on the app thread; app threads block (through
+  ``trio.from_thread``) on body data or on output draining.
+
+The reader sends only two signals backwards: it cancels a stream's scope
+(reset, disconnect, bad request) and it wakes the sender. Protocol state (the
+sans-IO object in ``self.proto``) is touched only from trio tasks, which trio
+runs one at a time, so it needs no locks.
+
+The connection ends when the protocol says it is closing, no stream is live,
+and all output is flushed; or at once when the socket breaks, in which case
+every stream is cancelled. Either way the nursery waits for every app thread
+to return, so nothing outlives the connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Protocol
+
+import h2.errors
+import trio
+
+from .events import (
+    BadRequest,
+    BodyEnded,
+    BodyReceived,
+    ConnectionClosed,
+    Event,
+    Headers,
+    RequestReceived,
+    StreamReset,
+    UpgradeToH2,
+    WindowOpened,
+)
+from .http1 import HTTP1Connection
+from .http2 import PREFACE, HTTP2Connection
+from .stream import RequestStream
+from .wsgi import ConnectionInfo, ResponseHead, WSGIApp
+
+LOGGER = logging.getLogger("trioserve.error")
+
+# Bytes asked for per socket read: large enough that a fast upload needs few
+# reads, small enough to bound what one read can add to memory.
+READ_SIZE = 64 * 1024
+
+# A stream may queue this much response data before its app thread waits for
+# the socket to drain (per stream; HTTP/1.1 counts the whole connection).
+STREAM_HIGH_WATER = 256 * 1024
+
+# Stop reading from a peer that leaves this much of our output unread: it is
+# either slow or flooding us with requests for replies it never collects.
+OUTPUT_HIGH_WATER = 1024 * 1024
+
+# HTTP/1.1 only: stop reading while this much request body waits for the app,
+# or this much pipelined input waits for its turn.
+BODY_HIGH_WATER = 64 * 1024
+PIPELINE_HIGH_WATER = 64 * 1024
+
+# How long closing a connection may take: flushing a TLS close_notify, or
+# letting the peer read our last response before we drop unread input.
+CLOSE_TIMEOUT = 2.0
+
+
+class ServerProtocol(Protocol):
+    """What the driver needs from a sans-IO protocol object (HTTP/1.1 or HTTP/2)."""
+
+    multiplexed: bool
+
+    @property
+    def closing(self) -> bool: ...
+    @property
+    def output_size(self) -> int: ...
+    @property
+    def buffered_input(self) -> int: ...
+    def stream_output_size(self, stream_id: int) -> int: ...
+    def receive_data(self, data: bytes) -> None: ...
+    def next_events(self) -> list[Event]: ...
+    def data_to_send(self) -> bytes: ...
+    def send_continue(self, stream_id: int) -> None: ...
+    def send_response(
+        self, stream_id: int, status: int, headers: Headers, *, reason: bytes = b""
+    ) -> None: ...
+    def send_body(self, stream_id: int, data: bytes) -> None: ...
+    def end_stream(self, stream_id: int) -> None: ...
+    def send_error_response(self, stream_id: int, status: int, detail: str = "") -> None: ...
+    def reset_stream(self, stream_id: int, error_code: int = ...) -> None: ...
+    def acknowledge_body(self, stream_id: int, size: int) -> None: ...
+    def start_shutdown(self) -> None: ...
+    def send_failed(self) -> None: ...
+
+
+@dataclass(eq=False)
+class ServerContext:
+    """What every connection of one server shares."""
+
+    app: WSGIApp
+    limiter: trio.CapacityLimiter
+    keep_alive_timeout: float = 5.0
+    tls_handshake_timeout: float = 10.0
+    root_path: str = ""
+    server_header: bytes | None = b"trioserve"
+    max_header_size: int = 64 * 1024
+    max_request_line_size: int = 8 * 1024
+    max_header_count: int = 100
+    max_body_size: int = 0
+    h2_max_concurrent_streams: int = 100
+    h2_initial_window_size: int = 256 * 1024
+    h2_max_frame_size: int = 16 * 1024
+    h2_max_header_list_size: int = 64 * 1024
+    access_log: Callable[[RequestStream], None] | None = None
+    connections: set[Connection] = dataclasses.field(default_factory=set)
+    shutting_down: bool = False
+    open_connections: int = 0  # accepted and not yet closed, handshaking ones included
+    _connections_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
+        self._connections_changed.set()
+        self._connections_changed = trio.Event()
+
+    async def wait_connections_changed(self) -> None:
+        await self._connections_changed.wait()
+
+    def new_http1(self, *, allow_h2c_upgrade: bool) -> HTTP1Connection:
+        return HTTP1Connection(
+            max_header_size=self.max_header_size,
+            max_request_line_size=self.max_request_line_size,
+            max_header_count=self.max_header_count,
+            max_body_size=self.max_body_size,
+            allow_h2c_upgrade=allow_h2c_upgrade,
+        )
+
+    def new_http2(self) -> HTTP2Connection:
+        return HTTP2Connection(
+            max_concurrent_streams=self.h2_max_concurrent_streams,
+            initial_window_size=self.h2_initial_window_size,
+            max_frame_size=self.h2_max_frame_size,
+            max_header_list_size=self.h2_max_header_list_size,
+            max_body_size=self.max_body_size,
+        )
+
+
+class _DateHeader:
+    """The Date header value, formatted at most once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode("ascii")
+        return self._value
+
+
+date_header = _DateHeader()
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket
+    return None
+
+
+def connection_info(stream: trio.abc.Stream, root_path: str) -> ConnectionInfo:
+    """Addresses and scheme for the environ, read once from the socket."""
+    scheme = "https" if isinstance(stream, trio.SSLStream) else "http"
+    sock = _socket_of(stream)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        default_port = "443" if scheme == "https" else "80"
+        return ConnectionInfo(scheme, "localhost", default_port, None, None, root_path)
+    local = sock.getsockname()
+    try:
+        peer = sock.getpeername()
+    except OSError:  # already disconnected
+        peer = ("", 0)
+    return ConnectionInfo(scheme, str(local[0]), str(local[1]), str(peer[0]), str(peer[1]), root_path)
+
+
+async def serve_connection(stream: trio.abc.Stream, ctx: ServerContext) -> None:
+    """Serve one accepted connection until it closes. Never raises for client misbehaviour."""
+    peer = "?"
+    ctx.open_connections += 1
+    try:
+        tls = isinstance(stream, trio.SSLStream)
+        alpn = None
+        if isinstance(stream, trio.SSLStream):
+            with trio.fail_after(ctx.tls_handshake_timeout):
+                await stream.do_handshake()
+            alpn = stream.selected_alpn_protocol()
+        info = connection_info(stream, ctx.root_path)
+        peer = f"{info.client_addr}:{info.client_port}" if info.client_addr else "unix socket"
+        initial = b""
+        proto: ServerProtocol
+        if alpn == "h2":
+            h2_proto = ctx.new_http2()
+            h2_proto.initiate()
+            proto = h2_proto
+        elif tls:
+            proto = ctx.new_http1(allow_h2c_upgrade=False)
+        else:
+            initial = await _sniff_preface(stream, ctx.keep_alive_timeout)
+            if initial.startswith(PREFACE):
+                h2_proto = ctx.new_http2()
+                h2_proto.initiate()
+                proto = h2_proto
+            else:
+                proto = ctx.new_http1(allow_h2c_upgrade=True)
+        conn = Connection(stream, proto, ctx, info)
+        ctx.connections.add(conn)
+        try:
+            await conn.run(initial)
+        finally:
+            ctx.connections.discard(conn)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ssl.SSLError) as exc:
+        LOGGER.debug("Connection from %s ended: %r", peer, exc)
+    except Exception:
+        LOGGER.exception("Internal error on the connection from %s", peer)
+    finally:
+        await trio.aclose_forcefully(stream)
+        ctx.connection_closed()
+
+
+async def _sniff_preface(stream: trio.abc.Stream, timeout: float) -> bytes:
+    """Read until the bytes either are, or cannot be, the HTTP/2 preface."""
+    data = b""
+    with trio.move_on_after(timeout):
+        while len(data) < len(PREFACE) and PREFACE.startswith(data):
+            chunk = await stream.receive_some(READ_SIZE)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+class Connection:
+    """The driver: runs one connection's tasks around a sans-IO protocol object."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        proto: ServerProtocol,
+        ctx: ServerContext,
+        info: ConnectionInfo,
+    ) -> None:
+        self.stream = stream
+        self.proto = proto
+        self.ctx = ctx
+        self.app = ctx.app
+        self.limiter = ctx.limiter
+        self.info = info
+        self.streams: dict[int, RequestStream] = {}
+        self._nursery: trio.Nursery | None = None
+        self._output_wanted = trio.Event()
+        self._output_drained = trio.Event()
+        self._reader_wakeup = trio.Event()
+        self._in_flight = 0  # bytes handed to send_all and not yet sent
+        self._peer_done = False  # EOF or GOAWAY seen: read no more
+        self._clean_close = False  # the sender finished normally: close politely
+        self._linger = False  # unread request data may follow: drain before closing
+        if ctx.shutting_down:
+            proto.start_shutdown()
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    async def run(self, initial: bytes = b"") -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._sender_task)
+            nursery.start_soon(self._reader_task, initial)
+        if self._clean_close:
+            await self._close_politely()
+
+    def start_shutdown(self) -> None:
+        """Graceful stop: finish what is in flight, accept nothing new, then close."""
+        self.proto.start_shutdown()
+        self.wake_sender()
+        self._wake_reader()
+
+    def abort(self) -> None:
+        """Stop now: cancel every stream and drop the connection."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _close_politely(self) -> None:
+        """Let the peer see our last bytes before the socket goes away.
+
+        Closing with unread input in the kernel buffer makes it send RST, which
+        can destroy a response the client has not read yet (e.g. a 413 sent
+        before the body arrived). So: half-close, and discard input for a
+        moment, as nginx's lingering_close does.
+        """
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            if self._linger and isinstance(self.stream, trio.abc.HalfCloseableStream):
+                try:
+                    await self.stream.send_eof()
+                    while await self.stream.receive_some(READ_SIZE):
+                        pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            await self.stream.aclose()
+
+    # ---- reader ---------------------------------------------------------------
+
+    async def _reader_task(self, initial: bytes) -> None:
+        if initial:
+            self._receive(initial)
+        while not self._peer_done:
+            if self._reading_paused():
+                await self._wait_reader_wakeup()
+                continue
+            timeout = self._idle_timeout()
+            with trio.move_on_after(timeout) as idle:
+                try:
+                    data = await self.stream.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._connection_lost()
+                    return
+            if idle.cancelled_caught:
+                # Idle keep-alive connection: close it (HTTP/2: GOAWAY first).
+                self.start_shutdown()
+                return
+            self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
+        proto = self.proto
+        proto.receive_data(data)
+        if not data:
+            self._peer_done = True
+        self._dispatch(proto.next_events())
+        self.wake_sender()
+
+    def _idle_timeout(self) -> float:
+        if self.streams or self.proto.buffered_input:
+            return math.inf
+        return self.ctx.keep_alive_timeout
+
+    def _reading_paused(self) -> bool:
+        if self.proto.output_size + self._in_flight > OUTPUT_HIGH_WATER:
+            return True
+        if not self.proto.multiplexed:
+            if self.proto.buffered_input > PIPELINE_HIGH_WATER:
+                return True
+            for stream in self.streams.values():
+                if stream.body.size >= BODY_HIGH_WATER:
+                    return True
+        return False
+
+    async def _wait_reader_wakeup(self) -> None:
+        await self._reader_wakeup.wait()
+        self._reader_wakeup = trio.Event()
+
+    def _wake_reader(self) -> None:
+        self._reader_wakeup.set()
+
+    def _connection_lost(self) -> None:
+        """The socket broke: nobody is listening any more, cancel everything."""
+        self._peer_done = True
+        for stream in self.streams.values():
+            stream.reset_by_peer = True
+            stream.cancel_scope.cancel()
+        self.proto.send_failed()
+        self.wake_sender()
+
+    # ---- dispatch -------------------------------------------------------------
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is BodyReceived:
+                assert isinstance(event, BodyReceived)
+                stream = self.streams.get(event.stream_id)
+                if stream is None or stream.cancel_scope.cancel_called:
+                    # Nobody will read it: hand the flow-control credit straight back.
+                    self.proto.acknowledge_body(event.stream_id, len(event.data))
+                else:
+                    stream.body.feed(event.data)
+            elif kind is RequestReceived:
+                assert isinstance(event, RequestReceived)
+                self._start_stream(event)
+            elif kind is BodyEnded:
+                assert isinstance(event, BodyEnded)
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.body.end()
+            elif kind is StreamReset:
+                assert isinstance(event, StreamReset)
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.reset_by_peer = True
+                    stream.cancel_scope.cancel()
+            elif kind is BadRequest:
+                assert isinstance(event, BadRequest)
+                self._bad_request(event)
+            elif kind is UpgradeToH2:
+                assert isinstance(event, UpgradeToH2)
+                self._upgrade(event)
+            elif kind is ConnectionClosed:
+                assert isinstance(event, ConnectionClosed)
+                # A clean HTTP/2 GOAWAY is not the end of reading: the peer
+                # still sends WINDOW_UPDATEs for the streams it lets finish.
+                if event.abort:
+                    self._peer_done = True
+                    for stream in self.streams.values():
+                        stream.reset_by_peer = True
+                        stream.cancel_scope.cancel()
+            elif kind is WindowOpened:
+                pass  # the sender is woken after every dispatch anyway
+
+    def _start_stream(self, event: RequestReceived) -> None:
+        proto = self.proto
+        if proto.multiplexed and (
+            len(self.streams) >= self.ctx.h2_max_concurrent_streams or proto.closing
+        ):
+            # Live app invocations (reset ones still running included) are
+            # bounded per connection: refuse, the client may retry (RFC 9113 §8.7).
+            proto.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        stream = RequestStream(self, event)
+        self.streams[event.stream_id] = stream
+        assert self._nursery is not None
+        self._nursery.start_soon(stream.run, name=f"stream {event.stream_id} from {self.info.client_addr}")
+
+    def _bad_request(self, event: BadRequest) -> None:
+        client = self.info.client_addr or "unix socket"
+        LOGGER.info("%d %s from %s", event.status, event.reason, client)
+        self._linger = True
+        if event.stream_id is not None:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.error_status = event.status
+                stream.cancel_scope.cancel()
+
+    def _upgrade(self, event: UpgradeToH2) -> None:
+        """Switch this connection to HTTP/2 after ``101 Switching Protocols``."""
+        old = self.proto
+        proto = self.ctx.new_http2()
+        request = dataclasses.replace(event.request, stream_id=1, end_stream=True)
+        proto.initiate_upgrade(event.settings, request, preamble=old.data_to_send())
+        self.proto = proto
+        stream = RequestStream(self, request)
+        if event.body:
+            stream.body.feed(event.body)
+            proto.note_upgrade_body(len(event.body))
+        self.streams[1] = stream
+        assert self._nursery is not None
+        self._nursery.start_soon(stream.run, name=f"stream 1 (upgraded) from {self.info.client_addr}")
+        if event.trailing:
+            self._receive(event.trailing)
+
+    # ---- services for RequestStream ------------------------------------------
+
+    def wake_sender(self) -> None:
+        self._output_wanted.set()
+
+    def stream_writable(self, stream_id: int) -> bool:
+        """May ``stream_id``'s app thread queue more response data right now?"""
+        return self.proto.stream_output_size(stream_id) < STREAM_HIGH_WATER
+
+    async def wait_output_drained(self) -> None:
+        await self._output_drained.wait()
+
+    def send_response(self, stream_id: int, head: ResponseHead) -> None:
+        """Queue a response head, adding the Date and Server headers if the app did not."""
+        headers = head.headers
+        has_date = has_server = False
+        for name, _ in headers:
+            lowered = name.lower()
+            if lowered == b"date":
+                has_date = True
+            elif lowered == b"server":
+                has_server = True
+        if not has_date:
+            headers.append((b"Date", date_header()))
+        if not has_server and self.ctx.server_header:
+            headers.append((b"Server", self.ctx.server_header))
+        self.proto.send_response(stream_id, head.status, headers, reason=head.reason)
+
+    def body_consumed(self, stream_id: int, size: int) -> None:
+        """The app took ``size`` body bytes: return flow-control credit, maybe resume reading."""
+        self.proto.acknowledge_body(stream_id, size)
+        if self.proto.output_size:
+            self.wake_sender()
+        self._wake_reader()
+
+    def reset_stream(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.reset_by_peer:
+            return  # the peer already reset it; a reset of our own would be noise
+        self.proto.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        self.wake_sender()
+
+    def stream_done(self, stream: RequestStream) -> None:
+        """A stream's task finished: forget it and let the connection move on."""
+        self.streams.pop(stream.stream_id, None)
+        if stream.body.size and self.proto.multiplexed:
+            # Unread body: give the connection-level credit back.
+            self.proto.acknowledge_body(stream.stream_id, stream.body.size)
+        if not stream.body.ended:
+            self._linger = True
+        if self.ctx.access_log is not None:
+            self.ctx.access_log(stream)
+        if not self.proto.multiplexed:
+            self._dispatch(self.proto.next_events())
+        self.wake_sender()
+        self._wake_reader()
+
+    # ---- sender ---------------------------------------------------------------
+
+    async def _sender_task(self) -> None:
+        try:
+            while True:
+                data = self.proto.data_to_send()
+                if data:
+                    self._in_flight = len(data)
+                    await self.stream.send_all(data)
+                    self._in_flight = 0
+                    self._output_drained.set()
+                    self._output_drained = trio.Event()
+                    self._wake_reader()
+                    continue
+                if self.proto.closing and not self.streams:
+                    self._clean_close = True
+                    break
+                await self._output_wanted.wait()
+                self._output_wanted = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # Streams get cancelled; the nursery still waits for their threads.
+            self._connection_lost()
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+

@@ -1,0 +1,122 @@
+"""The vocabulary the sans-IO protocol layers speak to the connection driver.
+
+Both :mod:`trioserve.http1` and :mod:`trioserve.http2` turn received bytes into
+these events, so the trio side (:mod:`trioserve.connection`) handles HTTP/1.1
+and HTTP/2 with one dispatch table. Events are nouns, frozen, and carry only
+plain data: no trio objects, no callbacks.
+
+A "stream" is one request/response exchange. HTTP/2 gives it the stream id from
+the wire; HTTP/1.1 numbers requests 1, 2, 3... on the connection, and only one
+is ever live at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """A request's head has arrived; its body (if any) follows as events.
+
+    ``headers`` holds regular header fields only (HTTP/2 pseudo-headers are
+    lifted into ``method``/``target``/``scheme``/``authority``), names lower-case.
+    """
+
+    stream_id: int
+    method: bytes
+    target: bytes
+    headers: Headers
+    http_version: str  # "1.0", "1.1" or "2"
+    scheme: str | None = None  # HTTP/2 :scheme; None over HTTP/1.x
+    authority: bytes | None = None  # HTTP/2 :authority; None over HTTP/1.x
+    end_stream: bool = False  # True when no body follows
+    expects_continue: bool = False  # client waits for "100 Continue" before sending the body
+    content_length: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BodyReceived:
+    """A piece of a request body. Flow-control credit is returned only when the
+    application consumes it (see ``acknowledge_body`` on the protocol objects)."""
+
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BodyEnded:
+    """The request body is complete (the application reads EOF after the buffered data)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The peer abandoned this stream (RST_STREAM, or a disconnect mid-request)."""
+
+    stream_id: int
+    error_code: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """The peer sent something invalid.
+
+    If ``stream_id`` is None the protocol layer has already queued the error
+    response (or GOAWAY) itself and nothing else needs doing but logging. If it
+    names a live stream, that stream must be cancelled and, if its response has
+    not started, answered with ``status``.
+    """
+
+    status: int
+    reason: str
+    stream_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOpened:
+    """The peer granted flow-control credit: queued response data may go out now."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeToH2:
+    """An HTTP/1.1 request asked for ``Upgrade: h2c`` and the upgrade was accepted.
+
+    The 101 response is already queued. ``request`` is to be answered on HTTP/2
+    stream 1 with ``body`` as its complete request body; ``settings`` is the
+    ``HTTP2-Settings`` header value (base64url, padded) and ``trailing`` holds bytes the client
+    already sent after the request (the start of its HTTP/2 preface).
+    """
+
+    request: RequestReceived
+    settings: bytes
+    body: bytes
+    trailing: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer is done: EOF, GOAWAY, or a fatal protocol error.
+
+    ``abort`` is True when in-flight requests can no longer be answered and
+    must be cancelled (a broken HTTP/2 connection); False when the peer merely
+    stopped sending (an HTTP/1.1 half-close) and responses may still go out.
+    """
+
+    abort: bool = False
+    error_code: int = 0
+
+
+Event = (
+    RequestReceived
+    | BodyReceived
+    | BodyEnded
+    | StreamReset
+    | BadRequest
+    | WindowOpened
+    | UpgradeToH2
+    | ConnectionClosed
+)

@@ -1,0 +1,438 @@
+"""Sans-IO HTTP/1.1 server protocol, built on h11.
+
+Bytes go in through :meth:`HTTP1Connection.receive_data`, events come out of
+:meth:`HTTP1Connection.next_events`; responses go in through ``send_*`` calls
+and come out as bytes from :meth:`HTTP1Connection.data_to_send`. Nothing here
+does I/O or imports trio (``tests/test_layering.py`` checks).
+
+Rules this module keeps:
+
+1. One request at a time. The next pipelined request is only parsed after the
+   current response has ended (``end_stream``), so responses can never be
+   reordered; the driver calls ``next_events`` again after each response.
+2. Every rejection the peer caused is answered here with the status h11 hints
+   (400, 413, 414, 431, 501) and ``Connection: close``, and reported once as a
+   :class:`~trioserve.events.BadRequest` so the driver can log it.
+3. Request smuggling guards live here: both Content-Length and
+   Transfer-Encoding, or a body larger than allowed, are refused before any
+   application code runs.
+4. Switching to HTTP/2 (``Upgrade: h2c``) is an event, never an exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from http import HTTPStatus
+
+import h11
+
+from .events import (
+    BadRequest,
+    BodyEnded,
+    BodyReceived,
+    ConnectionClosed,
+    Event,
+    Headers,
+    RequestReceived,
+    StreamReset,
+    UpgradeToH2,
+)
+
+# An h2c upgrade request's body must be read completely before switching
+# protocols (RFC 9113 §3.2 leaves no way to continue it on stream 1), so it is
+# buffered. Larger bodies simply decline the upgrade and are served over HTTP/1.1.
+MAX_UPGRADE_BODY = 64 * 1024
+
+# When an application answers without reading the whole request body, the rest
+# is read and discarded so the connection can be reused - up to this much.
+# Beyond it, closing is cheaper than draining (nginx's lingering_close logic).
+MAX_DRAIN = 256 * 1024
+
+_REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase for ``status``, or b"" for unknown codes."""
+    return _REASONS.get(status, b"")
+
+
+def error_body(status: int, detail: str = "") -> bytes:
+    """The short plain-text body trioserve sends with its own error responses."""
+    text = f"{status} {reason_phrase(status).decode()}"
+    if detail:
+        text += f": {detail}"
+    return (text + "\n").encode("utf-8", "replace")
+
+
+class HTTP1Connection:
+    """One HTTP/1.1 server connection's protocol state.
+
+    Args:
+      max_header_size: bytes allowed for the request line plus headers (431 beyond).
+      max_request_line_size: bytes allowed for the request line alone (414 beyond).
+      max_header_count: header fields allowed per request (431 beyond).
+      max_body_size: request body bytes allowed, 0 for no limit (413 beyond).
+      allow_h2c_upgrade: honour ``Upgrade: h2c`` (cleartext connections only).
+    """
+
+    multiplexed = False
+
+    def __init__(
+        self,
+        *,
+        max_header_size: int = 64 * 1024,
+        max_request_line_size: int = 8 * 1024,
+        max_header_count: int = 100,
+        max_body_size: int = 0,
+        allow_h2c_upgrade: bool = False,
+    ) -> None:
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_size)
+        self._max_request_line_size = max_request_line_size
+        self._max_header_count = max_header_count
+        self._max_body_size = max_body_size
+        self._allow_h2c_upgrade = allow_h2c_upgrade
+        self._outbound: list[bytes] = []
+        self._outbound_size = 0
+        self._stream_id = 0  # id of the current (or last) request
+        self._active = False  # a request has been handed out and its response not ended
+        self._response_started = False
+        self._head_request = False
+        self._body_received = 0
+        self._draining = 0  # >0: discarding the rest of an unread body; bytes discarded + 1
+        self._upgrade: tuple[RequestReceived, bytes] | None = None
+        self._upgrade_body: list[bytes] = []
+        self._closed = False  # we decided to close (error or h11 MUST_CLOSE)
+        self._peer_eof = False
+
+    # ---- state the driver asks about -------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        """True once the connection must close after ``data_to_send`` drains."""
+        if self._closed:
+            return True
+        if self._active:
+            return False
+        our = self._h11.our_state
+        return our in (h11.MUST_CLOSE, h11.CLOSED, h11.ERROR) or (
+            self._peer_eof and self._h11.their_state in (h11.IDLE, h11.DONE, h11.CLOSED)
+        )
+
+    @property
+    def buffered_input(self) -> int:
+        """Bytes received but not yet parsed (pipelined requests waiting their turn)."""
+        return len(self._h11.trailing_data[0]) if self._h11.their_state is h11.DONE else 0
+
+    @property
+    def output_size(self) -> int:
+        """Bytes queued for the socket."""
+        return self._outbound_size
+
+    def stream_output_size(self, stream_id: int) -> int:
+        """Bytes queued for the socket on behalf of ``stream_id`` (all of them, in HTTP/1.1)."""
+        return self._outbound_size
+
+    # ---- bytes in, events out ---------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the socket; ``b""`` means the peer closed its side."""
+        if not data:
+            self._peer_eof = True
+        if self._h11.their_state is not h11.ERROR and not self._closed:
+            self._h11.receive_data(data)
+
+    def next_events(self) -> list[Event]:
+        """Parse as far as the state allows and return what happened."""
+        events: list[Event] = []
+        if self._closed:
+            return events
+        while True:
+            try:
+                h11_event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                if self._peer_eof and self._active:
+                    # EOF in the middle of a request body: the client went away.
+                    self._closed = True
+                    events.append(StreamReset(self._stream_id))
+                else:
+                    events.append(self._reject(exc.error_status_hint, str(exc)))
+                return events
+            if h11_event is h11.NEED_DATA:
+                if self._h11.their_state is h11.IDLE and not self._active:
+                    self._check_request_line_length(events)
+                return events
+            if h11_event is h11.PAUSED:
+                if self._upgrade is not None:
+                    if self._h11.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+                        events.append(self._accept_upgrade())
+                    else:  # Upgrade without "Connection: Upgrade": not an upgrade request
+                        self._decline_upgrade(events)
+                        events.append(BodyEnded(self._stream_id))
+                return events
+            if not self._handle(h11_event, events):
+                return events
+
+    def _handle(self, h11_event: h11.Event, events: list[Event]) -> bool:
+        """Translate one h11 event; False stops parsing for now."""
+        sid = self._stream_id
+        if isinstance(h11_event, h11.Request):
+            return self._handle_request(h11_event, events)
+        if isinstance(h11_event, h11.Data):
+            data = bytes(h11_event.data)
+            if self._draining:
+                self._draining += len(data)
+                if self._draining > MAX_DRAIN:
+                    self._closed = True
+                    return False
+                return True
+            self._body_received += len(data)
+            if self._max_body_size and self._body_received > self._max_body_size:
+                events.append(self._reject(413, "request body too large"))
+                return False
+            if self._upgrade is not None:
+                self._upgrade_body.append(data)
+                if self._body_received > MAX_UPGRADE_BODY:
+                    self._decline_upgrade(events)
+                return True
+            events.append(BodyReceived(sid, data))
+            return True
+        if isinstance(h11_event, h11.EndOfMessage):
+            if self._draining:
+                self._draining = 0
+                self._start_next_cycle()
+                return True
+            if self._upgrade is None:
+                events.append(BodyEnded(sid))
+            return True
+        if isinstance(h11_event, h11.ConnectionClosed):
+            events.append(ConnectionClosed(abort=False))
+            return False
+        return True  # pragma: no cover - h11 has no other events for a server
+
+    def _handle_request(self, request: h11.Request, events: list[Event]) -> bool:
+        headers: Headers = list(request.headers)
+        if len(request.target) > self._max_request_line_size:
+            events.append(self._reject(414, "request target too long"))
+            return False
+        if len(headers) > self._max_header_count:
+            events.append(self._reject(431, "too many header fields"))
+            return False
+        content_length: int | None = None
+        chunked = False
+        expects_continue = False
+        upgrade: bytes | None = None
+        settings: bytes | None = None
+        for name, value in headers:
+            if name == b"content-length":
+                content_length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"expect":
+                expects_continue = value.lower() == b"100-continue"
+            elif name == b"upgrade":
+                upgrade = value.lower()
+            elif name == b"http2-settings":
+                settings = value
+        if chunked and content_length is not None:
+            # RFC 9112 §6.3: a sender MUST NOT send both; a server MAY reject.
+            # Accepting would let a front proxy and us disagree on where the
+            # body ends (request smuggling), so we always reject.
+            events.append(self._reject(400, "both Content-Length and Transfer-Encoding"))
+            return False
+        if self._max_body_size and (content_length or 0) > self._max_body_size:
+            events.append(self._reject(413, "request body too large"))
+            return False
+        self._stream_id += 1
+        self._active = True
+        self._response_started = False
+        self._body_received = 0
+        self._head_request = request.method == b"HEAD"
+        has_body = chunked or bool(content_length)
+        event = RequestReceived(
+            stream_id=self._stream_id,
+            method=bytes(request.method),
+            target=bytes(request.target),
+            headers=headers,
+            http_version=request.http_version.decode("ascii"),
+            end_stream=not has_body,
+            expects_continue=expects_continue and has_body,
+            content_length=content_length,
+        )
+        if (
+            self._allow_h2c_upgrade
+            and upgrade == b"h2c"
+            and settings is not None
+            and (content_length or 0) <= MAX_UPGRADE_BODY
+            and not expects_continue
+        ):
+            if _valid_settings(settings):
+                # RFC 9113 §3.2.1 omits base64 padding; h2's decoder needs it.
+                self._upgrade = (event, settings + b"=" * (-len(settings) % 4))
+                self._upgrade_body = []
+                return True
+        events.append(event)
+        return True
+
+    def _accept_upgrade(self) -> UpgradeToH2:
+        assert self._upgrade is not None
+        request, settings = self._upgrade
+        self._write(
+            h11.InformationalResponse(
+                status_code=101,
+                headers=[(b"Connection", b"Upgrade"), (b"Upgrade", b"h2c")],
+                reason=b"Switching Protocols",
+            )
+        )
+        trailing, _ = self._h11.trailing_data
+        body = b"".join(self._upgrade_body)
+        self._upgrade = None
+        self._upgrade_body = []
+        self._active = False
+        self._closed = True  # this HTTP/1.1 connection is over; HTTP/2 takes the socket
+        return UpgradeToH2(request=request, settings=settings, body=body, trailing=bytes(trailing))
+
+    def _decline_upgrade(self, events: list[Event]) -> None:
+        """Serve an upgrade request over HTTP/1.1 after all (its body grew too large)."""
+        assert self._upgrade is not None
+        request, _ = self._upgrade
+        events.append(request)
+        events.extend(BodyReceived(request.stream_id, chunk) for chunk in self._upgrade_body)
+        self._upgrade = None
+        self._upgrade_body = []
+
+    def _check_request_line_length(self, events: list[Event]) -> None:
+        pending, _ = self._h11.trailing_data
+        if len(pending) > self._max_request_line_size and b"\n" not in pending:
+            events.append(self._reject(414, "request line too long"))
+
+    def _reject(self, status: int, reason: str) -> BadRequest:
+        """Answer a bad request ourselves if no response is under way, then close."""
+        stream_id = self._stream_id if self._active else None
+        self._closed = True
+        if stream_id is None and self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self._write_error_response(status, reason)
+        return BadRequest(status=status, reason=reason, stream_id=stream_id)
+
+    # ---- responses in, bytes out ------------------------------------------
+
+    def send_continue(self, stream_id: int) -> None:
+        """Send ``100 Continue`` if the client is still waiting for it."""
+        if self._h11.they_are_waiting_for_100_continue and not self._response_started:
+            self._write(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
+
+    def send_response(
+        self, stream_id: int, status: int, headers: Headers, *, reason: bytes = b""
+    ) -> None:
+        """Queue the response head. Raises h11.LocalProtocolError on invalid headers."""
+        self._response_started = True
+        if self._closed:
+            headers = [*headers, (b"Connection", b"close")]
+        self._write(
+            h11.Response(
+                status_code=status, headers=headers, reason=reason or reason_phrase(status)
+            )
+        )
+
+    def send_body(self, stream_id: int, data: bytes) -> None:
+        """Queue body bytes. Raises h11.LocalProtocolError past a declared Content-Length."""
+        if data and not self._head_request:
+            self._write(h11.Data(data=data))
+
+    def end_stream(self, stream_id: int) -> None:
+        """End the response. Raises h11.LocalProtocolError if it is shorter than declared."""
+        self._write(h11.EndOfMessage())
+        self._finish_request()
+
+    def send_error_response(self, stream_id: int, status: int, detail: str = "") -> None:
+        """Answer the current request with a short plain-text error and end it."""
+        self._write_error_response(status, detail)
+        self._finish_request()
+
+    def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
+        """Abandon the current response. HTTP/1.1 can only do that by closing."""
+        self._closed = True
+        self._active = False
+
+    def acknowledge_body(self, stream_id: int, size: int) -> None:
+        """HTTP/1.1 has no flow-control credit: the driver resumes reading instead."""
+
+    def start_shutdown(self) -> None:
+        """Finish the current exchange (if any), then close: no more keep-alive."""
+        # Idle: close now. Mid-request: the response head gets Connection: close.
+        self._closed = True
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the socket, coalesced into one write."""
+        if not self._outbound:
+            return b""
+        data = self._outbound[0] if len(self._outbound) == 1 else b"".join(self._outbound)
+        self._outbound.clear()
+        self._outbound_size = 0
+        return data
+
+    def send_failed(self) -> None:
+        """The socket write failed: nothing more can be sent."""
+        self._h11.send_failed()
+        self._closed = True
+
+    # ---- internals ---------------------------------------------------------
+
+    def _write(self, event: h11.Event) -> None:
+        data = self._h11.send(event)
+        if data:
+            self._outbound.append(data)
+            self._outbound_size += len(data)
+
+    def _write_error_response(self, status: int, detail: str) -> None:
+        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self._closed = True
+            return
+        body = error_body(status, detail)
+        self._closed = True
+        self._response_started = True
+        self._write(
+            h11.Response(
+                status_code=status,
+                reason=reason_phrase(status),
+                headers=[
+                    (b"Content-Type", b"text/plain; charset=utf-8"),
+                    (b"Content-Length", str(len(body)).encode()),
+                    (b"Connection", b"close"),
+                ],
+            )
+        )
+        if not self._head_request:
+            self._write(h11.Data(data=body))
+        self._write(h11.EndOfMessage())
+
+    def _finish_request(self) -> None:
+        self._active = False
+        self._response_started = False
+        if self._closed or self._h11.our_state is not h11.DONE:
+            self._closed = True
+            return
+        their = self._h11.their_state
+        if their is h11.SEND_BODY:
+            if self._h11.they_are_waiting_for_100_continue:
+                # They never got 100 Continue, so they may never send the body.
+                self._closed = True
+                return
+            self._draining = 1
+            return
+        self._start_next_cycle()
+
+    def _start_next_cycle(self) -> None:
+        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
+            self._h11.start_next_cycle()
+        else:
+            self._closed = True
+
+
+def _valid_settings(value: bytes) -> bool:
+    """Is ``value`` a well-formed ``HTTP2-Settings`` header (base64url of 6-byte entries)?"""
+    try:
+        decoded = base64.urlsafe_b64decode(value + b"=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    return len(decoded) % 6 == 0

@@ -1,0 +1,467 @@
+"""Sans-IO HTTP/2 server protocol, built on h2.
+
+Same shape as :mod:`trioserve.http1`: ``receive_data`` + ``next_events`` in,
+``send_*`` + ``data_to_send`` out, no I/O and no trio.
+
+Where flow control lives (both directions):
+
+* Inbound. Request body bytes are reported as :class:`BodyReceived` but *not*
+  credited back to the peer. Credit is returned by :meth:`acknowledge_body`,
+  which the trio side calls only when the app takes the bytes, so a slow
+  reader slows its own upload and nobody else's. The connection window is
+  opened to ``initial_window_size * max_concurrent_streams`` at start, so one
+  stalled stream can never use up the window the others need. Padding is
+  credited at once (no app ever consumes it). h2's WindowManager batches the
+  resulting WINDOW_UPDATE frames.
+* Outbound. ``send_body`` only appends to the stream's queue. The frames are
+  cut in :meth:`data_to_send`, which walks the streams round-robin, one frame
+  per stream per round, each no bigger than the peer's max frame size and the
+  stream's and connection's send windows. A stream with no window waits
+  without holding anyone up; a WINDOW_UPDATE shows up as :class:`WindowOpened`
+  so the driver knows to call ``data_to_send`` again.
+
+After a stream is reset nothing more is sent for it: its queue is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from .events import (
+    BadRequest,
+    BodyEnded,
+    BodyReceived,
+    ConnectionClosed,
+    Event,
+    Headers,
+    RequestReceived,
+    StreamReset,
+    WindowOpened,
+)
+from .http1 import error_body
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Connection-specific header fields are forbidden in HTTP/2 (RFC 9113 §8.2.2);
+# WSGI apps written for HTTP/1.1 may still set them, so they are dropped
+# rather than letting h2 refuse the whole response.
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+
+# How much response data one data_to_send() call frames at most. Bounds the
+# size of a single socket write (and so the memory in flight) while still
+# letting writes coalesce many small frames.
+MAX_BATCH = 256 * 1024
+
+# h2's window size ceiling (RFC 9113 §6.9.1).
+MAX_WINDOW = 2**31 - 1
+
+
+@dataclass(slots=True)
+class _Outbound:
+    """A stream's response data waiting for flow-control credit."""
+
+    headers: Headers | None = None
+    chunks: deque[memoryview] = field(default_factory=deque)
+    size: int = 0
+    end: bool = False
+    head_only: bool = False  # HEAD request or 204/304: body bytes are dropped
+
+
+class HTTP2Connection:
+    """One HTTP/2 server connection's protocol state.
+
+    Args:
+      max_concurrent_streams: SETTINGS_MAX_CONCURRENT_STREAMS we announce.
+      initial_window_size: each stream's receive window (bytes buffered per
+        stream at most before the app reads).
+      max_frame_size: largest frame we accept (SETTINGS_MAX_FRAME_SIZE).
+      max_header_list_size: SETTINGS_MAX_HEADER_LIST_SIZE we announce and enforce.
+      max_body_size: request body bytes allowed per stream, 0 for no limit.
+    """
+
+    multiplexed = True
+
+    def __init__(
+        self,
+        *,
+        max_concurrent_streams: int = 100,
+        initial_window_size: int = 256 * 1024,
+        max_frame_size: int = 16 * 1024,
+        max_header_list_size: int = 64 * 1024,
+        max_body_size: int = 0,
+    ) -> None:
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        self._h2 = h2.connection.H2Connection(config=config)
+        settings = h2.settings.SettingCodes
+        self._h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                settings.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+                settings.INITIAL_WINDOW_SIZE: initial_window_size,
+                settings.MAX_FRAME_SIZE: max_frame_size,
+                settings.MAX_HEADER_LIST_SIZE: max_header_list_size,
+                settings.ENABLE_PUSH: 0,
+            },
+        )
+        self._h2.max_inbound_frame_size = max_frame_size
+        self._h2.decoder.max_header_list_size = max_header_list_size
+        self.max_concurrent_streams = max_concurrent_streams
+        self._connection_window = min(MAX_WINDOW, initial_window_size * max_concurrent_streams)
+        self._max_body_size = max_body_size
+        self._control = bytearray()  # frames h2 produced outside data_to_send()
+        self._events: list[Event] = []
+        self._outbound: dict[int, _Outbound] = {}
+        self._ready: dict[int, None] = {}  # streams with something to frame, in round-robin order
+        self._remote_open: set[int] = set()  # streams whose request body is still coming
+        self._body_received: dict[int, int] = {}
+        self._uncredited: dict[int, int] = {}  # body bytes that never used a window
+        self._closed = False  # GOAWAY sent or received, or the connection failed
+
+    # ---- starting up --------------------------------------------------------
+
+    def initiate(self) -> None:
+        """Start a connection (prior knowledge or ALPN): queue our SETTINGS."""
+        self._h2.initiate_connection()
+        self._open_connection_window()
+
+    def initiate_upgrade(
+        self, settings_header: bytes, request: RequestReceived, *, preamble: bytes = b""
+    ) -> None:
+        """Start a connection upgraded from HTTP/1.1 (``Upgrade: h2c``).
+
+        ``request`` becomes stream 1, half-closed: its body came over HTTP/1.1.
+        ``preamble`` (the ``101 Switching Protocols`` bytes) goes out first.
+        """
+        self._control += preamble
+        self._h2.initiate_upgrade_connection(settings_header)
+        self._open_connection_window()
+        self._outbound[1] = _Outbound(head_only=request.method == b"HEAD")
+
+    def note_upgrade_body(self, size: int) -> None:
+        """Stream 1's body came over HTTP/1.1, so consuming it earns the peer no credit."""
+        self._uncredited[1] = size
+
+    def _open_connection_window(self) -> None:
+        increment = self._connection_window - 65535
+        if increment > 0:
+            self._h2.increment_flow_control_window(increment)
+        self._pull_control()
+
+    # ---- state the driver asks about -------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        """True once no new streams will be accepted; close when the live ones end."""
+        return self._closed
+
+    @property
+    def output_size(self) -> int:
+        """Control-frame bytes queued for the socket (response data is counted per stream)."""
+        return len(self._control)
+
+    def stream_output_size(self, stream_id: int) -> int:
+        """Response bytes queued for ``stream_id`` that are not yet framed."""
+        out = self._outbound.get(stream_id)
+        return out.size if out is not None else 0
+
+    @property
+    def buffered_input(self) -> int:
+        return 0
+
+    # ---- bytes in, events out ---------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the socket; ``b""`` means the peer closed the connection."""
+        if not data:
+            self._closed = True
+            self._events.append(ConnectionClosed(abort=True))
+            return
+        try:
+            h2_events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 has queued GOAWAY with the right error code.
+            self._closed = True
+            code = int(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
+            self._events.append(BadRequest(status=400, reason=f"HTTP/2 protocol error: {exc}"))
+            self._events.append(ConnectionClosed(abort=True, error_code=code))
+            self._pull_control()
+            return
+        for h2_event in h2_events:
+            self._translate(h2_event)
+        self._pull_control()
+
+    def next_events(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def _translate(self, event: h2.events.Event) -> None:
+        emit = self._events.append
+        if isinstance(event, h2.events.DataReceived):
+            sid = event.stream_id
+            data = event.data
+            padding = event.flow_controlled_length - len(data)
+            if padding:
+                self._h2.acknowledge_received_data(padding, sid)
+            total = self._body_received.get(sid, 0) + len(data)
+            self._body_received[sid] = total
+            if self._max_body_size and total > self._max_body_size:
+                self._h2.acknowledge_received_data(len(data), sid)
+                if total - len(data) <= self._max_body_size:
+                    emit(BadRequest(413, "request body too large", stream_id=sid))
+                return
+            if data:
+                emit(BodyReceived(sid, data))
+        elif isinstance(event, h2.events.RequestReceived):
+            self._request_received(event)
+        elif isinstance(event, h2.events.StreamEnded):
+            self._remote_open.discard(event.stream_id)
+            self._body_received.pop(event.stream_id, None)
+            emit(BodyEnded(event.stream_id))
+        elif isinstance(event, h2.events.StreamReset):
+            self._forget(event.stream_id)
+            emit(StreamReset(event.stream_id, int(event.error_code or 0)))
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            if self._ready:
+                emit(WindowOpened())
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._closed = True
+            code = int(event.error_code or 0)
+            emit(ConnectionClosed(abort=code != 0, error_code=code))
+
+    def _request_received(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        method = target = scheme = authority = None
+        headers: Headers = []
+        content_length: int | None = None
+        expects_continue = False
+        for name, value in event.headers or ():
+            assert isinstance(name, bytes) and isinstance(value, bytes)
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    target = value
+                elif name == b":scheme":
+                    scheme = value
+                elif name == b":authority":
+                    authority = value
+                continue
+            if name == b"content-length":
+                content_length = int(value)
+            elif name == b"expect":
+                expects_continue = value.lower() == b"100-continue"
+            headers.append((name, value))
+        end_stream = event.stream_ended is not None
+        self._outbound[sid] = _Outbound(head_only=method == b"HEAD")
+        if not end_stream:
+            self._remote_open.add(sid)
+        if method is None or target is None or scheme is None:
+            # h2 validated the pseudo-headers; only CONNECT (no :path) lands here.
+            self._events.append(BadRequest(501, "CONNECT is not supported", stream_id=sid))
+            self.send_error_response(sid, 501)
+            return
+        if self._max_body_size and (content_length or 0) > self._max_body_size:
+            self._events.append(BadRequest(413, "request body too large", stream_id=sid))
+            self.send_error_response(sid, 413)
+            return
+        self._events.append(
+            RequestReceived(
+                stream_id=sid,
+                method=method,
+                target=target,
+                headers=headers,
+                http_version="2",
+                scheme=scheme.decode("ascii", "replace"),
+                authority=authority,
+                end_stream=end_stream,
+                expects_continue=expects_continue and not end_stream,
+                content_length=content_length,
+            )
+        )
+
+    # ---- responses in, bytes out ------------------------------------------
+
+    def send_continue(self, stream_id: int) -> None:
+        """Send an interim ``100 Continue`` on ``stream_id``."""
+        self._h2.send_headers(stream_id, [(b":status", b"100")])
+        self._pull_control()
+
+    def send_response(
+        self, stream_id: int, status: int, headers: Headers, *, reason: bytes = b""
+    ) -> None:
+        """Queue the response HEADERS (sent with END_STREAM if no body follows)."""
+        out = self._outbound.get(stream_id)
+        if out is None:
+            return  # reset meanwhile: send nothing more
+        fields: Headers = [(b":status", str(status).encode("ascii"))]
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered not in _HOP_BY_HOP:
+                fields.append((lowered, value))
+        out.headers = fields
+        if status in (204, 304):
+            out.head_only = True
+        self._mark_ready(stream_id)
+
+    def send_body(self, stream_id: int, data: bytes) -> None:
+        """Queue response body bytes; they go out as flow control allows."""
+        out = self._outbound.get(stream_id)
+        if out is None or out.head_only or not data:
+            return
+        out.chunks.append(memoryview(data))
+        out.size += len(data)
+        self._mark_ready(stream_id)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Mark the response complete; END_STREAM goes out after the queued data."""
+        out = self._outbound.get(stream_id)
+        if out is None:
+            return
+        out.end = True
+        self._mark_ready(stream_id)
+
+    def send_error_response(self, stream_id: int, status: int, detail: str = "") -> None:
+        """Answer ``stream_id`` with a short plain-text error and end it."""
+        body = error_body(status, detail)
+        self.send_response(
+            stream_id,
+            status,
+            [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode("ascii")),
+            ],
+        )
+        self.send_body(stream_id, body)
+        self.end_stream(stream_id)
+
+    def reset_stream(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Abandon ``stream_id``: drop its queued output and send RST_STREAM."""
+        self._forget(stream_id)
+        try:
+            self._h2.reset_stream(stream_id, error_code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            pass  # already closed on the wire: nothing to reset
+        self._pull_control()
+
+    def acknowledge_body(self, stream_id: int, size: int) -> None:
+        """The app consumed ``size`` body bytes of ``stream_id``: return the credit."""
+        if stream_id in self._uncredited:
+            free = self._uncredited.pop(stream_id)
+            if size < free:
+                self._uncredited[stream_id] = free - size
+            size = max(0, size - free)
+        if size:
+            try:
+                self._h2.acknowledge_received_data(size, stream_id)
+            except h2.exceptions.ProtocolError:
+                return  # the connection is already closed
+            self._pull_control()
+
+    def start_shutdown(self) -> None:
+        """Send GOAWAY: streams already started may finish, no new ones are accepted."""
+        if not self._closed:
+            self._closed = True
+            self._h2.close_connection()
+            self._pull_control()
+
+    def send_failed(self) -> None:
+        self._closed = True
+
+    def data_to_send(self) -> bytes:
+        """Frame queued response data as windows allow and return all pending bytes."""
+        if self._ready:
+            self._frame_ready_streams()
+        if not self._control:
+            return self._h2.data_to_send()
+        data = bytes(self._control) + self._h2.data_to_send()
+        self._control.clear()
+        return data
+
+    # ---- internals ---------------------------------------------------------
+
+    def _mark_ready(self, stream_id: int) -> None:
+        self._ready[stream_id] = None
+
+    def _forget(self, stream_id: int) -> None:
+        self._outbound.pop(stream_id, None)
+        self._ready.pop(stream_id, None)
+        self._remote_open.discard(stream_id)
+        self._body_received.pop(stream_id, None)
+
+    def _pull_control(self) -> None:
+        data = self._h2.data_to_send()
+        if data:
+            self._control += data
+
+    def _frame_ready_streams(self) -> None:
+        """Round-robin: one frame per ready stream per round, within windows and budget."""
+        budget = MAX_BATCH
+        max_frame = self._h2.max_outbound_frame_size
+        while self._ready and budget > 0:
+            progressed = False
+            for sid in list(self._ready):
+                out = self._outbound.get(sid)
+                if out is None:
+                    continue
+                try:
+                    budget, moved = self._frame_one(sid, out, budget, max_frame)
+                except h2.exceptions.StreamClosedError:
+                    self._forget(sid)  # closed underneath us (e.g. by h2 itself)
+                    continue
+                progressed = progressed or moved
+                if budget <= 0:
+                    break
+            if not progressed:
+                break
+
+    def _frame_one(self, sid: int, out: _Outbound, budget: int, max_frame: int) -> tuple[int, bool]:
+        """Frame at most one HEADERS or DATA frame for ``sid``; return (budget left, progressed)."""
+        conn = self._h2
+        if out.headers is not None:
+            finished = out.end and not out.size
+            conn.send_headers(sid, out.headers, end_stream=finished)
+            out.headers = None
+            if finished:
+                self._stream_complete(sid)
+            return budget, True
+        if out.size:
+            window = conn.local_flow_control_window(sid)
+            if window <= 0:
+                return budget, False  # stays ready; a WindowOpened event brings us back
+            chunk = out.chunks[0]
+            n = min(window, max_frame, len(chunk), budget)
+            if n == len(chunk):
+                out.chunks.popleft()
+            else:
+                out.chunks[0] = chunk[n:]
+            out.size -= n
+            finished = out.end and not out.size
+            conn.send_data(sid, chunk[:n], end_stream=finished)
+            if finished:
+                self._stream_complete(sid)
+            elif not out.size:
+                del self._ready[sid]
+            return budget - n, True
+        if out.end:
+            conn.end_stream(sid)
+            self._stream_complete(sid)
+            return budget, True
+        del self._ready[sid]
+        return budget, False
+
+    def _stream_complete(self, stream_id: int) -> None:
+        """Our END_STREAM is framed. If the request body is still coming, stop it (RFC 9113 §8.1)."""
+        remote_open = stream_id in self._remote_open
+        self._forget(stream_id)
+        if remote_open:
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)

@@ -1,0 +1,136 @@
+"""Turning ``--bind`` addresses into listening sockets.
+
+Address forms:
+
+* ``HOST:PORT`` / ``[IPv6]:PORT`` / ``:PORT`` (all interfaces) / ``PORT``: TCP;
+  port 0 picks a free port (the bound port is reported back).
+* ``unix:PATH``: a unix-domain socket; a stale socket file is replaced.
+* ``fd://N``: an already-bound, listening socket inherited as descriptor N.
+
+Binding happens before the server reports itself started, so errors such as
+"address already in use" surface as one :class:`BindError` with a clear message.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket as stdlib_socket
+import stat
+from dataclasses import dataclass
+
+import trio
+
+from .config import ConfigError
+
+
+class BindError(ConfigError):
+    """A ``--bind`` address could not be parsed or bound."""
+
+
+@dataclass(frozen=True)
+class BindAddress:
+    """A parsed ``--bind`` value."""
+
+    kind: str  # "tcp", "unix" or "fd"
+    host: str | None = None
+    port: int = 0
+    path: str = ""
+    fd: int = -1
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.kind == "fd":
+            return f"fd://{self.fd}"
+        host = self.host or "*"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def parse_bind(text: str) -> BindAddress:
+    """Parse one ``--bind`` value (see the module docstring for the forms)."""
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise BindError(f"bind address {text!r} has no path")
+        return BindAddress("unix", path=path)
+    if text.startswith("fd://"):
+        try:
+            return BindAddress("fd", fd=int(text[len("fd://") :]))
+        except ValueError:
+            raise BindError(f"bind address {text!r}: descriptor must be a number") from None
+    host: str | None
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise BindError(f"bind address {text!r}: expected [IPv6]:PORT")
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+    else:
+        host, port_text = None, text
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise BindError(f"bind address {text!r}: port must be a number") from None
+    if not 0 <= port <= 65535:
+        raise BindError(f"bind address {text!r}: port out of range")
+    return BindAddress("tcp", host=host or None, port=port)
+
+
+def format_sockname(sock: trio.socket.SocketType) -> str:
+    """A socket's local address as a bind-style string (``127.0.0.1:8000``, ``unix:/p``)."""
+    name = sock.getsockname()
+    if sock.family == stdlib_socket.AF_UNIX:
+        return f"unix:{name}"
+    host, port = name[0], name[1]
+    return f"[{host}]:{port}" if sock.family == stdlib_socket.AF_INET6 else f"{host}:{port}"
+
+
+async def open_listeners(address: BindAddress, backlog: int) -> list[trio.SocketListener]:
+    """Bind and listen on ``address``.
+
+    Raises:
+      BindError: with a one-line reason (in use, permission, bad descriptor...).
+    """
+    try:
+        if address.kind == "tcp":
+            return await trio.open_tcp_listeners(address.port, host=address.host, backlog=backlog)
+        if address.kind == "unix":
+            return [await _open_unix_listener(address.path, backlog)]
+        return [_adopt_fd(address.fd)]
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = "address already in use"
+        raise BindError(f"cannot bind {address}: {reason.lower()}") from None
+
+
+async def _open_unix_listener(path: str, backlog: int) -> trio.SocketListener:
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # stale socket from an earlier run
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+def _adopt_fd(fd: int) -> trio.SocketListener:
+    raw = stdlib_socket.socket(fileno=fd)
+    if raw.type != stdlib_socket.SOCK_STREAM:
+        raw.detach()
+        raise BindError(f"cannot bind fd://{fd}: not a stream socket")
+    try:
+        raw.getsockname()
+        if not raw.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_ACCEPTCONN):
+            raw.listen()
+    except OSError:
+        raw.detach()
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(raw))

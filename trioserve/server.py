@@ -1,0 +1,240 @@
+"""Serving a WSGI app: listeners, the accept loops, and graceful shutdown.
+
+Task tree of one server::
+
+    serve_wsgi                    task_status.started(server) once listening
+    └── nursery
+        ├── _accept_task × listeners      (in the accept cancel scope)
+        └── serve_connection × connections
+
+Stopping has two speeds. :meth:`Server.stop` is graceful: stop accepting,
+ask every connection to finish what it has (HTTP/1.1 answers its current
+request with ``Connection: close``; HTTP/2 sends GOAWAY), wait up to
+``graceful_timeout``, then cancel what is left. Cancelling the task that runs
+``serve_wsgi`` is immediate: every stream is cancelled at once, and app threads
+see ``trio.Cancelled`` at their next read or write.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from typing import Any
+
+import trio
+
+from .accesslog import AccessLog
+from .config import Config, ConfigError
+from .connection import ServerContext, serve_connection
+from .listeners import format_sockname, open_listeners, parse_bind
+from .tls import make_ssl_context
+from .wsgi import WSGIApp
+
+LOGGER = logging.getLogger("trioserve.error")
+
+# accept() failing with these means "out of descriptors or memory for now":
+# wait and retry rather than crash (trio.serve_listeners does the same).
+_ACCEPT_CAPACITY_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+_ACCEPT_RETRY_DELAY = 0.1
+
+
+class Server:
+    """A running server: where it listens, and how to stop it.
+
+    Returned by ``await serve_wsgi(app, nursery, ...)`` and passed to
+    ``task_status.started()`` by ``await nursery.start(serve_wsgi, app)``.
+    """
+
+    def __init__(self, config: Config, listeners: list[trio.abc.Listener[Any]]) -> None:
+        self.config = config
+        self.listeners = listeners
+        self._stop_requested = trio.Event()
+        self._stopped = trio.Event()
+        self._graceful_timeout = config.graceful_timeout
+
+    @property
+    def addresses(self) -> list[str]:
+        """Bound addresses, e.g. ``["127.0.0.1:8000", "unix:/run/app.sock"]`` (port 0 resolved)."""
+        return [format_sockname(_raw_listener(listener).socket) for listener in self.listeners]
+
+    @property
+    def port(self) -> int:
+        """The first TCP port listened on (handy with ``bind=":0"`` in tests)."""
+        for listener in self.listeners:
+            sock = _raw_listener(listener).socket
+            name = sock.getsockname()
+            if isinstance(name, tuple):
+                return int(name[1])
+        raise RuntimeError("this server has no TCP listener")
+
+    @property
+    def url(self) -> str:
+        """``http://HOST:PORT`` (or https) of the first TCP listener."""
+        scheme = "https" if self.config.certfile else "http"
+        for address in self.addresses:
+            if not address.startswith("unix:"):
+                return f"{scheme}://{address}"
+        raise RuntimeError("this server has no TCP listener")
+
+    def stop_nowait(self, graceful_timeout: float | None = None) -> None:
+        """Begin a graceful stop without waiting for it to finish."""
+        if graceful_timeout is not None:
+            self._graceful_timeout = graceful_timeout
+        self._stop_requested.set()
+
+    async def stop(self, graceful_timeout: float | None = None) -> None:
+        """Stop gracefully and wait until every connection is closed.
+
+        Args:
+          graceful_timeout: seconds in-flight requests get to finish before
+            they are cancelled (default: ``config.graceful_timeout``).
+        """
+        self.stop_nowait(graceful_timeout)
+        await self._stopped.wait()
+
+    async def wait_stopped(self) -> None:
+        """Block until the server has stopped (by :meth:`stop` or cancellation)."""
+        await self._stopped.wait()
+
+
+def _raw_listener(listener: trio.abc.Listener[Any]) -> trio.SocketListener:
+    while isinstance(listener, trio.SSLListener):
+        listener = listener.transport_listener
+    assert isinstance(listener, trio.SocketListener)
+    return listener
+
+
+async def serve_wsgi(
+    app: WSGIApp,
+    nursery: trio.Nursery | None = None,
+    *,
+    config: Config | None = None,
+    listeners: list[trio.SocketListener] | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    **options: Any,
+) -> Server:
+    """Serve ``app`` (a WSGI callable) over HTTP/1.1 and HTTP/2.
+
+    Two spellings, one code path::
+
+        server = await serve_wsgi(app, nursery, bind="127.0.0.1:0")   # returns once listening
+        server = await nursery.start(serve_wsgi, app)                 # the trio idiom
+
+    With ``nursery`` given, the server runs inside that nursery and this call
+    returns the :class:`Server` as soon as it listens. Without it, this call
+    serves until the server is stopped (then returns the Server) or cancelled,
+    and reports the Server through ``task_status`` once listening.
+
+    Args:
+      app: the WSGI application.
+      nursery: run the server in this nursery and return at once.
+      config: a :class:`Config`; ``options`` override its fields
+        (``bind="127.0.0.1:0"``, ``threads=8``, ...).
+      listeners: already-bound listeners to serve instead of ``config.bind``
+        (for worker processes and socket activation).
+
+    Resource handling:
+      Listeners are bound before the server reports itself started and are
+      closed when it stops. Each app call holds one token of the server's
+      own ``CapacityLimiter(config.threads)``.
+
+    Error handling:
+      Binding and TLS setup errors raise :class:`~trioserve.config.ConfigError`
+      (:class:`~trioserve.listeners.BindError` for addresses) before anything
+      is served. Errors from clients or from the app are logged and contained
+      to their request or connection; they never stop the server.
+    """
+    if nursery is not None:
+        run = functools.partial(serve_wsgi, app, config=config, listeners=listeners, **options)
+        started: Server = await nursery.start(run)
+        return started
+    config = (config or Config()).replace(**options) if options else (config or Config())
+    bound: list[trio.abc.Listener[Any]] = []
+    try:
+        if listeners is None:
+            for text in config.bind:
+                bound.extend(await open_listeners(parse_bind(text), config.backlog))
+        else:
+            bound.extend(listeners)
+        if config.certfile:
+            ssl_context = make_ssl_context(config.certfile, config.keyfile)
+            bound = [
+                trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in bound
+            ]
+    except BaseException:
+        for listener in bound:
+            await trio.aclose_forcefully(listener)
+        raise
+    server = Server(config, bound)
+    ctx = ServerContext(
+        app=app,
+        limiter=trio.CapacityLimiter(config.threads),
+        keep_alive_timeout=config.keep_alive_timeout,
+        tls_handshake_timeout=config.tls_handshake_timeout,
+        root_path=config.root_path.rstrip("/"),
+        server_header=config.server_header.encode("latin-1") or None,
+        max_header_size=config.max_header_size,
+        max_request_line_size=config.max_request_line_size,
+        max_header_count=config.max_header_count,
+        max_body_size=config.max_request_body_size,
+        h2_max_concurrent_streams=config.h2_max_concurrent_streams,
+        h2_initial_window_size=config.h2_initial_window_size,
+        h2_max_frame_size=config.h2_max_frame_size,
+        h2_max_header_list_size=config.h2_max_header_list_size,
+        access_log=AccessLog(config.access_log_format) if config.access_log else None,
+    )
+    try:
+        async with trio.open_nursery() as server_nursery:
+            for listener in bound:
+                server_nursery.start_soon(_accept_task, listener, ctx, server_nursery)
+            task_status.started(server)
+            await server._stop_requested.wait()
+            await _drain(server, ctx, bound)
+            server_nursery.cancel_scope.cancel()
+    finally:
+        for listener in bound:
+            await trio.aclose_forcefully(listener)
+        server._stopped.set()
+    return server
+
+
+async def _drain(server: Server, ctx: ServerContext, listeners: list[trio.abc.Listener[Any]]) -> None:
+    """Graceful part of a stop: let connections finish, up to the timeout."""
+    # Closing the listeners ends the accept tasks (accept() raises ClosedResourceError).
+    for listener in listeners:
+        await trio.aclose_forcefully(listener)
+    ctx.shutting_down = True
+    for conn in list(ctx.connections):
+        conn.start_shutdown()
+    with trio.move_on_after(server._graceful_timeout) as timeout:
+        while ctx.open_connections:
+            await ctx.wait_connections_changed()
+    if timeout.cancelled_caught:
+        LOGGER.warning(
+            "Graceful shutdown timed out after %.1fs: cancelling %d connection(s)",
+            server._graceful_timeout,
+            len(ctx.connections),
+        )
+
+
+async def _accept_task(
+    listener: trio.abc.Listener[Any], ctx: ServerContext, nursery: trio.Nursery
+) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                LOGGER.error("accept() failed: %s; retrying in %.1fs", exc, _ACCEPT_RETRY_DELAY)
+                await trio.sleep(_ACCEPT_RETRY_DELAY)
+                continue
+            raise
+        except trio.ClosedResourceError:
+            return
+        nursery.start_soon(serve_connection, stream, ctx)
+
+
+__all__ = ["ConfigError", "Server", "serve_wsgi"]

@@ -1,0 +1,254 @@
+"""The trio side of one request: its task, its body buffer, and its cancel scope.
+
+A :class:`RequestStream` is created by the connection's reader when a request
+head arrives and lives until its response has ended (or the stream was reset).
+Its task, :meth:`RequestStream.run`, waits for a slot on the app-thread
+limiter, runs the app in a worker thread, and sends whatever the thread leaves
+for it. Everything the thread asks for goes through the ``*_nowait`` and
+``wait_*`` methods here (the :class:`~trioserve.wsgi.StreamPort` protocol).
+
+Rules:
+
+1. The task runs inside :attr:`RequestStream.cancel_scope`, registered with the
+   connection by stream id. Cancelling it is how a reset, a disconnect or a
+   shutdown reaches the app: the thread's next hop raises ``trio.Cancelled``.
+2. Once cancelled, nothing more is sent for the stream: the ``*_nowait``
+   methods check for cancellation before touching the protocol.
+3. Every stream ends exactly one way: a complete response, an error response
+   (500, or the status a bad request earned), or a reset. ``run`` makes sure of
+   it in its ``finally`` block, so a stream is never left half-open.
+4. The body buffer is fed by the reader without ever blocking it; flow-control
+   credit goes back to the peer only when the app takes the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+
+from .events import RequestReceived
+from .wsgi import AppResult, ResponseHead, StreamCancelled, call_app
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+LOGGER = logging.getLogger("trioserve.error")
+
+# Response statuses that never carry a body (RFC 9110 §6.4.1).
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class _BodyBuffer:
+    """Request body bytes received but not yet handed to the app."""
+
+    __slots__ = ("_changed", "chunks", "ended", "size")
+
+    def __init__(self) -> None:
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+        self.ended = False
+        self._changed = trio.Event()
+
+    def feed(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        self._changed.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self._changed.set()
+
+    def take(self) -> bytes:
+        chunks = self.chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.size = 0
+        return data
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+        self._changed = trio.Event()
+
+
+class RequestStream:
+    """One request/response exchange on a connection (see module docstring)."""
+
+    def __init__(self, conn: Connection, request: RequestReceived) -> None:
+        self.conn = conn
+        self.request = request
+        self.stream_id = request.stream_id
+        self.body = _BodyBuffer()
+        if request.end_stream:
+            self.body.ended = True
+        self.cancel_scope = trio.CancelScope()
+        self.response_started = False
+        self.response_ended = False
+        self.reset_by_peer = False
+        self.error_status: int | None = None  # set when a bad request cancels us
+        self.status = 0
+        self.bytes_sent = 0
+        self.started_at = time.time()
+        self._continue_sent = False
+
+    # ---- called from the app thread through trio.from_thread ---------------
+
+    def take_body_nowait(self) -> bytes | None:
+        """Buffered body bytes, b"" at the end, or None if the thread must wait."""
+        if trio.current_effective_deadline() == -math.inf:
+            raise StreamCancelled
+        body = self.body
+        if body.size:
+            data = body.take()
+            self.conn.body_consumed(self.stream_id, len(data))
+            return data
+        if body.ended:
+            return b""
+        self._send_continue()
+        return None
+
+    async def wait_body(self) -> bytes:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            data = self.take_body_nowait()
+            if data is not None:
+                return data
+            await self.body.wait()
+
+    def send_nowait(self, head: ResponseHead | None, data: bytes) -> bool:
+        """Queue ``head`` (first call) and ``data``; False if the thread should wait."""
+        if trio.current_effective_deadline() == -math.inf:
+            raise StreamCancelled
+        proto = self.conn.proto
+        try:
+            if head is not None:
+                self._start_response(head)
+            if data:
+                proto.send_body(self.stream_id, data)
+                self.bytes_sent += len(data)
+        except h11.LocalProtocolError as exc:
+            # The app broke HTTP framing (e.g. more bytes than its Content-Length).
+            self._abort(f"invalid response: {exc}")
+            raise StreamCancelled from None
+        self.conn.wake_sender()
+        return self.conn.stream_writable(self.stream_id)
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self.conn.stream_writable(self.stream_id):
+            await self.conn.wait_output_drained()
+
+    # ---- the stream's task --------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the app for this request and finish the stream, whatever happens."""
+        conn = self.conn
+        try:
+            with self.cancel_scope:
+                await self._run_app()
+        finally:
+            self._finish()
+            conn.stream_done(self)
+
+    async def _run_app(self) -> None:
+        conn = self.conn
+        initial = self.body.take() if self.body.size else b""
+        if initial:
+            conn.body_consumed(self.stream_id, len(initial))
+        try:
+            result = await trio.to_thread.run_sync(
+                call_app,
+                conn.app,
+                self.request,
+                conn.info,
+                self,
+                initial,
+                self.body.ended,
+                limiter=conn.limiter,
+            )
+        except Exception:
+            LOGGER.exception(
+                "Error in the application handling %s %s",
+                self.request.method.decode("latin-1"),
+                self.request.target.decode("latin-1"),
+            )
+            if not self.response_started:
+                self._send_error(500)
+            else:
+                self._abort("the application failed after the response started")
+            return
+        self._complete(result)
+
+    def _complete(self, result: AppResult) -> None:
+        """Send what the app thread left for us and end the response."""
+        if self.cancel_scope.cancel_called or self.response_ended:
+            return
+        proto = self.conn.proto
+        try:
+            if result.head is not None:
+                head = result.head
+                if head.status not in _NO_BODY_STATUSES and not any(
+                    name.lower() in (b"content-length", b"transfer-encoding")
+                    for name, _ in head.headers
+                ):
+                    size = sum(map(len, result.body))
+                    head.headers.append((b"Content-Length", str(size).encode("ascii")))
+                self._start_response(head)
+                for chunk in result.body:
+                    if head.status not in _NO_BODY_STATUSES:
+                        proto.send_body(self.stream_id, chunk)
+                        self.bytes_sent += len(chunk)
+            proto.end_stream(self.stream_id)
+        except h11.LocalProtocolError as exc:
+            self._abort(f"invalid response: {exc}")
+            return
+        self.response_ended = True
+        self.conn.wake_sender()
+
+    # ---- ending the stream --------------------------------------------------
+
+    def _start_response(self, head: ResponseHead) -> None:
+        self.status = head.status
+        self.response_started = True
+        self.conn.send_response(self.stream_id, head)
+
+    def _send_continue(self) -> None:
+        if self.request.expects_continue and not self._continue_sent and not self.response_started:
+            self._continue_sent = True
+            self.conn.proto.send_continue(self.stream_id)
+            self.conn.wake_sender()
+
+    def _send_error(self, status: int, detail: str = "") -> None:
+        self.status = status
+        self.response_started = True
+        self.response_ended = True
+        self.conn.proto.send_error_response(self.stream_id, status, detail)
+        self.conn.wake_sender()
+
+    def _abort(self, why: str) -> None:
+        """Give up on this response mid-way: reset the stream (HTTP/1.1: close)."""
+        LOGGER.error(
+            "Aborting %s %s: %s",
+            self.request.method.decode("latin-1"),
+            self.request.target.decode("latin-1"),
+            why,
+        )
+        self.response_ended = True
+        self.conn.reset_stream(self.stream_id)
+        self.cancel_scope.cancel()
+
+    def _finish(self) -> None:
+        """Make sure the stream ended exactly one way (rule 3)."""
+        if self.response_ended or self.reset_by_peer:
+            return
+        if self.error_status is not None and not self.response_started:
+            self._send_error(self.error_status)
+            return
+        # Cancelled (shutdown, disconnect, protocol error) before finishing.
+        self.response_ended = True
+        self.conn.reset_stream(self.stream_id)

@@ -1,0 +1,449 @@
+"""The thread side of the WSGI bridge (PEP 3333).
+
+Everything in this module runs in a worker thread started by
+``trio.to_thread.run_sync``. It touches trio only through ``trio.from_thread``,
+and only through the :class:`StreamPort` protocol that the trio side
+(:class:`trioserve.stream.RequestStream`) implements. That is the one seam
+between the app's blocking world and the event loop.
+
+How a hop works, and why it is cheap: most calls use ``from_thread.run_sync``
+on a ``*_nowait`` method, which runs synchronously inside the request's own
+trio task and returns at once. Only when the thread really has to wait (no body
+data yet, or too much response data queued) does it fall back to
+``from_thread.run`` on a ``wait_*`` coroutine. A list or tuple response makes
+no hop at all: it is returned whole from :func:`call_app`.
+
+Cancellation: when the request's trio task is cancelled (client reset or
+disconnect, server shutdown), the next hop raises :class:`trio.Cancelled` in the
+app thread. ``Cancelled`` derives from ``BaseException``, so an app's
+``except Exception`` does not swallow it; the iterable's ``close()`` still runs.
+Long CPU-bound work can poll with ``environ["trioserve.check_cancelled"]()``.
+
+PEP 3333 rules enforced here, each with a test in tests/test_wsgi.py:
+
+- headers are delayed until the first non-empty body chunk, or the end of the
+  iterable (an empty body still sends them);
+- ``start_response`` with ``exc_info`` re-raises once headers are sent, and may
+  replace status and headers before that; a second call without ``exc_info``
+  is an error;
+- ``start_response`` returns a ``write`` callable;
+- ``close()`` of the iterable is called on every path, once;
+- environ values are native strings (bytes decoded as latin-1), SERVER_PORT too.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol
+from urllib.parse import unquote_to_bytes
+
+import trio
+
+from .events import Headers, RequestReceived
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+StartResponse = Callable[..., Callable[[bytes], None]]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+APP_LOGGER = logging.getLogger("trioserve.app")
+
+# Chunk size for wsgi.file_wrapper when the app gives none (PEP 3333 suggests
+# the server pick one; 64 KiB matches the socket read size).
+FILE_BLOCK_SIZE = 64 * 1024
+
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class StreamCancelled(Exception):
+    """Raised by the trio side of a hop when the request's task is cancelled.
+
+    Never reaches the app: :func:`_raise_cancelled` turns it into the real
+    :class:`trio.Cancelled` by taking one checkpoint inside the task.
+    """
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """A response's status line and headers, converted to bytes and validated."""
+
+    status: int
+    reason: bytes
+    headers: Headers
+
+
+class StreamPort(Protocol):
+    """What the app thread may ask of its request's trio task (see stream.py)."""
+
+    def take_body_nowait(self) -> bytes | None: ...
+    async def wait_body(self) -> bytes: ...
+    def send_nowait(self, head: ResponseHead | None, data: bytes) -> bool: ...
+    async def wait_writable(self) -> None: ...
+
+
+@dataclass(slots=True)
+class AppResult:
+    """What is left to do when the app thread returns.
+
+    ``head`` is None when it already went out (the app streamed); otherwise the
+    trio side sends ``head`` and ``body`` (the whole response: the list fast
+    path, or an iterable that produced no data) and ends the stream.
+    """
+
+    head: ResponseHead | None
+    body: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """Per-connection facts the environ needs, computed once per connection."""
+
+    scheme: str  # "http" or "https"
+    server_name: str
+    server_port: str
+    client_addr: str | None  # None for unix-socket peers
+    client_port: str | None
+    root_path: str = ""
+
+
+def _raise_cancelled() -> None:
+    # One checkpoint in the request's own task: raises trio.Cancelled because
+    # that task's cancel scope is cancelled.
+    trio.from_thread.run(trio.lowlevel.checkpoint)
+    raise AssertionError("stream reported cancelled, but the checkpoint did not raise")
+
+
+class InputStream:
+    """``wsgi.input``: the request body, streamed from trio on demand.
+
+    Data is fetched only when the local buffer runs dry, a whole buffered batch
+    per hop. The trio side holds at most one flow-control window (HTTP/2) or
+    one read buffer (HTTP/1.1) per stream, so memory stays bounded however
+    large the body, and the client is slowed down when the app reads slowly.
+    ``read()`` returns b"" exactly at the end of the body.
+    """
+
+    def __init__(self, port: StreamPort, initial: bytes = b"", eof: bool = False) -> None:
+        self._port = port
+        self._buffer = initial
+        self._pos = 0
+        self._eof = eof
+
+    def _fetch(self) -> bytes:
+        """The next batch of body bytes from trio; b"" at the end of the body."""
+        if self._eof:
+            return b""
+        trio.from_thread.check_cancelled()
+        try:
+            data = trio.from_thread.run_sync(self._port.take_body_nowait)
+        except StreamCancelled:
+            _raise_cancelled()
+        if data is None:
+            data = trio.from_thread.run(self._port.wait_body)
+        if not data:
+            self._eof = True
+        return data
+
+    def _gather(self, enough: Callable[[bytes, int], bool]) -> bytes:
+        """Fetch until ``enough(new_data, total_buffered)`` or EOF; return the unread bytes."""
+        parts = [self._buffer[self._pos :]] if self._pos < len(self._buffer) else []
+        total = len(self._buffer) - self._pos
+        while True:
+            data = self._fetch()
+            if not data:
+                break
+            parts.append(data)
+            total += len(data)
+            if enough(data, total):
+                break
+        self._buffer = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._pos = 0
+        return self._buffer
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            data = self._gather(lambda _data, _total: False)
+            self._buffer = b""
+            return data
+        if len(self._buffer) - self._pos < size:
+            self._gather(lambda _data, total: total >= size)
+        data = self._buffer[self._pos : self._pos + size]
+        self._pos += len(data)
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = -1 if size is None else size
+        end = self._buffer.find(b"\n", self._pos) + 1
+        if not end and not 0 <= limit <= len(self._buffer) - self._pos:
+            self._gather(lambda data, total: b"\n" in data or 0 <= limit <= total)
+            end = self._buffer.find(b"\n", self._pos) + 1
+        if not end:
+            end = len(self._buffer)
+        if 0 <= limit < end - self._pos:
+            end = self._pos + limit
+        line = self._buffer[self._pos : end]
+        self._pos = end
+        return line
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
+        while True:
+            line = self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
+class ErrorStream(io.TextIOBase):
+    """``wsgi.errors``: text written here goes to the ``trioserve.app`` logger, a line at a time."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"wsgi.errors.write() takes str, not {type(text).__name__}")
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            APP_LOGGER.error("%s", line)
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:  # type: ignore[override]
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if self._partial:
+            APP_LOGGER.error("%s", self._partial)
+            self._partial = ""
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: iterate a file-like object in blocks; ``close()`` closes it."""
+
+    def __init__(self, filelike: Any, block_size: int = FILE_BLOCK_SIZE) -> None:
+        self.filelike = filelike
+        self.block_size = block_size
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> Iterator[bytes]:
+        read = self.filelike.read
+        while True:
+            block = read(self.block_size)
+            if not block:
+                return
+            yield block
+
+
+def build_environ(
+    request: RequestReceived,
+    info: ConnectionInfo,
+    wsgi_input: InputStream,
+    check_cancelled: Callable[[], None] = trio.from_thread.check_cancelled,
+) -> dict[str, Any]:
+    """The PEP 3333 environ for ``request``."""
+    path, _, query = request.target.partition(b"?")
+    if request.method == b"OPTIONS" and path == b"*":
+        path_info = "*"
+    else:
+        path_info = unquote_to_bytes(path).decode("latin-1")
+    script_name = info.root_path
+    if script_name and (path_info == script_name or path_info.startswith(script_name + "/")):
+        path_info = path_info[len(script_name) :]
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": request.method.decode("latin-1"),
+        "SCRIPT_NAME": script_name,
+        "PATH_INFO": path_info,
+        "QUERY_STRING": query.decode("latin-1"),
+        "RAW_URI": request.target.decode("latin-1"),
+        "REQUEST_URI": request.target.decode("latin-1"),
+        "SERVER_NAME": info.server_name,
+        "SERVER_PORT": info.server_port,
+        "SERVER_PROTOCOL": "HTTP/2" if request.http_version == "2" else "HTTP/" + request.http_version,
+        "SERVER_SOFTWARE": "trioserve",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": request.scheme or info.scheme,
+        "wsgi.input": wsgi_input,
+        "wsgi.errors": ErrorStream(),
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+        "wsgi.input_terminated": True,
+        "wsgi.file_wrapper": FileWrapper,
+        "trioserve.check_cancelled": check_cancelled,
+    }
+    if info.client_addr is not None:
+        environ["REMOTE_ADDR"] = info.client_addr
+        environ["REMOTE_PORT"] = info.client_port
+    if request.authority is not None:
+        environ["HTTP_HOST"] = request.authority.decode("latin-1")
+    for name, value in request.headers:
+        if b"_" in name:
+            # "X-Auth_User" would collide with "X-Auth-User" in HTTP_X_AUTH_USER:
+            # drop it so a client cannot spoof a header a proxy vouched for.
+            continue
+        if name == b"content-type":
+            environ["CONTENT_TYPE"] = value.decode("latin-1")
+            continue
+        if name == b"content-length":
+            environ["CONTENT_LENGTH"] = value.decode("latin-1")
+            continue
+        key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+        text = value.decode("latin-1")
+        if key in environ:
+            if key == "HTTP_HOST" and request.authority is not None:
+                continue  # HTTP/2: :authority wins over a Host field
+            text = environ[key] + ("; " if key == "HTTP_COOKIE" else ", ") + text
+        environ[key] = text
+    return environ
+
+
+def _encode_head(status: str, headers: list[tuple[str, str]]) -> ResponseHead:
+    """Validate ``start_response`` arguments and convert them to bytes."""
+    if type(status) is not str:
+        raise TypeError(f"status must be str, not {type(status).__name__}")
+    code_text, _, reason = status.partition(" ")
+    if len(code_text) != 3 or not code_text.isdigit():
+        raise ValueError(f"status must start with a three-digit code: {status!r}")
+    encoded: Headers = []
+    if type(headers) is not list:
+        raise TypeError(f"headers must be a list, not {type(headers).__name__}")
+    for item in headers:
+        if type(item) is not tuple or len(item) != 2:
+            raise TypeError(f"each header must be a (name, value) tuple: {item!r}")
+        name, value = item
+        if type(name) is not str or type(value) is not str:
+            raise TypeError(f"header name and value must be str: {item!r}")
+        raw_name = name.encode("latin-1")
+        raw_value = value.encode("latin-1")
+        if not _TOKEN_RE.match(raw_name):
+            raise ValueError(f"invalid header name: {name!r}")
+        if _BAD_VALUE_RE.search(raw_value):
+            raise ValueError(f"invalid character in header {name!r}: {value!r}")
+        encoded.append((raw_name, raw_value.strip(b" \t")))
+    return ResponseHead(int(code_text), reason.encode("latin-1"), encoded)
+
+
+class _Responder:
+    """``start_response`` and ``write`` for one request, plus the send path."""
+
+    __slots__ = ("_head", "_port", "headers_sent")
+
+    def __init__(self, port: StreamPort) -> None:
+        self._port = port
+        self._head: ResponseHead | None = None
+        self.headers_sent = False
+
+    def start_response(
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: ExcInfo | None = None,
+    ) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None  # break the traceback cycle, as PEP 3333 asks
+        elif self._head is not None:
+            raise RuntimeError("start_response() called twice without exc_info")
+        self._head = _encode_head(status, headers)
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """PEP 3333 ``write()``: returns once the data is queued for the client."""
+        if type(data) is not bytes:
+            raise TypeError(f"write() takes bytes, not {type(data).__name__}")
+        if self._head is None:
+            raise RuntimeError("write() called before start_response()")
+        if data or not self.headers_sent:
+            self.send(data)
+
+    def send(self, data: bytes) -> None:
+        """Hand a chunk (and the headers, the first time) to the trio side."""
+        head = None if self.headers_sent else self._head
+        if head is None and not self.headers_sent:
+            raise RuntimeError("the application returned body data before calling start_response()")
+        trio.from_thread.check_cancelled()
+        try:
+            writable = trio.from_thread.run_sync(self._port.send_nowait, head, data)
+        except StreamCancelled:
+            _raise_cancelled()
+        self.headers_sent = True
+        if not writable:
+            trio.from_thread.run(self._port.wait_writable)
+
+    def final_head(self) -> ResponseHead:
+        if self._head is None:
+            raise RuntimeError("the application returned without calling start_response()")
+        return self._head
+
+
+def call_app(
+    app: WSGIApp,
+    request: RequestReceived,
+    info: ConnectionInfo,
+    port: StreamPort,
+    initial_body: bytes,
+    body_complete: bool,
+) -> AppResult:
+    """Run one WSGI request to completion in this (worker) thread.
+
+    Returns what the trio side still has to send. Exceptions from the app
+    propagate (after ``close()``); the trio side decides between a 500 and a
+    reset depending on whether the headers went out.
+    """
+    wsgi_input = InputStream(port, initial_body, body_complete)
+    environ = build_environ(request, info, wsgi_input)
+    responder = _Responder(port)
+    iterable = app(environ, responder.start_response)
+    try:
+        if type(iterable) in (list, tuple) and not responder.headers_sent:
+            # Fast path: the whole response is in memory; hand it back in the
+            # return value instead of one hop per chunk.
+            body = [chunk for chunk in iterable if chunk]
+            _check_chunks(body)
+            return AppResult(responder.final_head(), body)
+        send = responder.send
+        for chunk in iterable:
+            if chunk:
+                if type(chunk) is not bytes:
+                    raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
+                send(chunk)
+            else:
+                trio.from_thread.check_cancelled()
+        if responder.headers_sent:
+            return AppResult(None)
+        return AppResult(responder.final_head())
+    finally:
+        close = getattr(iterable, "close", None)
+        if close is not None:
+            close()
+        environ["wsgi.errors"].flush()
+
+
+def _check_chunks(body: list[bytes]) -> None:
+    for chunk in body:
+        if type(chunk) is not bytes:
+            raise TypeError(f"the application returned {type(chunk).__name__}, not bytes")
