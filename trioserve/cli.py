@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         meta = field.metadata
         flags = meta["flags"] or ("--" + field.name.replace("_", "-"),)
         kind = hints[field.name]
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        if field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = field.default
         kwargs: dict[str, Any] = {"dest": field.name, "help": meta["help"], "default": default}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -103,7 +106,10 @@ async def run_until_signalled(app: WSGIApp, config: Config) -> None:
             server = await serve_wsgi(app, nursery, config=config)
             for address in server.addresses:
                 scheme = "https" if config.certfile else "http"
-                LOGGER.info("Listening on %s", address if address.startswith("unix:") else f"{scheme}://{address}")
+                LOGGER.info(
+                    "Listening on %s",
+                    address if address.startswith("unix:") else f"{scheme}://{address}",
+                )
             nursery.start_soon(_watch_signals, signals, server, nursery.cancel_scope)
             await server.wait_stopped()
             nursery.cancel_scope.cancel()

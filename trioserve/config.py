@@ -64,7 +64,9 @@ class Config:
         "access log format, gunicorn-style %%(atom)s fields (default: common log format)",
         metavar="FORMAT",
     )
-    certfile: str | None = _option(None, "TLS certificate chain (PEM); enables HTTPS", metavar="FILE")
+    certfile: str | None = _option(
+        None, "TLS certificate chain (PEM); enables HTTPS", metavar="FILE"
+    )
     keyfile: str | None = _option(None, "TLS private key (PEM)", metavar="FILE")
     keep_alive_timeout: float = _option(
         # Long enough to reuse a connection between a page and its assets,
@@ -138,10 +140,8 @@ class Config:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.bind, str):
-            object.__setattr__(self, "bind", (self.bind,))
-        else:
-            object.__setattr__(self, "bind", tuple(self.bind))
+        bind: Any = self.bind  # a single string is accepted for convenience
+        object.__setattr__(self, "bind", (bind,) if isinstance(bind, str) else tuple(bind))
         _check(bool(self.bind), "at least one bind address is needed")
         _check(self.threads >= 1, f"threads must be at least 1, not {self.threads}")
         _check(
@@ -172,7 +172,9 @@ class Config:
             2**14 <= self.h2_max_frame_size <= 2**24 - 1,
             "h2-max-frame-size must be between 16384 and 16777215",
         )
-        _check(self.h2_max_header_list_size >= 1024, "h2-max-header-list-size must be at least 1024")
+        _check(
+            self.h2_max_header_list_size >= 1024, "h2-max-header-list-size must be at least 1024"
+        )
         _check(
             (self.certfile is None) == (self.keyfile is None),
             "--certfile and --keyfile go together",

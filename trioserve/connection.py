@@ -105,7 +105,7 @@ class ServerProtocol(Protocol):
     @property
     def buffered_input(self) -> int: ...
     def stream_output_size(self, stream_id: int) -> int: ...
-    def receive_data(self, data: bytes) -> None: ...
+    def receive_data(self, data: bytes | bytearray) -> None: ...
     def next_events(self) -> list[Event]: ...
     def data_to_send(self) -> bytes: ...
     def send_continue(self, stream_id: int) -> None: ...
@@ -210,11 +210,18 @@ def connection_info(stream: trio.abc.Stream, root_path: str) -> ConnectionInfo:
         peer = sock.getpeername()
     except OSError:  # already disconnected
         peer = ("", 0)
-    return ConnectionInfo(scheme, str(local[0]), str(local[1]), str(peer[0]), str(peer[1]), root_path)
+    return ConnectionInfo(
+        scheme, str(local[0]), str(local[1]), str(peer[0]), str(peer[1]), root_path
+    )
 
 
-async def serve_connection(stream: trio.abc.Stream, ctx: ServerContext) -> None:
-    """Serve one accepted connection until it closes. Never raises for client misbehaviour."""
+async def serve_connection(
+    stream: trio.abc.Stream, ctx: ServerContext, info: ConnectionInfo | None = None
+) -> None:
+    """Serve one accepted connection until it closes. Never raises for client misbehaviour.
+
+    ``info`` overrides the addresses read from the socket (for in-memory streams).
+    """
     peer = "?"
     ctx.open_connections += 1
     try:
@@ -224,7 +231,8 @@ async def serve_connection(stream: trio.abc.Stream, ctx: ServerContext) -> None:
             with trio.fail_after(ctx.tls_handshake_timeout):
                 await stream.do_handshake()
             alpn = stream.selected_alpn_protocol()
-        info = connection_info(stream, ctx.root_path)
+        if info is None:
+            info = connection_info(stream, ctx.root_path)
         peer = f"{info.client_addr}:{info.client_port}" if info.client_addr else "unix socket"
         initial = b""
         proto: ServerProtocol
@@ -248,7 +256,12 @@ async def serve_connection(stream: trio.abc.Stream, ctx: ServerContext) -> None:
             await conn.run(initial)
         finally:
             ctx.connections.discard(conn)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ssl.SSLError) as exc:
+    except (
+        trio.BrokenResourceError,
+        trio.ClosedResourceError,
+        trio.TooSlowError,
+        ssl.SSLError,
+    ) as exc:
         LOGGER.debug("Connection from %s ended: %r", peer, exc)
     except Exception:
         LOGGER.exception("Internal error on the connection from %s", peer)
@@ -358,7 +371,7 @@ class Connection:
                 return
             self._receive(data)
 
-    def _receive(self, data: bytes) -> None:
+    def _receive(self, data: bytes | bytearray) -> None:
         proto = self.proto
         proto.receive_data(data)
         if not data:
@@ -455,7 +468,9 @@ class Connection:
         stream = RequestStream(self, event)
         self.streams[event.stream_id] = stream
         assert self._nursery is not None
-        self._nursery.start_soon(stream.run, name=f"stream {event.stream_id} from {self.info.client_addr}")
+        self._nursery.start_soon(
+            stream.run, name=f"stream {event.stream_id} from {self.info.client_addr}"
+        )
 
     def _bad_request(self, event: BadRequest) -> None:
         client = self.info.client_addr or "unix socket"
@@ -480,7 +495,9 @@ class Connection:
             proto.note_upgrade_body(len(event.body))
         self.streams[1] = stream
         assert self._nursery is not None
-        self._nursery.start_soon(stream.run, name=f"stream 1 (upgraded) from {self.info.client_addr}")
+        self._nursery.start_soon(
+            stream.run, name=f"stream 1 (upgraded) from {self.info.client_addr}"
+        )
         if event.trailing:
             self._receive(event.trailing)
 
@@ -565,4 +582,3 @@ class Connection:
             self._connection_lost()
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
-

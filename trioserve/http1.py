@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 from http import HTTPStatus
+from typing import cast
 
 import h11
 
@@ -135,12 +136,12 @@ class HTTP1Connection:
 
     # ---- bytes in, events out ---------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the socket; ``b""`` means the peer closed its side."""
         if not data:
             self._peer_eof = True
         if self._h11.their_state is not h11.ERROR and not self._closed:
-            self._h11.receive_data(data)
+            self._h11.receive_data(bytes(data))
 
     def next_events(self) -> list[Event]:
         """Parse as far as the state allows and return what happened."""
@@ -164,13 +165,15 @@ class HTTP1Connection:
                 return events
             if h11_event is h11.PAUSED:
                 if self._upgrade is not None:
-                    if self._h11.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+                    # h11 puts an accepted-for-consideration upgrade request in
+                    # MIGHT_SWITCH_PROTOCOL rather than DONE once its body is read.
+                    if self._h11.their_state is not h11.DONE:
                         events.append(self._accept_upgrade())
                     else:  # Upgrade without "Connection: Upgrade": not an upgrade request
                         self._decline_upgrade(events)
                         events.append(BodyEnded(self._stream_id))
                 return events
-            if not self._handle(h11_event, events):
+            if not self._handle(cast(h11.Event, h11_event), events):
                 return events
 
     def _handle(self, h11_event: h11.Event, events: list[Event]) -> bool:
@@ -265,12 +268,11 @@ class HTTP1Connection:
             and settings is not None
             and (content_length or 0) <= MAX_UPGRADE_BODY
             and not expects_continue
-        ):
-            if _valid_settings(settings):
-                # RFC 9113 §3.2.1 omits base64 padding; h2's decoder needs it.
-                self._upgrade = (event, settings + b"=" * (-len(settings) % 4))
-                self._upgrade_body = []
-                return True
+        ) and _valid_settings(settings):
+            # RFC 9113 §3.2.1 omits base64 padding; h2's decoder needs it.
+            self._upgrade = (event, settings + b"=" * (-len(settings) % 4))
+            self._upgrade_body = []
+            return True
         events.append(event)
         return True
 

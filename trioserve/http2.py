@@ -180,7 +180,7 @@ class HTTP2Connection:
 
     # ---- bytes in, events out ---------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the socket; ``b""`` means the peer closed the connection."""
         if not data:
             self._closed = True
@@ -245,7 +245,8 @@ class HTTP2Connection:
         content_length: int | None = None
         expects_continue = False
         for name, value in event.headers or ():
-            assert isinstance(name, bytes) and isinstance(value, bytes)
+            assert isinstance(name, bytes)
+            assert isinstance(value, bytes)
             if name[:1] == b":":
                 if name == b":method":
                     method = value
@@ -460,7 +461,7 @@ class HTTP2Connection:
         return budget, False
 
     def _stream_complete(self, stream_id: int) -> None:
-        """Our END_STREAM is framed. If the request body is still coming, stop it (RFC 9113 §8.1)."""
+        """END_STREAM is framed; if the request body is still coming, stop it (RFC 9113 §8.1)."""
         remote_open = stream_id in self._remote_open
         self._forget(stream_id)
         if remote_open:

@@ -41,7 +41,9 @@ def import_app(spec: str, *, factory: bool = False) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+        if exc.name is not None and (
+            module_name == exc.name or module_name.startswith(exc.name + ".")
+        ):
             raise AppImportError(f"cannot import module {module_name!r}: no such module") from None
         raise  # the module exists but an import inside it failed: show the real traceback
     obj: Any = module
@@ -50,7 +52,10 @@ def import_app(spec: str, *, factory: bool = False) -> Any:
         try:
             obj = getattr(obj, name)
         except AttributeError:
-            raise AppImportError(f"module {module_name!r} has no attribute {attr_path!r} ({walked}.{name} is missing)") from None
+            raise AppImportError(
+                f"module {module_name!r} has no attribute {attr_path!r}"
+                f" ({walked}.{name} is missing)"
+            ) from None
         walked += "." + name
     if factory:
         if not callable(obj):

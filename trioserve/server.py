@@ -4,8 +4,8 @@ Task tree of one server::
 
     serve_wsgi                    task_status.started(server) once listening
     └── nursery
-        ├── _accept_task × listeners      (in the accept cancel scope)
-        └── serve_connection × connections
+        ├── _accept_task x listeners      (in the accept cancel scope)
+        └── serve_connection x connections
 
 Stopping has two speeds. :meth:`Server.stop` is graceful: stop accepting,
 ask every connection to finish what it has (HTTP/1.1 answers its current
@@ -35,9 +35,7 @@ LOGGER = logging.getLogger("trioserve.error")
 
 # accept() failing with these means "out of descriptors or memory for now":
 # wait and retry rather than crash (trio.serve_listeners does the same).
-_ACCEPT_CAPACITY_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-)
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_RETRY_DELAY = 0.1
 
 
@@ -169,7 +167,25 @@ async def serve_wsgi(
             await trio.aclose_forcefully(listener)
         raise
     server = Server(config, bound)
-    ctx = ServerContext(
+    ctx = context_from_config(app, config)
+    try:
+        async with trio.open_nursery() as server_nursery:
+            for listener in bound:
+                server_nursery.start_soon(_accept_task, listener, ctx, server_nursery)
+            task_status.started(server)
+            await server._stop_requested.wait()
+            await _drain(server, ctx, bound)
+            server_nursery.cancel_scope.cancel()
+    finally:
+        for listener in bound:
+            await trio.aclose_forcefully(listener)
+        server._stopped.set()
+    return server
+
+
+def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
+    """The state every connection of a server shares, built from ``config``."""
+    return ServerContext(
         app=app,
         limiter=trio.CapacityLimiter(config.threads),
         keep_alive_timeout=config.keep_alive_timeout,
@@ -186,22 +202,11 @@ async def serve_wsgi(
         h2_max_header_list_size=config.h2_max_header_list_size,
         access_log=AccessLog(config.access_log_format) if config.access_log else None,
     )
-    try:
-        async with trio.open_nursery() as server_nursery:
-            for listener in bound:
-                server_nursery.start_soon(_accept_task, listener, ctx, server_nursery)
-            task_status.started(server)
-            await server._stop_requested.wait()
-            await _drain(server, ctx, bound)
-            server_nursery.cancel_scope.cancel()
-    finally:
-        for listener in bound:
-            await trio.aclose_forcefully(listener)
-        server._stopped.set()
-    return server
 
 
-async def _drain(server: Server, ctx: ServerContext, listeners: list[trio.abc.Listener[Any]]) -> None:
+async def _drain(
+    server: Server, ctx: ServerContext, listeners: list[trio.abc.Listener[Any]]
+) -> None:
     """Graceful part of a stop: let connections finish, up to the timeout."""
     # Closing the listeners ends the accept tasks (accept() raises ClosedResourceError).
     for listener in listeners:

@@ -87,6 +87,7 @@ class RequestStream:
         if request.end_stream:
             self.body.ended = True
         self.cancel_scope = trio.CancelScope()
+        self.response_head: ResponseHead | None = None
         self.response_started = False
         self.response_ended = False
         self.reset_by_peer = False
@@ -214,6 +215,7 @@ class RequestStream:
 
     def _start_response(self, head: ResponseHead) -> None:
         self.status = head.status
+        self.response_head = head
         self.response_started = True
         self.conn.send_response(self.stream_id, head)
 

@@ -28,9 +28,13 @@ def make_ssl_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContex
     try:
         context.load_cert_chain(certfile, keyfile)
     except FileNotFoundError as exc:
-        raise ConfigError(f"cannot read TLS certificate or key: {exc.filename}: not found") from None
+        raise ConfigError(
+            f"cannot read TLS certificate or key: {exc.filename}: not found"
+        ) from None
     except PermissionError as exc:
-        raise ConfigError(f"cannot read TLS certificate or key: {exc.filename}: permission denied") from None
+        raise ConfigError(
+            f"cannot read TLS certificate or key: {exc.filename}: permission denied"
+        ) from None
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"cannot load TLS certificate {certfile!r}: {exc}") from None
     return context

@@ -279,7 +279,9 @@ def build_environ(
         "REQUEST_URI": request.target.decode("latin-1"),
         "SERVER_NAME": info.server_name,
         "SERVER_PORT": info.server_port,
-        "SERVER_PROTOCOL": "HTTP/2" if request.http_version == "2" else "HTTP/" + request.http_version,
+        "SERVER_PROTOCOL": "HTTP/2"
+        if request.http_version == "2"
+        else "HTTP/" + request.http_version,
         "SERVER_SOFTWARE": "trioserve",
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": request.scheme or info.scheme,

@@ -1,0 +1,24 @@
+"""Developer tasks: ``nox -s tests`` (the test suite) and ``nox -s lint`` (ruff + mypy --strict)."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """Run the test suite (end-to-end tests use curl/nghttp/h2load when installed)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff (lint + format check) and mypy --strict on the package."""
+    session.install("-e", ".[lint]")
+    session.run("ruff", "check", "trioserve", "tests", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "trioserve", "tests", "examples", "noxfile.py")
+    session.run("mypy", "--strict", "trioserve")

@@ -1,0 +1,35 @@
+"""Shared fixtures. Tests run under pytest-trio's trio_mode (see pyproject.toml)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+
+import pytest
+import trustme
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def tls_cert_files(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """(certfile, keyfile, cafile) for 127.0.0.1 and localhost."""
+    cert = tls_ca.issue_cert("127.0.0.1", "localhost", "::1")
+    directory = tmp_path_factory.mktemp("tls")
+    certfile, keyfile, cafile = directory / "cert.pem", directory / "key.pem", directory / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(certfile), append=True)
+    cert.private_key_pem.write_to_path(str(keyfile))
+    tls_ca.cert_pem.write_to_path(str(cafile))
+    return str(certfile), str(keyfile), str(cafile)
+
+
+@pytest.fixture
+def client_ssl_context(tls_ca: trustme.CA) -> Iterator[ssl.SSLContext]:
+    context = ssl.create_default_context()
+    tls_ca.configure_trust(context)
+    yield context
