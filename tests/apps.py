@@ -25,7 +25,9 @@ def _echo(environ: Environ, start_response: Any) -> Iterable[bytes]:
             break
         chunks.append(chunk)
     body = b"".join(chunks)
-    start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body)))])
+    start_response(
+        "200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body)))]
+    )
     return [body]
 
 

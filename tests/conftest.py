@@ -15,7 +15,9 @@ def tls_ca() -> trustme.CA:
 
 
 @pytest.fixture(scope="session")
-def tls_cert_files(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+def tls_cert_files(
+    tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, str, str]:
     """(certfile, keyfile, cafile) for 127.0.0.1 and localhost."""
     cert = tls_ca.issue_cert("127.0.0.1", "localhost", "::1")
     directory = tmp_path_factory.mktemp("tls")
@@ -32,4 +34,4 @@ def tls_cert_files(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory)
 def client_ssl_context(tls_ca: trustme.CA) -> Iterator[ssl.SSLContext]:
     context = ssl.create_default_context()
     tls_ca.configure_trust(context)
-    yield context
+    return context

@@ -33,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trioserve",
         description="Serve a WSGI application over HTTP/1.1 and HTTP/2 (h2 over TLS, h2c).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "app",
@@ -49,16 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
             default = field.default_factory()
         else:
             default = field.default
-        kwargs: dict[str, Any] = {"dest": field.name, "help": meta["help"], "default": default}
+        kwargs: dict[str, Any] = {"dest": field.name, "default": default}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+            shown = "on" if default else "off"
         elif kind == tuple[str, ...]:
+            # argparse would append to a non-empty default list rather than
+            # replace it, so the default is applied in config_from_args.
             kwargs.update(action="append", default=None, metavar=meta["metavar"] or None)
-            kwargs["help"] += f" (default: {', '.join(default)})"
+            shown = " ".join(default)
         else:
             kwargs["type"] = _scalar_type(kind)
             if meta["metavar"]:
                 kwargs["metavar"] = meta["metavar"]
+            shown = "none" if default is None else repr(default) if default == "" else str(default)
+        kwargs["help"] = f"{meta['help']} (default: {shown})".replace("%", "%%")
         parser.add_argument(*flags, **kwargs)
     return parser
 

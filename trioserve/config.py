@@ -61,7 +61,7 @@ class Config:
     )
     access_log_format: str = _option(
         COMMON_LOG_FORMAT,
-        "access log format, gunicorn-style %%(atom)s fields (default: common log format)",
+        "access log format: gunicorn-style %(atom)s fields (the default is the common log format)",
         metavar="FORMAT",
     )
     certfile: str | None = _option(
@@ -143,6 +143,10 @@ class Config:
         bind: Any = self.bind  # a single string is accepted for convenience
         object.__setattr__(self, "bind", (bind,) if isinstance(bind, str) else tuple(bind))
         _check(bool(self.bind), "at least one bind address is needed")
+        from .listeners import parse_bind  # here: listeners imports this module
+
+        for address in self.bind:
+            parse_bind(address)  # raises BindError (a ConfigError) for bad syntax
         _check(self.threads >= 1, f"threads must be at least 1, not {self.threads}")
         _check(
             self.log_level.lower() in ("debug", "info", "warning", "error", "critical"),

@@ -143,6 +143,9 @@ class ServerContext:
     connections: set[Connection] = dataclasses.field(default_factory=set)
     shutting_down: bool = False
     open_connections: int = 0  # accepted and not yet closed, handshaking ones included
+    # Cancel scopes of connections still in their TLS handshake or waiting for
+    # their first bytes: a graceful stop cancels these (nothing to finish yet).
+    opening: set[trio.CancelScope] = dataclasses.field(default_factory=set)
     _connections_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
 
     def connection_closed(self) -> None:
@@ -227,14 +230,25 @@ async def serve_connection(
     try:
         tls = isinstance(stream, trio.SSLStream)
         alpn = None
-        if isinstance(stream, trio.SSLStream):
-            with trio.fail_after(ctx.tls_handshake_timeout):
-                await stream.do_handshake()
-            alpn = stream.selected_alpn_protocol()
+        initial = bytearray()
+        with trio.CancelScope() as opening:
+            ctx.opening.add(opening)
+            if ctx.shutting_down:
+                opening.cancel()
+            try:
+                if isinstance(stream, trio.SSLStream):
+                    with trio.fail_after(ctx.tls_handshake_timeout):
+                        await stream.do_handshake()
+                    alpn = stream.selected_alpn_protocol()
+                else:
+                    await _sniff_preface(stream, initial, ctx.keep_alive_timeout)
+            finally:
+                ctx.opening.discard(opening)
+        if opening.cancelled_caught and (tls or not initial):
+            return  # shutting down, and this connection has asked for nothing yet
         if info is None:
             info = connection_info(stream, ctx.root_path)
         peer = f"{info.client_addr}:{info.client_port}" if info.client_addr else "unix socket"
-        initial = b""
         proto: ServerProtocol
         if alpn == "h2":
             h2_proto = ctx.new_http2()
@@ -243,7 +257,6 @@ async def serve_connection(
         elif tls:
             proto = ctx.new_http1(allow_h2c_upgrade=False)
         else:
-            initial = await _sniff_preface(stream, ctx.keep_alive_timeout)
             if initial.startswith(PREFACE):
                 h2_proto = ctx.new_http2()
                 h2_proto.initiate()
@@ -253,7 +266,7 @@ async def serve_connection(
         conn = Connection(stream, proto, ctx, info)
         ctx.connections.add(conn)
         try:
-            await conn.run(initial)
+            await conn.run(bytes(initial))
         finally:
             ctx.connections.discard(conn)
     except (
@@ -270,16 +283,14 @@ async def serve_connection(
         ctx.connection_closed()
 
 
-async def _sniff_preface(stream: trio.abc.Stream, timeout: float) -> bytes:
-    """Read until the bytes either are, or cannot be, the HTTP/2 preface."""
-    data = b""
+async def _sniff_preface(stream: trio.abc.Stream, data: bytearray, timeout: float) -> None:
+    """Read into ``data`` until it either is, or cannot be, the HTTP/2 preface."""
     with trio.move_on_after(timeout):
         while len(data) < len(PREFACE) and PREFACE.startswith(data):
             chunk = await stream.receive_some(READ_SIZE)
             if not chunk:
                 break
             data += chunk
-    return data
 
 
 class Connection:
@@ -307,6 +318,7 @@ class Connection:
         self._peer_done = False  # EOF or GOAWAY seen: read no more
         self._clean_close = False  # the sender finished normally: close politely
         self._linger = False  # unread request data may follow: drain before closing
+        self._read_scope: trio.CancelScope | None = None  # the reader's current wait
         if ctx.shutting_down:
             proto.start_shutdown()
 
@@ -358,13 +370,14 @@ class Connection:
             if self._reading_paused():
                 await self._wait_reader_wakeup()
                 continue
-            timeout = self._idle_timeout()
-            with trio.move_on_after(timeout) as idle:
+            with trio.CancelScope(deadline=self._idle_deadline()) as idle:
+                self._read_scope = idle
                 try:
                     data = await self.stream.receive_some(READ_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._connection_lost()
                     return
+            self._read_scope = None
             if idle.cancelled_caught:
                 # Idle keep-alive connection: close it (HTTP/2: GOAWAY first).
                 self.start_shutdown()
@@ -379,10 +392,17 @@ class Connection:
         self._dispatch(proto.next_events())
         self.wake_sender()
 
-    def _idle_timeout(self) -> float:
+    def _idle_deadline(self) -> float:
+        """When an idle connection gives up waiting for its next request."""
         if self.streams or self.proto.buffered_input:
             return math.inf
-        return self.ctx.keep_alive_timeout
+        return trio.current_time() + self.ctx.keep_alive_timeout
+
+    def _update_idle_deadline(self) -> None:
+        # The reader may already be waiting when the connection turns idle or
+        # busy: move its deadline rather than waiting for its next read.
+        if self._read_scope is not None:
+            self._read_scope.deadline = self._idle_deadline()
 
     def _reading_paused(self) -> bool:
         if self.proto.output_size + self._in_flight > OUTPUT_HIGH_WATER:
@@ -458,15 +478,14 @@ class Connection:
 
     def _start_stream(self, event: RequestReceived) -> None:
         proto = self.proto
-        if proto.multiplexed and (
-            len(self.streams) >= self.ctx.h2_max_concurrent_streams or proto.closing
-        ):
+        if proto.multiplexed and len(self.streams) >= self.ctx.h2_max_concurrent_streams:
             # Live app invocations (reset ones still running included) are
             # bounded per connection: refuse, the client may retry (RFC 9113 §8.7).
             proto.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         stream = RequestStream(self, event)
         self.streams[event.stream_id] = stream
+        self._update_idle_deadline()
         assert self._nursery is not None
         self._nursery.start_soon(
             stream.run, name=f"stream {event.stream_id} from {self.info.client_addr}"
@@ -536,11 +555,12 @@ class Connection:
             self.wake_sender()
         self._wake_reader()
 
-    def reset_stream(self, stream_id: int) -> None:
+    def reset_stream(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Abandon a response mid-way (HTTP/2: RST_STREAM ``error_code``; HTTP/1.1: close)."""
         stream = self.streams.get(stream_id)
         if stream is not None and stream.reset_by_peer:
             return  # the peer already reset it; a reset of our own would be noise
-        self.proto.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        self.proto.reset_stream(stream_id, error_code)
         self.wake_sender()
 
     def stream_done(self, stream: RequestStream) -> None:
@@ -555,6 +575,7 @@ class Connection:
             self.ctx.access_log(stream)
         if not self.proto.multiplexed:
             self._dispatch(self.proto.next_events())
+        self._update_idle_deadline()
         self.wake_sender()
         self._wake_reader()
 

@@ -89,6 +89,7 @@ class HTTP1Connection:
         allow_h2c_upgrade: bool = False,
     ) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_size)
+        self._max_header_size = max_header_size
         self._max_request_line_size = max_request_line_size
         self._max_header_count = max_header_count
         self._max_body_size = max_body_size
@@ -98,12 +99,14 @@ class HTTP1Connection:
         self._stream_id = 0  # id of the current (or last) request
         self._active = False  # a request has been handed out and its response not ended
         self._response_started = False
+        self._continue_withheld = False  # client expects 100 Continue and has not had it
         self._head_request = False
         self._body_received = 0
         self._draining = 0  # >0: discarding the rest of an unread body; bytes discarded + 1
         self._upgrade: tuple[RequestReceived, bytes] | None = None
         self._upgrade_body: list[bytes] = []
-        self._closed = False  # we decided to close (error or h11 MUST_CLOSE)
+        self._closed = False  # close once the current exchange is over; parse nothing more
+        self._no_keep_alive = False  # graceful shutdown: finish the current exchange, then close
         self._peer_eof = False
 
     # ---- state the driver asks about -------------------------------------
@@ -115,6 +118,8 @@ class HTTP1Connection:
             return True
         if self._active:
             return False
+        if self._no_keep_alive and not self._h11.trailing_data[0]:
+            return True  # idle (not even part of a request buffered): close now
         our = self._h11.our_state
         return our in (h11.MUST_CLOSE, h11.CLOSED, h11.ERROR) or (
             self._peer_eof and self._h11.their_state in (h11.IDLE, h11.DONE, h11.CLOSED)
@@ -149,6 +154,10 @@ class HTTP1Connection:
         if self._closed:
             return events
         while True:
+            if self._h11.their_state is h11.MUST_CLOSE:
+                # Connection: close / HTTP/1.0: that request was the last one;
+                # whatever follows is ignored (RFC 9112 §9.6), not an error.
+                return events
             try:
                 h11_event = self._h11.next_event()
             except h11.RemoteProtocolError as exc:
@@ -215,8 +224,15 @@ class HTTP1Connection:
 
     def _handle_request(self, request: h11.Request, events: list[Event]) -> bool:
         headers: Headers = list(request.headers)
-        if len(request.target) > self._max_request_line_size:
+        request_line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
+        if request_line > self._max_request_line_size:
             events.append(self._reject(414, "request target too long"))
+            return False
+        # h11 bounds only a head that is still incomplete; one that arrives
+        # whole in a large read must be measured here (request line + fields).
+        head_size = request_line + sum(len(name) + len(value) + 4 for name, value in headers)
+        if head_size > self._max_header_size:
+            events.append(self._reject(431, "request header fields too large"))
             return False
         if len(headers) > self._max_header_count:
             events.append(self._reject(431, "too many header fields"))
@@ -226,6 +242,7 @@ class HTTP1Connection:
         expects_continue = False
         upgrade: bytes | None = None
         settings: bytes | None = None
+        connection_tokens: set[bytes] = set()
         for name, value in headers:
             if name == b"content-length":
                 content_length = int(value)
@@ -237,6 +254,8 @@ class HTTP1Connection:
                 upgrade = value.lower()
             elif name == b"http2-settings":
                 settings = value
+            elif name == b"connection":
+                connection_tokens.update(token.strip().lower() for token in value.split(b","))
         if chunked and content_length is not None:
             # RFC 9112 §6.3: a sender MUST NOT send both; a server MAY reject.
             # Accepting would let a front proxy and us disagree on where the
@@ -252,6 +271,7 @@ class HTTP1Connection:
         self._body_received = 0
         self._head_request = request.method == b"HEAD"
         has_body = chunked or bool(content_length)
+        self._continue_withheld = expects_continue and has_body
         event = RequestReceived(
             stream_id=self._stream_id,
             method=bytes(request.method),
@@ -266,6 +286,8 @@ class HTTP1Connection:
             self._allow_h2c_upgrade
             and upgrade == b"h2c"
             and settings is not None
+            and {b"upgrade", b"http2-settings"} <= connection_tokens  # RFC 9113 §3.2
+            and request.http_version == b"1.1"  # RFC 9110 §7.8: ignore Upgrade in HTTP/1.0
             and (content_length or 0) <= MAX_UPGRADE_BODY
             and not expects_continue
         ) and _valid_settings(settings):
@@ -321,6 +343,7 @@ class HTTP1Connection:
     def send_continue(self, stream_id: int) -> None:
         """Send ``100 Continue`` if the client is still waiting for it."""
         if self._h11.they_are_waiting_for_100_continue and not self._response_started:
+            self._continue_withheld = False
             self._write(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
 
     def send_response(
@@ -328,7 +351,11 @@ class HTTP1Connection:
     ) -> None:
         """Queue the response head. Raises h11.LocalProtocolError on invalid headers."""
         self._response_started = True
-        if self._closed:
+        if self._continue_withheld and self._h11.their_state is h11.SEND_BODY:
+            # Answering without having asked for the body: it may never come,
+            # so this connection cannot carry another request.
+            self._closed = True
+        if self._closed or self._no_keep_alive:
             headers = [*headers, (b"Connection", b"close")]
         self._write(
             h11.Response(
@@ -360,9 +387,12 @@ class HTTP1Connection:
         """HTTP/1.1 has no flow-control credit: the driver resumes reading instead."""
 
     def start_shutdown(self) -> None:
-        """Finish the current exchange (if any), then close: no more keep-alive."""
-        # Idle: close now. Mid-request: the response head gets Connection: close.
-        self._closed = True
+        """Finish the current exchange, then close: no more keep-alive.
+
+        A request whose bytes already arrived counts as current (it is answered,
+        with ``Connection: close``); a connection with nothing buffered closes now.
+        """
+        self._no_keep_alive = True
 
     def data_to_send(self) -> bytes:
         """Everything queued for the socket, coalesced into one write."""
@@ -391,19 +421,14 @@ class HTTP1Connection:
             self._closed = True
             return
         body = error_body(status, detail)
-        self._closed = True
         self._response_started = True
-        self._write(
-            h11.Response(
-                status_code=status,
-                reason=reason_phrase(status),
-                headers=[
-                    (b"Content-Type", b"text/plain; charset=utf-8"),
-                    (b"Content-Length", str(len(body)).encode()),
-                    (b"Connection", b"close"),
-                ],
-            )
-        )
+        headers = [
+            (b"Content-Type", b"text/plain; charset=utf-8"),
+            (b"Content-Length", str(len(body)).encode()),
+        ]
+        if self._closed or self._no_keep_alive:  # protocol error or shutdown: no reuse
+            headers.append((b"Connection", b"close"))
+        self._write(h11.Response(status_code=status, reason=reason_phrase(status), headers=headers))
         if not self._head_request:
             self._write(h11.Data(data=body))
         self._write(h11.EndOfMessage())
@@ -416,7 +441,7 @@ class HTTP1Connection:
             return
         their = self._h11.their_state
         if their is h11.SEND_BODY:
-            if self._h11.they_are_waiting_for_100_continue:
+            if self._continue_withheld:
                 # They never got 100 Continue, so they may never send the body.
                 self._closed = True
                 return
@@ -434,7 +459,8 @@ class HTTP1Connection:
 def _valid_settings(value: bytes) -> bool:
     """Is ``value`` a well-formed ``HTTP2-Settings`` header (base64url of 6-byte entries)?"""
     try:
-        decoded = base64.urlsafe_b64decode(value + b"=" * (-len(value) % 4))
+        padded = value + b"=" * (-len(value) % 4)
+        decoded = base64.b64decode(padded, altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         return False
     return len(decoded) % 6 == 0

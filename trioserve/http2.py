@@ -34,6 +34,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import GoAwayFrame
 
 from .events import (
     BadRequest,
@@ -62,8 +63,12 @@ _HOP_BY_HOP = frozenset(
 # letting writes coalesce many small frames.
 MAX_BATCH = 256 * 1024
 
-# h2's window size ceiling (RFC 9113 §6.9.1).
+# h2's window size ceiling (RFC 9113 §6.9.1), also the largest stream id.
 MAX_WINDOW = 2**31 - 1
+MAX_STREAM_ID = 2**31 - 1
+
+# Opaque data of the PING that times the two-step graceful GOAWAY.
+SHUTDOWN_PING = b"trio-bye"
 
 
 @dataclass(slots=True)
@@ -103,16 +108,22 @@ class HTTP2Connection:
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config=config)
         settings = h2.settings.SettingCodes
-        self._h2.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                settings.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-                settings.INITIAL_WINDOW_SIZE: initial_window_size,
-                settings.MAX_FRAME_SIZE: max_frame_size,
-                settings.MAX_HEADER_LIST_SIZE: max_header_list_size,
-                settings.ENABLE_PUSH: 0,
-            },
-        )
+        initial_values = {
+            settings.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            settings.MAX_FRAME_SIZE: max_frame_size,
+            settings.MAX_HEADER_LIST_SIZE: max_header_list_size,
+            settings.ENABLE_PUSH: 0,
+        }
+        # Settings given as initial values take effect at once. That is only
+        # safe for a window at least as large as the protocol default: a
+        # client may send 65535 bytes before it has seen our SETTINGS (RFC
+        # 9113 §6.9.2), so a smaller window must wait for the client's ACK.
+        self._late_window = None
+        if initial_window_size >= 65535:
+            initial_values[settings.INITIAL_WINDOW_SIZE] = initial_window_size
+        else:
+            self._late_window = initial_window_size
+        self._h2.local_settings = h2.settings.Settings(client=False, initial_values=initial_values)
         self._h2.max_inbound_frame_size = max_frame_size
         self._h2.decoder.max_header_list_size = max_header_list_size
         self.max_concurrent_streams = max_concurrent_streams
@@ -125,7 +136,10 @@ class HTTP2Connection:
         self._remote_open: set[int] = set()  # streams whose request body is still coming
         self._body_received: dict[int, int] = {}
         self._uncredited: dict[int, int] = {}  # body bytes that never used a window
-        self._closed = False  # GOAWAY sent or received, or the connection failed
+        self._rejected: set[int] = set()  # streams answered without the app (413, 501)
+        self._goaway_stage = 0  # 1: GOAWAY(2^31-1) + PING sent; 2: final GOAWAY sent
+        self._last_stream_id = MAX_STREAM_ID
+        self._peer_closed = False  # EOF, error, or GOAWAY from the peer
 
     # ---- starting up --------------------------------------------------------
 
@@ -152,6 +166,10 @@ class HTTP2Connection:
         self._uncredited[1] = size
 
     def _open_connection_window(self) -> None:
+        if self._late_window is not None:
+            self._h2.update_settings(
+                {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self._late_window}
+            )
         increment = self._connection_window - 65535
         if increment > 0:
             self._h2.increment_flow_control_window(increment)
@@ -161,8 +179,8 @@ class HTTP2Connection:
 
     @property
     def closing(self) -> bool:
-        """True once no new streams will be accepted; close when the live ones end."""
-        return self._closed
+        """True once no new streams can come: close when the live ones end."""
+        return self._goaway_stage == 2 or self._peer_closed
 
     @property
     def output_size(self) -> int:
@@ -183,14 +201,14 @@ class HTTP2Connection:
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the socket; ``b""`` means the peer closed the connection."""
         if not data:
-            self._closed = True
+            self._peer_closed = True
             self._events.append(ConnectionClosed(abort=True))
             return
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             # h2 has queued GOAWAY with the right error code.
-            self._closed = True
+            self._peer_closed = True
             code = int(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
             self._events.append(BadRequest(status=400, reason=f"HTTP/2 protocol error: {exc}"))
             self._events.append(ConnectionClosed(abort=True, error_code=code))
@@ -198,6 +216,10 @@ class HTTP2Connection:
             return
         for h2_event in h2_events:
             self._translate(h2_event)
+        if self._rejected:
+            # Events for a rejected stream can only come in the batch that
+            # carried its HEADERS, or while our answer to it is still queued.
+            self._rejected.intersection_update(self._outbound)
         self._pull_control()
 
     def next_events(self) -> list[Event]:
@@ -212,12 +234,15 @@ class HTTP2Connection:
             padding = event.flow_controlled_length - len(data)
             if padding:
                 self._h2.acknowledge_received_data(padding, sid)
+            if sid in self._rejected:
+                self._h2.acknowledge_received_data(len(data), sid)
+                return
             total = self._body_received.get(sid, 0) + len(data)
             self._body_received[sid] = total
             if self._max_body_size and total > self._max_body_size:
                 self._h2.acknowledge_received_data(len(data), sid)
-                if total - len(data) <= self._max_body_size:
-                    emit(BadRequest(413, "request body too large", stream_id=sid))
+                self._rejected.add(sid)
+                emit(BadRequest(413, "request body too large", stream_id=sid))
                 return
             if data:
                 emit(BodyReceived(sid, data))
@@ -226,16 +251,32 @@ class HTTP2Connection:
         elif isinstance(event, h2.events.StreamEnded):
             self._remote_open.discard(event.stream_id)
             self._body_received.pop(event.stream_id, None)
-            emit(BodyEnded(event.stream_id))
+            if event.stream_id in self._rejected:
+                self._rejected.discard(event.stream_id)
+            else:
+                emit(BodyEnded(event.stream_id))
         elif isinstance(event, h2.events.StreamReset):
+            self._rejected.discard(event.stream_id)
             self._forget(event.stream_id)
             emit(StreamReset(event.stream_id, int(event.error_code or 0)))
+        elif isinstance(event, h2.events.PingAckReceived):
+            if event.ping_data == SHUTDOWN_PING and self._goaway_stage == 1:
+                # One round trip after GOAWAY(2^31-1): every stream the client
+                # opened before seeing it has reached us. Now name the last one.
+                self._goaway_stage = 2
+                self._last_stream_id = self._h2.highest_inbound_stream_id
+                self._send_goaway(self._last_stream_id)
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             if self._ready:
                 emit(WindowOpened())
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._closed = True
+            self._peer_closed = True
             code = int(event.error_code or 0)
+            if code == 0 and self._outbound:
+                # A clean GOAWAY lets the streams already started finish (RFC
+                # 9113 §6.8), but h2 closes its state machine on any GOAWAY.
+                # Reopen it so the in-flight responses can still be sent.
+                self._h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
             emit(ConnectionClosed(abort=code != 0, error_code=code))
 
     def _request_received(self, event: h2.events.RequestReceived) -> None:
@@ -263,17 +304,20 @@ class HTTP2Connection:
                 expects_continue = value.lower() == b"100-continue"
             headers.append((name, value))
         end_stream = event.stream_ended is not None
+        if sid > self._last_stream_id:
+            # Opened after our final GOAWAY: not processed, the client may retry it.
+            self._rejected.add(sid)
+            self._h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
         self._outbound[sid] = _Outbound(head_only=method == b"HEAD")
         if not end_stream:
             self._remote_open.add(sid)
         if method is None or target is None or scheme is None:
             # h2 validated the pseudo-headers; only CONNECT (no :path) lands here.
-            self._events.append(BadRequest(501, "CONNECT is not supported", stream_id=sid))
-            self.send_error_response(sid, 501)
+            self._reject(sid, 501, "CONNECT is not supported", end_stream)
             return
         if self._max_body_size and (content_length or 0) > self._max_body_size:
-            self._events.append(BadRequest(413, "request body too large", stream_id=sid))
-            self.send_error_response(sid, 413)
+            self._reject(sid, 413, "request body too large", end_stream)
             return
         self._events.append(
             RequestReceived(
@@ -290,11 +334,22 @@ class HTTP2Connection:
             )
         )
 
+    def _reject(self, sid: int, status: int, reason: str, end_stream: bool) -> None:
+        """Answer a request ourselves, without the app; its body is discarded."""
+        # The stream id is reported in the reason, not as a live stream: there
+        # is no RequestReceived for it and so nothing for the driver to cancel.
+        self._events.append(BadRequest(status, f"{reason} (stream {sid})"))
+        self._rejected.add(sid)
+        self.send_error_response(sid, status)
+
     # ---- responses in, bytes out ------------------------------------------
 
     def send_continue(self, stream_id: int) -> None:
         """Send an interim ``100 Continue`` on ``stream_id``."""
-        self._h2.send_headers(stream_id, [(b":status", b"100")])
+        try:
+            self._h2.send_headers(stream_id, [(b":status", b"100")])
+        except h2.exceptions.StreamClosedError:
+            return  # reset meanwhile
         self._pull_control()
 
     def send_response(
@@ -369,14 +424,29 @@ class HTTP2Connection:
             self._pull_control()
 
     def start_shutdown(self) -> None:
-        """Send GOAWAY: streams already started may finish, no new ones are accepted."""
-        if not self._closed:
-            self._closed = True
-            self._h2.close_connection()
-            self._pull_control()
+        """Begin a graceful shutdown: the two-step GOAWAY of RFC 9113 §6.8.
+
+        First GOAWAY(2^31-1) with a PING: the client learns to open no more
+        streams, yet nothing it already sent is refused. When the PING comes
+        back, GOAWAY(last stream id) follows and streams above it are refused.
+        Streams already started run to completion either way.
+        """
+        if self._goaway_stage or self._peer_closed:
+            return
+        self._goaway_stage = 1
+        self._send_goaway(MAX_STREAM_ID)
+        self._h2.ping(SHUTDOWN_PING)
+        self._pull_control()
+
+    def _send_goaway(self, last_stream_id: int, error_code: int = 0) -> None:
+        # Built by hand: h2's close_connection() would close its state machine
+        # and refuse to send the in-flight responses a graceful GOAWAY is for.
+        self._pull_control()
+        frame = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=error_code)
+        self._control += frame.serialize()
 
     def send_failed(self) -> None:
-        self._closed = True
+        self._peer_closed = True
 
     def data_to_send(self) -> bytes:
         """Frame queued response data as windows allow and return all pending bytes."""
@@ -419,7 +489,11 @@ class HTTP2Connection:
                 except h2.exceptions.StreamClosedError:
                     self._forget(sid)  # closed underneath us (e.g. by h2 itself)
                     continue
-                progressed = progressed or moved
+                if moved:
+                    progressed = True
+                    if sid in self._ready:  # rotate: the next batch starts after it
+                        del self._ready[sid]
+                        self._ready[sid] = None
                 if budget <= 0:
                     break
             if not progressed:

@@ -212,6 +212,8 @@ async def _drain(
     for listener in listeners:
         await trio.aclose_forcefully(listener)
     ctx.shutting_down = True
+    for scope in ctx.opening:
+        scope.cancel()
     for conn in list(ctx.connections):
         conn.start_shutdown()
     with trio.move_on_after(server._graceful_timeout) as timeout:

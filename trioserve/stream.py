@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger("trioserve.error")
 
+# RST_STREAM code for a response the app (not the client) broke, RFC 9113 §7.
+INTERNAL_ERROR = 0x2
+
 # Response statuses that never carry a body (RFC 9110 §6.4.1).
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -241,7 +244,7 @@ class RequestStream:
             why,
         )
         self.response_ended = True
-        self.conn.reset_stream(self.stream_id)
+        self.conn.reset_stream(self.stream_id, INTERNAL_ERROR)
         self.cancel_scope.cancel()
 
     def _finish(self) -> None:

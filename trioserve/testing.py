@@ -46,6 +46,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import h2.settings
 import h11
 import trio
@@ -544,7 +545,14 @@ class TestClient:
         stream = self._h1_stream
         assert stream is not None
         while True:
-            event = self._h11.next_event()
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError:
+                # The server closed mid-response (an aborted response): what
+                # arrived so far is all there is.
+                self.closed.set()
+                stream._end()
+                return
             if event is h11.NEED_DATA:
                 while self.paused:
                     await self._resume.wait()
@@ -580,6 +588,8 @@ class TestClient:
     async def _h2_open(
         self, method: str, path: str, fields: list[tuple[bytes, bytes]], body: bytes, end: bool
     ) -> TestStream:
+        if end and body and all(name.lower() != b"content-length" for name, _ in fields):
+            fields.append((b"content-length", str(len(body)).encode()))
         stream_id = self._h2.get_next_available_stream_id()
         stream = TestStream(self, stream_id)
         self._streams[stream_id] = stream
@@ -686,6 +696,14 @@ class TestClient:
                 out += self._h11.send(h11.EndOfMessage()) or b""
             await self._raw_send(out)
             return
+        try:
+            await self._h2_send_body(stream, data, end)
+        except h2.exceptions.StreamClosedError:
+            # The server finished (or reset) the stream first, e.g. it answered
+            # without reading the whole body: real clients stop sending too.
+            pass
+
+    async def _h2_send_body(self, stream: TestStream, data: bytes, end: bool) -> None:
         view = memoryview(data)
         while view:
             window = self._h2.local_flow_control_window(stream.stream_id)

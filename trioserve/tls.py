@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 
 from .config import ConfigError
@@ -25,16 +26,13 @@ def make_ssl_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContex
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.set_ciphers(_TLS12_CIPHERS)
     context.set_alpn_protocols(list(ALPN_PROTOCOLS))
+    for path in (certfile, keyfile):
+        # load_cert_chain's OSError does not say which file failed: check first.
+        if path is not None and not os.access(path, os.R_OK):
+            reason = "not found" if not os.path.exists(path) else "permission denied"
+            raise ConfigError(f"cannot read TLS file {path}: {reason}")
     try:
         context.load_cert_chain(certfile, keyfile)
-    except FileNotFoundError as exc:
-        raise ConfigError(
-            f"cannot read TLS certificate or key: {exc.filename}: not found"
-        ) from None
-    except PermissionError as exc:
-        raise ConfigError(
-            f"cannot read TLS certificate or key: {exc.filename}: permission denied"
-        ) from None
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"cannot load TLS certificate {certfile!r}: {exc}") from None
     return context

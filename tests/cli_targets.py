@@ -1,0 +1,103 @@
+"""Targets for tests/test_cli.py: ``python -m trioserve tests.cli_targets:NAME`` from the repo root.
+
+Every app goes through ``wsgiref.validate.validator``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import parse_qs
+from wsgiref.validate import validator
+
+Environ = dict[str, Any]
+
+
+def _text_app(text: str) -> Any:
+    body = text.encode()
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response(
+            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+        )
+        return [body]
+
+    return validator(app)
+
+
+def _environ(environ: Environ, start_response: Any) -> Iterable[bytes]:
+    """Echo the CGI-ish parts of the environ as JSON."""
+    keys = ("REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL")
+    body = json.dumps({key: environ.get(key) for key in keys}).encode()
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
+
+
+def _slow_upload(environ: Environ, start_response: Any) -> Iterable[bytes]:
+    """Say on stderr that the request is in flight, then read the whole body and report it.
+
+    The test sends the body slowly, so the request stays in flight as long as it wants.
+    """
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    if length:
+        print("cli_targets: slow_upload started", file=sys.stderr, flush=True)
+    received = b""
+    while len(received) < length:
+        chunk = environ["wsgi.input"].read(length - len(received))
+        if not chunk:
+            break
+        received += chunk
+    body = b"received %d bytes: %s" % (len(received), received)
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _wait_for_fifo(environ: Environ, start_response: Any) -> Iterable[bytes]:
+    """Say on stderr that the request is in flight, then block until the test writes the FIFO.
+
+    ``?fifo=PATH`` names a FIFO the test created; opening it for reading blocks
+    until the test opens it for writing, and the read ends when the test closes it.
+    Without ``?fifo`` it answers at once.
+    """
+    paths = parse_qs(environ["QUERY_STRING"]).get("fifo")
+    if paths:
+        print("cli_targets: wait_for_fifo started", file=sys.stderr, flush=True)
+        with open(paths[0], "rb") as fifo:
+            body = b"released by " + fifo.read()
+    else:
+        body = b"no fifo, no wait"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+# MODULE with no :ATTR means MODULE:application.
+application = _text_app("default attribute\n")
+
+environ_echo = validator(_environ)
+slow_upload = validator(_slow_upload)
+wait_for_fifo = validator(_wait_for_fifo)
+
+not_callable = 42
+
+
+def factory() -> Any:
+    """For --factory: called once, returns the app."""
+    return _text_app("made by the factory\n")
+
+
+def bad_factory() -> Any:
+    """For --factory: returns something that is not a WSGI app."""
+    return "not an app"
+
+
+class _Namespace:
+    def __init__(self, **attributes: Any) -> None:
+        self.__dict__.update(attributes)
+
+
+# Dotted attribute paths: tests.cli_targets:holder.inner.app
+holder = _Namespace(inner=_Namespace(app=_text_app("found through holder.inner.app\n")))

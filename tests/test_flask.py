@@ -1,0 +1,254 @@
+"""examples/flask_app.py served for real (serve_wsgi on a loopback port) to httpx.
+
+Each test runs over every protocol trioserve speaks: HTTP/1.1 in cleartext and
+over TLS, HTTP/2 with prior knowledge (h2c) and HTTP/2 negotiated by ALPN.
+httpx's client is synchronous here, so every request runs in a worker thread
+while trio serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from examples.flask_app import SAMPLE_FILE, app
+from trioserve import serve_wsgi
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 30
+
+
+@dataclass(frozen=True)
+class Protocol:
+    tls: bool
+    http2: bool
+
+    @property
+    def server_protocol(self) -> str:
+        """What the app should see in SERVER_PROTOCOL (and httpx in http_version)."""
+        return "HTTP/2" if self.http2 else "HTTP/1.1"
+
+
+PROTOCOLS = {
+    "http1": Protocol(tls=False, http2=False),
+    "h2c-prior-knowledge": Protocol(tls=False, http2=True),
+    "http1-tls": Protocol(tls=True, http2=False),
+    "h2-tls-alpn": Protocol(tls=True, http2=True),
+}
+
+
+@dataclass
+class Served:
+    url: str
+    client: httpx.Client
+    protocol: Protocol
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request, made in a worker thread."""
+        request = partial(self.client.request, method, self.url + path, **kwargs)
+        response = await trio.to_thread.run_sync(request)
+        assert response.http_version == self.protocol.server_protocol
+        return response
+
+    async def in_thread(self, function: Callable[[], Any]) -> Any:
+        return await trio.to_thread.run_sync(function)
+
+
+@pytest.fixture(params=list(PROTOCOLS))
+def protocol(request: pytest.FixtureRequest) -> Protocol:
+    return PROTOCOLS[request.param]
+
+
+@asynccontextmanager
+async def serve_flask(
+    protocol: Protocol,
+    tls_cert_files: tuple[str, str, str],
+    client_ssl_context: ssl.SSLContext,
+) -> AsyncIterator[Served]:
+    options: dict[str, Any] = {"bind": "127.0.0.1:0"}
+    if protocol.tls:
+        options["certfile"], options["keyfile"], _ = tls_cert_files
+    if protocol.tls:
+        # Offer h2 and http/1.1 (httpx does, when http2=True) and let ALPN decide.
+        client = httpx.Client(http2=protocol.http2, verify=client_ssl_context, timeout=10)
+    else:
+        # http1=False, http2=True: HTTP/2 with prior knowledge over cleartext (h2c).
+        client = httpx.Client(http1=not protocol.http2, http2=protocol.http2, timeout=10)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            server = await serve_wsgi(app, nursery, **options)
+            assert server.url.startswith("https://" if protocol.tls else "http://")
+            try:
+                yield Served(server.url, client, protocol)
+            finally:
+                await trio.to_thread.run_sync(client.close)
+                await server.stop(graceful_timeout=5)
+
+
+@pytest.fixture
+def served(
+    protocol: Protocol,
+    tls_cert_files: tuple[str, str, str],
+    client_ssl_context: ssl.SSLContext,
+) -> Callable[[], Any]:
+    return partial(serve_flask, protocol, tls_cert_files, client_ssl_context)
+
+
+async def test_index_page(served: Callable[[], Any]) -> None:
+    async with served() as server:
+        response = await server.call("GET", "/")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert "<h1>Flask on trioserve</h1>" in response.text
+    assert response.headers["server"] == "trioserve"
+
+
+async def test_not_found(served: Callable[[], Any]) -> None:
+    async with served() as server:
+        response = await server.call("GET", "/no/such/page")
+    assert response.status_code == 404
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+async def test_info_json(served: Callable[[], Any], protocol: Protocol, method: str) -> None:
+    async with served() as server:
+        response = await server.call(method, "/api/info")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {
+        "method": method,
+        "path": "/api/info",
+        "protocol": protocol.server_protocol,
+    }
+
+
+async def test_stream(served: Callable[[], Any], protocol: Protocol) -> None:
+    count = 2000
+    async with served() as server:
+
+        def stream_lines() -> tuple[httpx.Response, list[str]]:
+            with server.client.stream("GET", f"{server.url}/stream?n={count}") as response:
+                return response, list(response.iter_lines())
+
+        response, lines = await server.in_thread(stream_lines)
+    assert response.status_code == 200
+    assert response.http_version == protocol.server_protocol
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    # A generator response has no length: chunked over HTTP/1.1, DATA frames over HTTP/2.
+    assert "content-length" not in response.headers
+    if not protocol.http2:
+        assert response.headers["transfer-encoding"] == "chunked"
+    assert lines == [f"line {i} of {count}" for i in range(count)]
+
+
+async def test_concurrent_streams(served: Callable[[], Any]) -> None:
+    """Several streams at once (multiplexed on one connection over HTTP/2)."""
+    results: dict[int, str] = {}
+    async with served() as server:
+
+        async def one(n: int) -> None:
+            response = await server.call("GET", f"/stream?n={n}")
+            assert response.status_code == 200
+            results[n] = response.text
+
+        async with trio.open_nursery() as nursery:
+            for n in range(1, 9):
+                nursery.start_soon(one, n * 100)
+    assert sorted(results) == [n * 100 for n in range(1, 9)]
+    for n, text in results.items():
+        assert text == "".join(f"line {i} of {n}\n" for i in range(n))
+
+
+async def test_upload_form(served: Callable[[], Any]) -> None:
+    async with served() as server:
+        response = await server.call("GET", "/upload")
+    assert response.status_code == 200
+    assert 'enctype="multipart/form-data"' in response.text
+    assert 'name="file"' in response.text
+
+
+async def test_upload(served: Callable[[], Any]) -> None:
+    data = os.urandom(1024 * 1024 + 123)  # a little over 1 MiB: many frames / reads
+    async with served() as server:
+        response = await server.call(
+            "POST", "/upload", files={"file": ("blob.bin", data, "application/octet-stream")}
+        )
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "filename": "blob.bin",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+async def test_upload_without_file_field(served: Callable[[], Any]) -> None:
+    async with served() as server:
+        response = await server.call("POST", "/upload", files={"other": ("x.txt", b"x")})
+    assert response.status_code == 400
+    assert "file" in response.json()["error"]
+
+
+async def test_send_file(served: Callable[[], Any]) -> None:
+    async with served() as server:
+        response = await server.call("GET", "/send-file")
+    assert response.status_code == 200
+    assert response.content == SAMPLE_FILE
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.headers["content-length"] == str(len(SAMPLE_FILE))
+    assert "hello.txt" in response.headers["content-disposition"]
+
+
+async def test_send_file_range(served: Callable[[], Any]) -> None:
+    async with served() as server:
+        response = await server.call("GET", "/send-file", headers={"Range": "bytes=6-9"})
+    assert response.status_code == 206
+    assert response.content == SAMPLE_FILE[6:10]
+    assert response.headers["content-range"] == f"bytes 6-9/{len(SAMPLE_FILE)}"
+
+
+# ---------------------------------------------------------------------------
+# examples/embedded.py
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["examples/embedded.py"], ["-m", "examples.embedded"]],
+    ids=["script", "module"],
+)
+async def test_embedded_example_runs_to_completion(command: list[str]) -> None:
+    with trio.fail_after(TIMEOUT):  # a hang fails; run_process then kills the child
+        result = await trio.run_process(
+            [sys.executable, *command],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    output = result.stdout.decode()
+    assert result.returncode == 0, (output, result.stderr.decode())
+    assert result.stderr == b""
+    lines = output.splitlines()
+    assert lines[0].startswith("server: listening on http://127.0.0.1:")
+    assert not lines[0].endswith(":0")
+    answers = [line for line in lines if line.startswith("client: /")]
+    assert len(answers) == 3, lines
+    assert all(" -> 200 " in line for line in answers), answers
+    assert "POST /form over HTTP/1.1" in output
+    assert "client: server stopped" in lines
+    assert any(line.startswith("heartbeat: stopped after") for line in lines)
+    assert lines[-1] == "main: every task has finished; exiting"

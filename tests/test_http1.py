@@ -1,0 +1,901 @@
+"""Sans-IO tests for :class:`trioserve.http1.HTTP1Connection`.
+
+Requests come from a real h11 client (``h11.Connection(h11.CLIENT)``) or, for
+input h11 would refuse to produce, from hand-written bytes. Each test feeds
+them to the server object, then checks the exact events from ``next_events()``
+and the exact bytes from ``data_to_send()``. Responses are compared as bytes
+where that reads well, or parsed back with an h11 client. No trio, no mocks,
+no sockets.
+"""
+
+from __future__ import annotations
+
+import base64
+from http import HTTPStatus
+
+import h11
+import pytest
+
+from trioserve.events import (
+    BadRequest,
+    BodyEnded,
+    BodyReceived,
+    ConnectionClosed,
+    RequestReceived,
+    StreamReset,
+    UpgradeToH2,
+)
+from trioserve.http1 import MAX_DRAIN, MAX_UPGRADE_BODY, HTTP1Connection
+
+OK_EMPTY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+# ---- helpers -------------------------------------------------------------------
+
+
+def client_request(
+    method: str = "GET",
+    target: str = "/",
+    headers: list[tuple[str, str]] | None = None,
+    body: list[bytes] | None = None,
+) -> bytes:
+    """The bytes a fresh h11 client sends for one complete HTTP/1.1 request.
+
+    ``body`` is a list of pieces; give ``Content-Length`` or
+    ``Transfer-Encoding: chunked`` in ``headers`` to say how it is framed.
+    """
+    client = h11.Connection(h11.CLIENT)
+    if headers is None:
+        headers = [("Host", "example.com")]
+    data = client.send(h11.Request(method=method, target=target, headers=headers))
+    for piece in body or []:
+        data += client.send(h11.Data(data=piece))
+    data += client.send(h11.EndOfMessage())
+    return data
+
+
+# h11 only sends HTTP/1.1, so HTTP/1.0 requests are written by hand.
+HTTP10_GET = b"GET / HTTP/1.0\r\n\r\n"
+
+
+def get(target: str) -> bytes:
+    return client_request("GET", target)
+
+
+def feed(server: HTTP1Connection, data: bytes = b"", *, eof: bool = False) -> list[object]:
+    """Give ``server`` some bytes (and optionally EOF) and return the events it reports."""
+    if data:
+        server.receive_data(data)
+    if eof:
+        server.receive_data(b"")
+    return list(server.next_events())
+
+
+def respond(server: HTTP1Connection, stream_id: int, body: bytes = b"") -> bytes:
+    """Answer ``stream_id`` with 200 and a Content-Length body; return the bytes queued."""
+    server.send_response(stream_id, 200, [(b"Content-Length", str(len(body)).encode())])
+    server.send_body(stream_id, body)
+    server.end_stream(stream_id)
+    return server.data_to_send()
+
+
+def request_event(
+    stream_id: int = 1,
+    method: bytes = b"GET",
+    target: bytes = b"/",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    **fields: object,
+) -> RequestReceived:
+    """The RequestReceived expected for a request sent by :func:`client_request`."""
+    if headers is None:
+        headers = [(b"host", b"example.com")]
+    fields.setdefault("http_version", "1.1")
+    fields.setdefault("end_stream", True)
+    return RequestReceived(
+        stream_id=stream_id,
+        method=method,
+        target=target,
+        headers=headers,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def error_response(status: int, detail: str) -> bytes:
+    """The exact bytes of trioserve's own plain-text error response."""
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}: {detail}\n".encode() if detail else f"{status} {phrase}\n".encode()
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def parse_response(data: bytes, method: str = "GET") -> list[object]:
+    """Parse response bytes with an h11 client that sent one ``method`` request."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method=method, target="/", headers=[("Host", "example.com")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(data)
+    events: list[object] = []
+    while True:
+        event = client.next_event()
+        if event in (h11.NEED_DATA, h11.PAUSED):
+            return events
+        events.append(event)
+        if isinstance(event, h11.EndOfMessage):
+            return events
+
+
+# ---- requests and responses ----------------------------------------------------
+
+
+def test_simple_get() -> None:
+    server = HTTP1Connection()
+    request = client_request(
+        "GET", "/a/b?c=d", [("Host", "example.com"), ("X-Custom", "Value"), ("ACCEPT", "*/*")]
+    )
+    assert feed(server, request) == [
+        RequestReceived(
+            stream_id=1,
+            method=b"GET",
+            target=b"/a/b?c=d",
+            headers=[(b"host", b"example.com"), (b"x-custom", b"Value"), (b"accept", b"*/*")],
+            http_version="1.1",
+            scheme=None,
+            authority=None,
+            end_stream=True,
+            expects_continue=False,
+            content_length=None,
+        ),
+        BodyEnded(1),
+    ]
+    assert server.data_to_send() == b""
+    assert respond(server, 1, b"hello") == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    assert not server.closing
+
+
+def test_post_with_content_length() -> None:
+    server = HTTP1Connection()
+    request = client_request(
+        "POST", "/upload", [("Host", "example.com"), ("Content-Length", "11")], [b"hello world"]
+    )
+    assert feed(server, request) == [
+        request_event(
+            method=b"POST",
+            target=b"/upload",
+            headers=[(b"host", b"example.com"), (b"content-length", b"11")],
+            end_stream=False,
+            content_length=11,
+        ),
+        BodyReceived(1, b"hello world"),
+        BodyEnded(1),
+    ]
+
+
+def test_keep_alive_serves_requests_in_sequence() -> None:
+    server = HTTP1Connection()
+    assert feed(server, get("/one")) == [request_event(1, target=b"/one"), BodyEnded(1)]
+    # The next request arrives before the first response has ended: it waits.
+    assert feed(server, get("/two")) == []
+    assert server.buffered_input == len(get("/two"))
+    server.send_response(1, 200, [(b"Content-Length", b"3")])
+    server.send_body(1, b"one")
+    assert feed(server) == []
+    server.end_stream(1)
+    assert server.data_to_send() == b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none"
+    assert not server.closing
+    assert feed(server) == [request_event(2, target=b"/two"), BodyEnded(2)]
+    assert respond(server, 2, b"two") == b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo"
+    assert feed(server, get("/three")) == [request_event(3, target=b"/three"), BodyEnded(3)]
+
+
+def test_pipelined_request_waits_for_the_first_response_to_end() -> None:
+    server = HTTP1Connection()
+    assert feed(server, get("/one") + get("/two")) == [
+        request_event(1, target=b"/one"),
+        BodyEnded(1),
+    ]
+    assert server.buffered_input == len(get("/two"))
+    assert feed(server) == []
+    server.send_response(1, 200, [(b"Content-Length", b"0")])
+    assert feed(server) == []  # response started but not ended: still nothing
+    server.end_stream(1)
+    assert server.data_to_send() == OK_EMPTY
+    assert feed(server) == [request_event(2, target=b"/two"), BodyEnded(2)]
+    assert server.buffered_input == 0
+    assert respond(server, 2) == OK_EMPTY
+    assert not server.closing
+
+
+def test_chunked_request_body() -> None:
+    server = HTTP1Connection()
+    request = client_request(
+        "POST",
+        "/",
+        [("Host", "example.com"), ("Transfer-Encoding", "chunked")],
+        [b"hello ", b"world"],
+    )
+    expected_head = request_event(
+        method=b"POST",
+        headers=[(b"host", b"example.com"), (b"transfer-encoding", b"chunked")],
+        end_stream=False,
+        content_length=None,
+    )
+    assert feed(server, request) == [
+        expected_head,
+        BodyReceived(1, b"hello "),
+        BodyReceived(1, b"world"),
+        BodyEnded(1),
+    ]
+
+
+def test_chunked_request_body_arriving_in_small_pieces() -> None:
+    server = HTTP1Connection()
+    request = client_request(
+        "POST", "/", [("Host", "example.com"), ("Transfer-Encoding", "chunked")], [b"abcdefgh"]
+    )
+    head_end = request.index(b"\r\n\r\n") + 4
+    events = feed(server, request[:head_end])
+    assert [type(e) for e in events] == [RequestReceived]
+    body: list[object] = []
+    for i in range(head_end, len(request), 3):
+        body += feed(server, request[i : i + 3])
+    assert body[-1] == BodyEnded(1)
+    assert all(isinstance(e, BodyReceived) and e.stream_id == 1 for e in body[:-1])
+    assert b"".join(e.data for e in body[:-1]) == b"abcdefgh"  # type: ignore[attr-defined]
+
+
+def test_response_without_content_length_is_chunked() -> None:
+    server = HTTP1Connection()
+    feed(server, get("/"))
+    server.send_response(1, 200, [(b"Content-Type", b"text/plain")])
+    server.send_body(1, b"hello")
+    server.send_body(1, b"")  # empty pieces produce no empty chunk (that would end the body)
+    server.send_body(1, b", world")
+    server.end_stream(1)
+    assert server.data_to_send() == (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n"
+    )
+    assert not server.closing
+
+
+def test_custom_reason_phrase() -> None:
+    server = HTTP1Connection()
+    feed(server, get("/"))
+    server.send_response(1, 299, [(b"Content-Length", b"0")], reason=b"Fine Enough")
+    server.end_stream(1)
+    assert server.data_to_send() == b"HTTP/1.1 299 Fine Enough\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_head_response_drops_body_bytes() -> None:
+    server = HTTP1Connection()
+    assert feed(server, client_request("HEAD", "/")) == [
+        request_event(method=b"HEAD"),
+        BodyEnded(1),
+    ]
+    assert respond(server, 1, b"hello") == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    assert not server.closing
+    assert feed(server, get("/next")) == [request_event(2, target=b"/next"), BodyEnded(2)]
+
+
+def test_http10_request_closes_after_the_response() -> None:
+    server = HTTP1Connection()
+    assert feed(server, HTTP10_GET) == [request_event(headers=[], http_version="1.0"), BodyEnded(1)]
+    assert not server.closing
+    assert respond(server, 1, b"bye") == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbye"
+    )
+    assert server.closing
+    assert feed(server) == []
+
+
+def test_connection_close_request() -> None:
+    server = HTTP1Connection()
+    request = client_request("GET", "/", [("Host", "example.com"), ("Connection", "close")])
+    assert feed(server, request) == [
+        request_event(headers=[(b"host", b"example.com"), (b"connection", b"close")]),
+        BodyEnded(1),
+    ]
+    assert not server.closing
+    assert (
+        respond(server, 1) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    assert server.closing
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        client_request("GET", "/", [("Host", "example.com"), ("Connection", "close")]),
+        HTTP10_GET,
+    ],
+    ids=["connection-close", "http1.0"],
+)
+def test_request_after_connection_close_is_ignored(first: bytes) -> None:
+    # RFC 9112 §9.6: answer the request carrying "close", process nothing after it.
+    server = HTTP1Connection()
+    events = feed(server, first + get("/ignored"))
+    assert [type(e) for e in events] == [RequestReceived, BodyEnded]
+    server.send_response(1, 200, [(b"Content-Length", b"0")])
+    server.end_stream(1)
+    assert server.data_to_send() == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    assert server.closing
+    assert feed(server) == []
+
+
+def test_peer_half_close_after_request_still_gets_the_response() -> None:
+    server = HTTP1Connection()
+    assert feed(server, get("/"), eof=True) == [
+        request_event(),
+        BodyEnded(1),
+        ConnectionClosed(abort=False),
+    ]
+    assert not server.closing  # the response has yet to go out
+    assert respond(server, 1, b"ok") == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    assert server.closing
+    assert feed(server) == []
+
+
+def test_start_shutdown_mid_request_adds_connection_close() -> None:
+    server = HTTP1Connection()
+    feed(server, get("/") + get("/never"))
+    server.start_shutdown()
+    assert not server.closing  # the request in hand is answered first
+    assert (
+        respond(server, 1) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    assert server.closing
+    assert feed(server) == []
+
+
+# ---- Expect: 100-continue --------------------------------------------------------
+
+EXPECT_HEADERS = [("Host", "example.com"), ("Content-Length", "5"), ("Expect", "100-continue")]
+
+
+def expect_request_head() -> bytes:
+    request = client_request("POST", "/", EXPECT_HEADERS, [b"hello"])
+    return request[: -len(b"hello")]
+
+
+def test_expect_100_continue() -> None:
+    server = HTTP1Connection()
+    assert feed(server, expect_request_head()) == [
+        request_event(
+            method=b"POST",
+            headers=[
+                (b"host", b"example.com"),
+                (b"content-length", b"5"),
+                (b"expect", b"100-continue"),
+            ],
+            end_stream=False,
+            expects_continue=True,
+            content_length=5,
+        )
+    ]
+    server.send_continue(1)
+    server.send_continue(1)  # a second call sends nothing more
+    assert server.data_to_send() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert feed(server, b"hello") == [BodyReceived(1, b"hello"), BodyEnded(1)]
+    server.send_continue(1)  # too late: the body is here
+    assert respond(server, 1) == OK_EMPTY
+    assert not server.closing
+    assert feed(server, get("/next")) == [request_event(2, target=b"/next"), BodyEnded(2)]
+
+
+def test_expect_100_continue_without_a_body_is_not_waited_on() -> None:
+    server = HTTP1Connection()
+    headers = [("Host", "example.com"), ("Content-Length", "0"), ("Expect", "100-continue")]
+    events = feed(server, client_request("POST", "/", headers))
+    assert isinstance(events[0], RequestReceived)
+    assert events[0].expects_continue is False
+    assert events[0].end_stream is True
+    assert events[1:] == [BodyEnded(1)]
+
+
+def test_send_continue_after_response_started_sends_nothing() -> None:
+    server = HTTP1Connection()
+    feed(server, expect_request_head())
+    server.send_response(1, 200, [(b"Content-Length", b"0")])
+    server.send_continue(1)
+    # No 100 was sent and the body has not arrived: it may never come, so
+    # this connection cannot be reused.
+    assert (
+        server.data_to_send()
+        == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+
+
+def test_final_response_without_continue_closes() -> None:
+    server = HTTP1Connection()
+    feed(server, expect_request_head())
+    server.send_response(1, 417, [(b"Content-Length", b"0")])
+    server.end_stream(1)
+    # Status line only: RFC 9110 §10.1.1 says this response SHOULD also announce
+    # the close, which is not pinned here either way.
+    assert server.data_to_send().startswith(b"HTTP/1.1 417 Expectation Failed\r\n")
+    # The client never got "100 Continue", so it may never send the body: waiting
+    # to drain it would hang the connection.
+    assert server.closing
+    assert feed(server, get("/next")) == []
+
+
+# ---- responses that leave the request body unread -----------------------------------
+
+
+def test_small_unread_body_is_drained_and_the_next_request_served() -> None:
+    server = HTTP1Connection()
+    request = client_request(
+        "POST", "/", [("Host", "example.com"), ("Content-Length", "10")], [b"0123456789"]
+    )
+    head, body = request[:-10], request[-10:]
+    assert [type(e) for e in feed(server, head)] == [RequestReceived]
+    assert respond(server, 1) == OK_EMPTY
+    assert not server.closing
+    # The body shows up after the response: discarded, no events for it.
+    assert feed(server, body[:4]) == []
+    assert feed(server, body[4:] + get("/next")) == [
+        request_event(2, target=b"/next"),
+        BodyEnded(2),
+    ]
+    assert not server.closing
+
+
+def test_large_unread_body_closes_the_connection() -> None:
+    server = HTTP1Connection()
+    size = MAX_DRAIN + 1024
+    headers = [("Host", "example.com"), ("Content-Length", str(size))]
+    request = client_request("POST", "/", headers, [b"x" * size])
+    head, body = request[:-size], request[-size:]
+    assert [type(e) for e in feed(server, head)] == [RequestReceived]
+    assert respond(server, 1) == OK_EMPTY
+    assert not server.closing
+    assert feed(server, body + get("/next")) == []
+    assert server.closing
+    assert feed(server) == []
+
+
+# ---- bad input --------------------------------------------------------------------
+
+LONG = b"a" * 200
+
+BAD_REQUESTS = [
+    # id, HTTP1Connection kwargs, bytes, status, our reason (None: h11's message)
+    ("malformed-request-line", {}, b"GARBAGE\r\n\r\n", 400, None),
+    ("bad-header-line", {}, b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400, None),
+    (
+        "header-block-too-large",
+        {"max_header_size": 1024},
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 2000,
+        431,
+        None,
+    ),
+    (
+        "request-line-too-long-no-newline-yet",
+        {"max_request_line_size": 100},
+        b"GET /" + LONG,
+        414,
+        "request line too long",
+    ),
+    (
+        "request-line-too-long-complete",
+        {"max_request_line_size": 100},
+        b"GET /" + LONG + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        414,
+        "request target too long",
+    ),
+    (
+        "too-many-headers",
+        {"max_header_count": 3},
+        b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n",
+        431,
+        "too many header fields",
+    ),
+    (
+        "content-length-over-max-body-size",
+        {"max_body_size": 10},
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n",
+        413,
+        "request body too large",
+    ),
+    (
+        "content-length-and-transfer-encoding",
+        {},
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        400,
+        "both Content-Length and Transfer-Encoding",
+    ),
+    (
+        "transfer-encoding-gzip",
+        {},
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        501,
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "data", "status", "reason"),
+    [pytest.param(*case[1:], id=case[0]) for case in BAD_REQUESTS],
+)
+def test_bad_request_is_answered_by_the_layer(
+    kwargs: dict[str, int], data: bytes, status: int, reason: str | None
+) -> None:
+    server = HTTP1Connection(**kwargs)
+    events = feed(server, data)
+    assert len(events) == 1
+    event = events[0]
+    assert isinstance(event, BadRequest)
+    assert event.status == status
+    assert event.stream_id is None  # answered here: the driver only logs it
+    if reason is not None:
+        assert event.reason == reason
+    assert server.data_to_send() == error_response(status, event.reason)
+    assert server.closing
+    assert feed(server) == []
+    assert server.data_to_send() == b""
+
+
+def test_bad_request_response_parses_as_http() -> None:
+    server = HTTP1Connection(max_header_count=1)
+    feed(server, b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\n\r\n")
+    response, data, end = parse_response(server.data_to_send())
+    assert isinstance(response, h11.Response)
+    assert response.status_code == 431
+    assert (b"connection", b"close") in response.headers
+    assert isinstance(data, h11.Data)
+    assert bytes(data.data) == b"431 Request Header Fields Too Large: too many header fields\n"
+    assert isinstance(end, h11.EndOfMessage)
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        pytest.param(False, id="whole"),
+        pytest.param(True, id="split-before-newline"),
+    ],
+)
+def test_request_line_limit_is_on_the_line_not_just_the_target(split: bool) -> None:
+    """A 104-byte request line with a 91-byte target, limit 100: 414 however it arrives."""
+    line = b"GET /" + b"a" * 90 + b" HTTP/1.1"
+    assert len(line) == 104
+    server = HTTP1Connection(max_request_line_size=100)
+    rest = b"\r\nHost: x\r\n\r\n"
+    events = feed(server, line) + feed(server, rest) if split else feed(server, line + rest)
+    assert [(type(e), getattr(e, "status", None)) for e in events] == [(BadRequest, 414)]
+
+
+def test_content_length_at_max_body_size_is_accepted() -> None:
+    server = HTTP1Connection(max_body_size=10)
+    headers = [("Host", "example.com"), ("Content-Length", "10")]
+    events = feed(server, client_request("POST", "/", headers, [b"0123456789"]))
+    assert events[1:] == [BodyReceived(1, b"0123456789"), BodyEnded(1)]
+
+
+def test_content_length_over_max_body_size_is_refused_before_any_body() -> None:
+    server = HTTP1Connection(max_body_size=10)
+    headers = [("Host", "example.com"), ("Content-Length", "11")]
+    request = client_request("POST", "/", headers, [b"x" * 11])
+    assert feed(server, request) == [BadRequest(413, "request body too large", None)]
+    assert server.data_to_send() == error_response(413, "request body too large")
+    assert server.closing
+
+
+def test_chunked_body_over_max_body_size() -> None:
+    server = HTTP1Connection(max_body_size=10)
+    request = client_request(
+        "POST",
+        "/",
+        [("Host", "example.com"), ("Transfer-Encoding", "chunked")],
+        [b"a" * 6, b"b" * 6, b"c" * 6],
+    )
+    events = feed(server, request + get("/next"))
+    assert events == [
+        request_event(
+            method=b"POST",
+            headers=[(b"host", b"example.com"), (b"transfer-encoding", b"chunked")],
+            end_stream=False,
+        ),
+        BodyReceived(1, b"aaaaaa"),
+        BadRequest(413, "request body too large", stream_id=1),
+    ]
+    # The stream is live, so the driver answers it.
+    assert server.data_to_send() == b""
+    assert server.closing
+    server.send_error_response(1, 413)
+    assert server.data_to_send() == error_response(413, "")
+    assert feed(server) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n",
+    ],
+    ids=["malformed", "cl-and-te", "gzip", "too-many-headers"],
+)
+def test_request_pipelined_after_a_bad_request_is_never_parsed(bad: bytes) -> None:
+    server = HTTP1Connection(max_header_count=3)
+    events = feed(server, bad + get("/next"))
+    assert [type(e) for e in events] == [BadRequest]
+    events += feed(server, get("/later"))
+    events += feed(server, eof=True)
+    assert not any(isinstance(e, RequestReceived) for e in events)
+    assert server.closing
+
+
+def test_bad_request_after_a_good_one_is_answered_after_it() -> None:
+    server = HTTP1Connection()
+    assert feed(server, get("/") + b"GARBAGE\r\n\r\n") == [request_event(), BodyEnded(1)]
+    assert respond(server, 1) == OK_EMPTY
+    events = feed(server)
+    assert [(type(e), e.status, e.stream_id) for e in events] == [(BadRequest, 400, None)]  # type: ignore[attr-defined]
+    assert server.data_to_send() == error_response(400, events[0].reason)  # type: ignore[attr-defined]
+    assert server.closing
+
+
+# ---- the peer going away ------------------------------------------------------------
+
+
+def test_eof_in_the_middle_of_a_body_resets_the_stream() -> None:
+    server = HTTP1Connection()
+    request = client_request(
+        "POST", "/", [("Host", "example.com"), ("Content-Length", "10")], [b"0123456789"]
+    )
+    events = feed(server, request[:-7], eof=True)
+    assert events[1:] == [BodyReceived(1, b"012"), StreamReset(1, 0)]
+    assert server.closing
+    assert server.data_to_send() == b""
+
+
+def test_eof_on_a_fresh_connection() -> None:
+    server = HTTP1Connection()
+    assert feed(server, eof=True) == [ConnectionClosed(abort=False)]
+    assert server.closing
+    assert server.data_to_send() == b""
+
+
+def test_eof_between_requests() -> None:
+    server = HTTP1Connection()
+    feed(server, get("/"))
+    assert respond(server, 1) == OK_EMPTY
+    assert not server.closing
+    assert feed(server, eof=True) == [ConnectionClosed(abort=False)]
+    assert server.closing
+
+
+def test_eof_in_the_middle_of_a_request_head() -> None:
+    server = HTTP1Connection()
+    events = feed(server, b"GET / HTTP/1.1\r\nHo", eof=True)
+    assert [(type(e), e.stream_id) for e in events] == [(BadRequest, None)]  # type: ignore[attr-defined]
+    assert server.closing
+
+
+# ---- h2c upgrade ------------------------------------------------------------------------
+
+# A SETTINGS payload (SETTINGS_MAX_CONCURRENT_STREAMS = 100) as a client encodes it.
+SETTINGS = base64.urlsafe_b64encode(b"\x00\x03\x00\x00\x00\x64").rstrip(b"=")
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def upgrade_headers(
+    settings: bytes = SETTINGS, connection: str | None = "Upgrade, HTTP2-Settings"
+) -> list[tuple[str, str]]:
+    headers = [("Host", "example.com"), ("Upgrade", "h2c"), ("HTTP2-Settings", settings.decode())]
+    if connection is not None:
+        headers.append(("Connection", connection))
+    return headers
+
+
+def lower(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode(), value.encode()) for name, value in headers]
+
+
+def test_h2c_upgrade() -> None:
+    server = HTTP1Connection(allow_h2c_upgrade=True)
+    headers = upgrade_headers()
+    events = feed(server, client_request("GET", "/up", headers) + PREFACE)
+    assert events == [
+        UpgradeToH2(
+            request=request_event(target=b"/up", headers=lower(headers)),
+            settings=SETTINGS,
+            body=b"",
+            trailing=PREFACE,
+        )
+    ]
+    assert server.data_to_send() == SWITCHING
+    assert server.closing  # the socket now belongs to HTTP/2
+    assert feed(server, b"more bytes") == []
+    assert server.data_to_send() == b""
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "body-later"])
+def test_h2c_upgrade_with_a_small_body(split: bool) -> None:
+    server = HTTP1Connection(allow_h2c_upgrade=True)
+    headers = [*upgrade_headers(), ("Content-Length", "4")]
+    request = client_request("POST", "/", headers, [b"body"])
+    if split:
+        assert feed(server, request[:-4]) == []
+        events = feed(server, request[-4:] + PREFACE[:5])
+    else:
+        events = feed(server, request + PREFACE[:5])
+    assert events == [
+        UpgradeToH2(
+            request=request_event(
+                method=b"POST", headers=lower(headers), end_stream=False, content_length=4
+            ),
+            settings=SETTINGS,
+            body=b"body",
+            trailing=PREFACE[:5],
+        )
+    ]
+    assert server.data_to_send() == SWITCHING
+
+
+def test_h2c_upgrade_with_a_chunked_body() -> None:
+    server = HTTP1Connection(allow_h2c_upgrade=True)
+    headers = [*upgrade_headers(), ("Transfer-Encoding", "chunked")]
+    events = feed(server, client_request("POST", "/", headers, [b"ab", b"cd"]))
+    assert len(events) == 1
+    assert isinstance(events[0], UpgradeToH2)
+    assert events[0].body == b"abcd"
+    assert events[0].trailing == b""
+    assert server.data_to_send() == SWITCHING
+
+
+def test_h2c_upgrade_settings_value_is_passed_on() -> None:
+    # base64url of a SETTINGS payload never needs padding (6-byte entries), so
+    # the value comes through unchanged...
+    assert len(SETTINGS) % 4 == 0
+    # ...and an empty SETTINGS payload is a valid (empty) value.
+    server = HTTP1Connection(allow_h2c_upgrade=True)
+    events = feed(server, client_request("GET", "/", upgrade_headers(settings=b"")))
+    assert [(type(e), e.settings) for e in events] == [(UpgradeToH2, b"")]  # type: ignore[attr-defined]
+
+
+def assert_served_as_http11(
+    server: HTTP1Connection, events: list[object], headers: list[tuple[str, str]]
+) -> None:
+    """The upgrade was ignored: an ordinary request, answerable over HTTP/1.1."""
+    assert events == [request_event(headers=lower(headers)), BodyEnded(1)]
+    assert server.data_to_send() == b""
+    assert respond(server, 1, b"ok") == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    assert not server.closing
+    assert feed(server, get("/next")) == [request_event(2, target=b"/next"), BodyEnded(2)]
+
+
+def test_h2c_upgrade_ignored_when_not_allowed() -> None:
+    server = HTTP1Connection(allow_h2c_upgrade=False)
+    headers = upgrade_headers()
+    assert_served_as_http11(server, feed(server, client_request("GET", "/", headers)), headers)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        b"A",  # no base64 string has this length
+        b"AAAA",  # decodes to 3 bytes: not whole 6-byte settings
+        b"!!!!",
+        b"AAMA*AABk",
+    ],
+    ids=["impossible-length", "not-whole-settings", "not-base64url", "stray-character"],
+)
+def test_h2c_upgrade_ignored_when_settings_are_not_valid_base64url(settings: bytes) -> None:
+    server = HTTP1Connection(allow_h2c_upgrade=True)
+    headers = upgrade_headers(settings=settings)
+    assert_served_as_http11(server, feed(server, client_request("GET", "/", headers)), headers)
+
+
+def test_h2c_upgrade_ignored_without_connection_upgrade() -> None:
+    server = HTTP1Connection(allow_h2c_upgrade=True)
+    headers = upgrade_headers(connection=None)
+    assert_served_as_http11(server, feed(server, client_request("GET", "/", headers)), headers)
+
+
+def test_h2c_upgrade_ignored_on_http10() -> None:
+    server = HTTP1Connection(allow_h2c_upgrade=True)
+    request = (
+        b"GET / HTTP/1.0\r\nUpgrade: h2c\r\nHTTP2-Settings: " + SETTINGS + b"\r\n"
+        b"Connection: Upgrade, HTTP2-Settings\r\n\r\n"
+    )
+    headers = [(b"upgrade", b"h2c"), (b"http2-settings", SETTINGS)]
+    headers.append((b"connection", b"Upgrade, HTTP2-Settings"))
+    events = feed(server, request)
+    assert events == [request_event(headers=headers, http_version="1.0"), BodyEnded(1)]
+    assert server.data_to_send() == b""
+
+
+def test_h2c_upgrade_ignored_without_http2_settings() -> None:
+    server = HTTP1Connection(allow_h2c_upgrade=True)
+    headers = [("Host", "example.com"), ("Upgrade", "h2c"), ("Connection", "Upgrade")]
+    assert_served_as_http11(server, feed(server, client_request("GET", "/", headers)), headers)
+
+
+def test_h2c_upgrade_with_a_large_body_is_served_over_http11() -> None:
+    server = HTTP1Connection(allow_h2c_upgrade=True)
+    headers = [*upgrade_headers(), ("Transfer-Encoding", "chunked")]
+    piece = b"x" * (MAX_UPGRADE_BODY // 2 + 1)
+    events = feed(server, client_request("POST", "/", headers, [piece, piece]))
+    assert events == [
+        request_event(method=b"POST", headers=lower(headers), end_stream=False),
+        BodyReceived(1, piece),
+        BodyReceived(1, piece),
+        BodyEnded(1),
+    ]
+    assert server.data_to_send() == b""
+    assert respond(server, 1) == OK_EMPTY
+    assert not server.closing
+
+
+# ---- responses the driver asks for -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "detail", "body"),
+    [
+        ("GET", "busy", b"503 Service Unavailable: busy\n"),
+        ("GET", "", b"503 Service Unavailable\n"),
+        ("HEAD", "busy", b""),
+    ],
+    ids=["with-detail", "no-detail", "head"],
+)
+def test_send_error_response_keeps_a_healthy_connection(
+    method: str, detail: str, body: bytes
+) -> None:
+    server = HTTP1Connection()
+    feed(server, client_request(method, "/") + get("/next"))
+    server.send_error_response(1, 503, detail)
+    length = len(b"503 Service Unavailable: busy\n" if method == "HEAD" else body)
+    assert server.data_to_send() == (
+        b"HTTP/1.1 503 Service Unavailable\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\n\r\n" % length + body
+    )
+    assert not server.closing
+    assert feed(server) == [request_event(2, target=b"/next"), BodyEnded(2)]
+
+
+def test_send_error_response_after_a_protocol_error_closes() -> None:
+    server = HTTP1Connection(max_body_size=4)
+    headers = [("Host", "example.com"), ("Transfer-Encoding", "chunked")]
+    events = feed(server, client_request("POST", "/", headers, [b"12345"]) + get("/next"))
+    assert events[-1] == BadRequest(413, "request body too large", stream_id=1)
+    server.send_error_response(1, 413, "too big")
+    assert server.data_to_send() == error_response(413, "too big")
+    assert server.closing
+    assert feed(server) == []
+
+
+def test_reset_stream_closes_the_connection() -> None:
+    server = HTTP1Connection()
+    feed(server, get("/") + get("/next"))
+    server.send_response(1, 200, [(b"Content-Length", b"10")])
+    server.send_body(1, b"01234")
+    server.reset_stream(1)
+    assert server.closing
+    # What was queued still goes out; then the connection closes mid-body.
+    assert server.data_to_send() == b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234"
+    assert feed(server) == []
+    assert server.data_to_send() == b""
+
+
+def test_output_size_tracks_queued_bytes() -> None:
+    server = HTTP1Connection()
+    feed(server, get("/"))
+    server.send_response(1, 200, [(b"Content-Length", b"5")])
+    server.send_body(1, b"hello")
+    expected = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    assert server.output_size == len(expected)
+    assert server.stream_output_size(1) == len(expected)
+    assert server.data_to_send() == expected
+    assert server.output_size == 0

@@ -1,0 +1,115 @@
+"""Layering rules from DEVELOPERS.md, checked on the source rather than by importing it.
+
+The sans-IO modules (``events``, ``http1``, ``http2``) must not import trio in
+any form, and may import other trioserve modules only if those are sans-IO
+too (importing ``.connection`` would pull trio in through the back door). The
+files are parsed with :mod:`ast`, so nothing is imported and an import hidden
+in a function body or under ``if TYPE_CHECKING`` still counts. The checkers are
+tested on snippets first, so a broken checker cannot pass silently. The public
+API is pinned too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import trioserve
+
+PACKAGE = Path(trioserve.__file__).parent
+SANS_IO = ("events", "http1", "http2")
+
+
+def _is_trio(name: str) -> bool:
+    return name == "trio" or name.startswith("trio.")
+
+
+def imports_trio(source: str) -> bool:
+    """Does ``source`` import trio or one of its submodules, in any form?"""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import) and any(_is_trio(a.name) for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and _is_trio(node.module or ""):
+            return True
+    return False
+
+
+def trioserve_modules(source: str) -> set[str]:
+    """The trioserve submodules ``source`` imports, relatively or absolutely."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "trioserve" and len(parts) > 1:
+                    found.add(parts[1])
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: inside the package
+                parts = node.module.split(".") if node.module else []
+            elif node.module and node.module.split(".")[0] == "trioserve":
+                parts = node.module.split(".")[1:]
+            else:
+                continue
+            if parts:
+                found.add(parts[0])
+            else:  # "from . import x" / "from trioserve import x": x may be a module
+                found.update(alias.name for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("import trio", True),
+        ("import trio.lowlevel", True),
+        ("import trio as t", True),
+        ("import os, trio", True),
+        ("from trio import Event", True),
+        ("from trio.lowlevel import checkpoint", True),
+        ("def f():\n    import trio\n", True),
+        ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import trio\n", True),
+        ("import trioserve", False),
+        ("import trio_websocket", False),
+        ("from trioserve import events", False),
+        ("from .trio import x", False),  # a sibling module named trio, not the library
+        ("x = 'import trio'", False),
+    ],
+)
+def test_imports_trio_checker(source: str, expected: bool) -> None:
+    assert imports_trio(source) is expected
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from .events import Event", {"events"}),
+        ("from . import connection", {"connection"}),
+        ("from trioserve.stream import RequestStream", {"stream"}),
+        ("from trioserve import wsgi", {"wsgi"}),
+        ("import trioserve.server", {"server"}),
+        ("import h2.connection\nfrom h11 import Request", set()),
+    ],
+)
+def test_trioserve_modules_checker(source: str, expected: set[str]) -> None:
+    assert trioserve_modules(source) == expected
+
+
+@pytest.mark.parametrize("module", SANS_IO)
+def test_sans_io_module_does_not_import_trio(module: str) -> None:
+    source = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
+    assert not imports_trio(source), f"trioserve/{module}.py imports trio"
+
+
+@pytest.mark.parametrize("module", SANS_IO)
+def test_sans_io_module_only_imports_sans_io_siblings(module: str) -> None:
+    source = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
+    others = trioserve_modules(source) - set(SANS_IO)
+    assert not others, f"trioserve/{module}.py imports {sorted(others)}"
+
+
+def test_public_api() -> None:
+    assert trioserve.__all__ == ["Config", "ConfigError", "Server", "serve_wsgi"]
+    for name in trioserve.__all__:
+        assert hasattr(trioserve, name)

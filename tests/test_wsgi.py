@@ -1,0 +1,535 @@
+"""PEP 3333, rule by rule, with the app running in a real worker thread.
+
+Every test serves its app through trioserve.testing's in-memory client, over
+HTTP/1.1 and HTTP/2 where the rule is protocol-independent. Apps go through
+wsgiref.validate.validator unless the test is about the server's reaction to
+an app that breaks the rules (the validator would raise first).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+from wsgiref.validate import validator
+
+import pytest
+import trio
+
+import trioserve.wsgi
+from trioserve.testing import AppProbe, open_test_client
+
+both_protocols = pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+
+
+def app_returning(status: str = "200 OK", headers: list[tuple[str, str]] | None = None) -> Any:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response(status, headers or [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    return validator(app)
+
+
+# ---- the environ ------------------------------------------------------------
+
+
+@both_protocols
+async def test_environ_has_every_required_key_as_native_strings(http2: bool) -> None:
+    seen: dict[str, Any] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.update(environ)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b""]
+
+    async with open_test_client(validator(app), http2=http2, root_path="/mount") as client:
+        response = await client.request(
+            "POST",
+            "/mount/a%20b/%C3%A9?x=1&y=%20",
+            headers=[
+                ("Content-Type", "text/plain"),
+                ("Accept", "a/b"),
+                ("Accept", "c/d"),
+                ("Cookie", "a=1"),
+                ("Cookie", "b=2"),
+                ("X-Forwarded_For", "spoofed"),
+                ("X-Custom", "v"),
+            ],
+            body=b"12345",
+        )
+    assert response.status == 200
+    for key in (
+        "REQUEST_METHOD",
+        "SCRIPT_NAME",
+        "PATH_INFO",
+        "QUERY_STRING",
+        "SERVER_NAME",
+        "SERVER_PORT",
+        "SERVER_PROTOCOL",
+    ):
+        assert type(seen[key]) is str, key
+    assert seen["REQUEST_METHOD"] == "POST"
+    assert seen["SCRIPT_NAME"] == "/mount"
+    # Percent-decoded, then bytes as latin-1 (PEP 3333 "native strings").
+    assert seen["PATH_INFO"] == "/a b/" + "é".encode().decode("latin-1")
+    assert seen["QUERY_STRING"] == "x=1&y=%20"
+    assert seen["SERVER_PORT"] == "80"
+    assert seen["SERVER_PROTOCOL"] == ("HTTP/2" if http2 else "HTTP/1.1")
+    assert seen["CONTENT_TYPE"] == "text/plain"
+    assert seen["CONTENT_LENGTH"] == "5"
+    assert seen["HTTP_ACCEPT"] == "a/b, c/d"
+    assert seen["HTTP_COOKIE"] == "a=1; b=2"
+    assert seen["HTTP_X_CUSTOM"] == "v"
+    assert "HTTP_X_FORWARDED_FOR" not in seen  # header with "_" dropped: no spoofing
+    assert seen["HTTP_HOST"] == "testserver"
+    assert seen["REMOTE_ADDR"] == "127.0.0.1"
+    assert seen["REMOTE_PORT"] == "50000"
+    assert seen["wsgi.version"] == (1, 0)
+    assert seen["wsgi.url_scheme"] == "http"
+    assert seen["wsgi.multithread"] is True
+    assert seen["wsgi.multiprocess"] is False
+    assert seen["wsgi.run_once"] is False
+    assert seen["wsgi.input_terminated"] is True
+    assert seen["wsgi.file_wrapper"] is trioserve.wsgi.FileWrapper
+    assert callable(seen["trioserve.check_cancelled"])
+
+
+async def test_content_length_only_when_the_client_sent_one() -> None:
+    seen: dict[str, Any] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.update(environ)
+        seen["body"] = environ["wsgi.input"].read(100)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b""]
+
+    async with open_test_client(validator(app), http2=True) as client:
+        stream = await client.open_stream("POST", "/", end=False)
+        await stream.send(b"abc", end=True)
+        await stream.read_response()
+    assert "CONTENT_LENGTH" not in seen
+    assert seen["body"] == b"abc"
+
+
+async def test_wsgi_errors_goes_to_logging(caplog: pytest.LogCaptureFixture) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.errors"].write("first line\nsecond ")
+        environ["wsgi.errors"].write("line\n")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b""]
+
+    with caplog.at_level(logging.ERROR, logger="trioserve.app"):
+        async with open_test_client(validator(app)) as client:
+            await client.get("/")
+    messages = [r.getMessage() for r in caplog.records if r.name == "trioserve.app"]
+    assert messages == ["first line", "second line"]
+
+
+# ---- wsgi.input --------------------------------------------------------------
+
+BODY = b"line one\nline two\n\nlast line without newline"
+
+
+@both_protocols
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("read", [BODY]),
+        (
+            "read_n",
+            [b"line on", b"e\nline ", b"two\n\nla", b"st line", b" withou", b"t newli", b"ne"],
+        ),
+        ("readline", [b"line one\n", b"line two\n", b"\n", b"last line without newline"]),
+        (
+            "readline_hint",
+            [
+                b"line ",
+                b"one\n",
+                b"line ",
+                b"two\n",
+                b"\n",
+                b"last ",
+                b"line ",
+                b"witho",
+                b"ut ne",
+                b"wline",
+            ],
+        ),
+        ("readlines", [b"line one\n", b"line two\n", b"\n", b"last line without newline"]),
+        ("readlines_hint", [b"line one\n", b"line two\n"]),
+        ("iterate", [b"line one\n", b"line two\n", b"\n", b"last line without newline"]),
+    ],
+)
+async def test_input_methods(http2: bool, method: str, expected: list[bytes]) -> None:
+    """Every reading method, including the no-argument forms PEP 333's validator predates."""
+    seen: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        stream = environ["wsgi.input"]
+        if method == "read":
+            seen.append(stream.read())
+            assert stream.read() == b""
+        elif method == "read_n":
+            while chunk := stream.read(7):
+                seen.append(chunk)
+        elif method == "readline":
+            while line := stream.readline():
+                seen.append(line)
+        elif method == "readline_hint":
+            while line := stream.readline(5):
+                seen.append(line)
+        elif method == "readlines":
+            seen.extend(stream.readlines())
+        elif method == "readlines_hint":
+            seen.extend(stream.readlines(12))
+        else:
+            seen.extend(stream)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b""]
+
+    async with open_test_client(app, http2=http2) as client:
+        # Send the body in small pieces so reads straddle chunk boundaries.
+        stream = await client.open_stream(
+            "POST", "/", headers=[("Content-Length", str(len(BODY)))], end=False
+        )
+        for i in range(0, len(BODY), 4):
+            await stream.send(BODY[i : i + 4])
+        await stream.end()
+        response = await stream.read_response()
+    assert response.status == 200
+    assert seen == expected
+
+
+@both_protocols
+async def test_input_streams_before_the_body_is_complete(http2: bool) -> None:
+    """The app reads the first part of the body while the client still holds the rest."""
+    first_read = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        first = environ["wsgi.input"].read(5)
+        trio.from_thread.run_sync(first_read.set, trio_token=token)
+        rest = environ["wsgi.input"].read(5)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [first, b"|", rest]
+
+    async with open_test_client(validator(app), http2=http2) as client:
+        stream = await client.open_stream(
+            "POST", "/", headers=[("Content-Length", "10")], end=False
+        )
+        await stream.send(b"hello")
+        await first_read.wait()  # would hang if the server buffered the whole body first
+        await stream.send(b"world", end=True)
+        response = await stream.read_response()
+    assert response.body == b"hello|world"
+
+
+async def test_input_eof_exactly_at_content_length() -> None:
+    """Bytes after the body (the next pipelined request) never leak into wsgi.input."""
+    bodies: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        bodies.append(environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]) + 10))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    async with open_test_client(validator(app)) as client:
+        await client.stream.send_all(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nde"
+        )
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 2:
+            data += await client.stream.receive_some()
+    assert bodies == [b"abc", b"de"]
+
+
+# ---- start_response, headers, write() -----------------------------------------
+
+
+@both_protocols
+async def test_headers_are_delayed_until_the_first_non_empty_chunk(http2: bool) -> None:
+    """Until body data exists, the app may still change its mind (exc_info)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b""  # nothing sent yet: headers must still be held back
+        try:
+            raise ValueError("changed my mind")
+        except ValueError:
+            start_response(
+                "503 Service Unavailable", [("Content-Type", "text/plain")], sys.exc_info()
+            )
+        yield b"sorry"
+
+    async with open_test_client(validator(app), http2=http2) as client:
+        response = await client.get("/")
+    assert response.status == 503
+    assert response.body == b"sorry"
+
+
+@both_protocols
+async def test_empty_body_still_sends_headers(http2: bool) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("X-Marker", "1")])
+        yield from ()
+
+    async with open_test_client(validator(app), http2=http2) as client:
+        response = await client.get("/")
+    assert response.status == 200
+    assert response.header("X-Marker") == "1"
+    assert response.body == b""
+
+
+@both_protocols
+async def test_exc_info_after_headers_reraises_and_aborts(
+    http2: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"partial"
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            start_response(
+                "500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info()
+            )
+        yield b"never"
+
+    probe = AppProbe(validator(app))
+    async with open_test_client(probe, http2=http2) as client:
+        stream = await client.open_stream("GET", "/")
+        response = await stream.read_response()
+        record = await probe.wait_finished()
+    assert response.status == 200
+    assert b"never" not in response.body
+    assert isinstance(record.exception, ValueError)  # start_response re-raised it
+    assert record.closed
+    if http2:
+        assert stream.reset_code == 0x2  # INTERNAL_ERROR
+    else:
+        assert client.closed.is_set()  # the only way to abort an HTTP/1.1 response
+
+
+async def test_second_start_response_without_exc_info_is_an_error() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        start_response("201 Created", [("Content-Type", "text/plain")])
+        return [b"x"]
+
+    async with open_test_client(app) as client:
+        response = await client.get("/")
+    assert response.status == 500
+
+
+@both_protocols
+async def test_write_callable(http2: bool) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"one ")
+        write(b"two ")
+        return [b"three"]
+
+    async with open_test_client(validator(app), http2=http2) as client:
+        response = await client.get("/")
+    assert response.body == b"one two three"
+
+
+@both_protocols
+@pytest.mark.parametrize("status", ["not a status", "20 OK", 200])
+async def test_invalid_status_is_a_500(http2: bool, status: Any) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response(status, [("Content-Type", "text/plain")])
+        return [b"x"]
+
+    async with open_test_client(app, http2=http2) as client:
+        response = await client.get("/")
+    assert response.status == 500
+
+
+@both_protocols
+@pytest.mark.parametrize(
+    "header",
+    [("X-Bad", "a\r\nInjected: yes"), ("Bad Name", "v"), ("X-Bytes", b"v"), ["X-List", "v"]],
+)
+async def test_invalid_headers_are_a_500_never_sent(http2: bool, header: Any) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [header])
+        return [b"x"]
+
+    async with open_test_client(app, http2=http2) as client:
+        response = await client.get("/")
+    assert response.status == 500
+    assert response.header("Injected") is None
+
+
+# ---- close() and errors ----------------------------------------------------------
+
+
+class ClosingBody:
+    def __init__(self, chunks: list[bytes], fail_at: int | None = None) -> None:
+        self.chunks = chunks
+        self.fail_at = fail_at
+        self.closed = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for i, chunk in enumerate(self.chunks):
+            if i == self.fail_at:
+                raise RuntimeError("the app broke mid-body")
+            yield chunk
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+@both_protocols
+async def test_close_called_once_on_success(http2: bool) -> None:
+    body = ClosingBody([b"a", b"b"])
+
+    def app(environ: dict[str, Any], start_response: Any) -> ClosingBody:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return body
+
+    async with open_test_client(validator(app), http2=http2) as client:
+        response = await client.get("/")
+    assert response.body == b"ab"
+    assert body.closed == 1
+
+
+@both_protocols
+async def test_close_called_when_the_iterable_raises(
+    http2: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = ClosingBody([b"a", b"b"], fail_at=1)
+
+    def app(environ: dict[str, Any], start_response: Any) -> ClosingBody:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return body
+
+    async with open_test_client(app, http2=http2) as client:
+        stream = await client.open_stream("GET", "/")
+        response = await stream.read_response()
+    assert body.closed == 1
+    assert response.body == b"a"
+    errors = [
+        r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "trioserve.error"
+    ]
+    assert len(errors) == 2  # the traceback once, the abort once
+    assert errors[0].exc_info is not None
+
+
+@both_protocols
+async def test_exception_before_headers_is_a_500_logged_once(
+    http2: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        raise KeyError("database is down")
+
+    async with open_test_client(app, http2=http2) as client:
+        response = await client.get("/path")
+        assert response.status == 500
+        assert b"database" not in response.body  # no internals on the wire
+        assert len(response.body) < 100
+        again = await client.get("/path")  # the connection survives
+        assert again.status == 500
+    errors = [r for r in caplog.records if r.name == "trioserve.error"]
+    assert len(errors) == 2  # once per request
+    assert errors[0].exc_info is not None
+    assert errors[0].exc_info[0] is KeyError
+    assert "GET /path" in errors[0].getMessage()
+
+
+@both_protocols
+async def test_generator_exception_before_any_data_is_a_500(http2: bool) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        raise RuntimeError("nope")
+        yield b""  # pragma: no cover
+
+    async with open_test_client(app, http2=http2) as client:
+        response = await client.get("/")
+    assert response.status == 500
+
+
+# ---- Content-Length mismatches -------------------------------------------------
+
+
+@pytest.mark.parametrize(("declared", "chunks"), [("10", [b"12345"]), ("3", [b"12", b"345"])])
+async def test_content_length_mismatch_ends_the_connection(
+    declared: str, chunks: list[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", declared)])
+        yield from chunks
+
+    async with open_test_client(app) as client:
+        await client.stream.send_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        data = b""
+        while chunk := await client.stream.receive_some():
+            data += chunk
+    # The first response is cut off and the connection closed: the next
+    # response can never be mistaken for the surplus bytes.
+    assert data.count(b"HTTP/1.1") == 1
+    assert any("Aborting" in r.getMessage() for r in caplog.records)
+
+
+# ---- the fast path ----------------------------------------------------------------
+
+
+async def test_list_response_costs_one_thread_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list body crosses back to trio in the thread's return value: no per-chunk hop.
+
+    (Not wrapped in validator(): it turns every body into an iterator, which
+    is exactly what this test must not have.)
+    """
+    calls = {"to_thread": 0, "from_thread": 0}
+    real_to_thread = trio.to_thread.run_sync
+    real_run, real_run_sync = trio.from_thread.run, trio.from_thread.run_sync
+
+    async def counting_to_thread(*args: Any, **kwargs: Any) -> Any:
+        calls["to_thread"] += 1
+        return await real_to_thread(*args, **kwargs)
+
+    def counting_run(*args: Any, **kwargs: Any) -> Any:
+        calls["from_thread"] += 1
+        return real_run(*args, **kwargs)
+
+    def counting_run_sync(*args: Any, **kwargs: Any) -> Any:
+        calls["from_thread"] += 1
+        return real_run_sync(*args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting_to_thread)
+    monkeypatch.setattr(trio.from_thread, "run", counting_run)
+    monkeypatch.setattr(trio.from_thread, "run_sync", counting_run_sync)
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read(100)  # the small body arrived with the head: no hop either
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"a" * 1000, b"b" * 1000]
+
+    async with open_test_client(app) as client:
+        response = await client.post("/", b"small body")
+    assert response.body == b"a" * 1000 + b"b" * 1000
+    assert response.header("Content-Length") == "2000"  # computed from the list
+    assert calls == {"to_thread": 1, "from_thread": 0}
+
+
+@both_protocols
+async def test_file_wrapper_streams_a_file(http2: bool, tmp_path: Any) -> None:
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 1000)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return environ["wsgi.file_wrapper"](open(path, "rb"), 4096)
+
+    probe = AppProbe(validator(app))
+    async with open_test_client(probe, http2=http2) as client:
+        response = await client.get("/")
+        record = await probe.wait_finished()
+    assert response.body == path.read_bytes()
+    assert record.closed
+    assert record.environ["wsgi.file_wrapper"] is trioserve.wsgi.FileWrapper
