@@ -92,6 +92,11 @@ PIPELINE_HIGH_WATER = 64 * 1024
 # letting the peer read our last response before we drop unread input.
 CLOSE_TIMEOUT = 2.0
 
+# On a graceful stop, a connection still in its TLS handshake or waiting for
+# its first bytes gets this long to send a request (one that was accepted just
+# before the stop is probably sending it right now); a silent one is closed.
+SHUTDOWN_FIRST_BYTES_GRACE = 1.0
+
 
 class ServerProtocol(Protocol):
     """What the driver needs from a sans-IO protocol object (HTTP/1.1 or HTTP/2)."""
@@ -142,14 +147,28 @@ class ServerContext:
     access_log: Callable[[RequestStream], None] | None = None
     connections: set[Connection] = dataclasses.field(default_factory=set)
     shutting_down: bool = False
-    open_connections: int = 0  # accepted and not yet closed, handshaking ones included
+    open_connections: int = 0  # accepted and not yet closed (counted by the accept loop)
+    accepting: int = 0  # accept tasks still running
     # Cancel scopes of connections still in their TLS handshake or waiting for
-    # their first bytes: a graceful stop cancels these (nothing to finish yet).
+    # their first bytes: a graceful stop shortens these to the first-bytes grace.
     opening: set[trio.CancelScope] = dataclasses.field(default_factory=set)
+
+    def start_shutdown(self) -> None:
+        """Graceful stop: every connection finishes what it has, then closes."""
+        self.shutting_down = True
+        deadline = trio.current_time() + SHUTDOWN_FIRST_BYTES_GRACE
+        for scope in self.opening:
+            scope.deadline = min(scope.deadline, deadline)
+        for conn in list(self.connections):
+            conn.start_shutdown()
+
     _connections_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
 
     def connection_closed(self) -> None:
         self.open_connections -= 1
+        self.connections_changed()
+
+    def connections_changed(self) -> None:
         self._connections_changed.set()
         self._connections_changed = trio.Event()
 
@@ -226,7 +245,6 @@ async def serve_connection(
     ``info`` overrides the addresses read from the socket (for in-memory streams).
     """
     peer = "?"
-    ctx.open_connections += 1
     try:
         tls = isinstance(stream, trio.SSLStream)
         alpn = None
@@ -234,7 +252,7 @@ async def serve_connection(
         with trio.CancelScope() as opening:
             ctx.opening.add(opening)
             if ctx.shutting_down:
-                opening.cancel()
+                opening.deadline = trio.current_time() + SHUTDOWN_FIRST_BYTES_GRACE
             try:
                 if isinstance(stream, trio.SSLStream):
                     with trio.fail_after(ctx.tls_handshake_timeout):
@@ -280,7 +298,6 @@ async def serve_connection(
         LOGGER.exception("Internal error on the connection from %s", peer)
     finally:
         await trio.aclose_forcefully(stream)
-        ctx.connection_closed()
 
 
 async def _sniff_preface(stream: trio.abc.Stream, data: bytearray, timeout: float) -> None:
@@ -327,8 +344,12 @@ class Connection:
     async def run(self, initial: bytes = b"") -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if initial:
+                # Bytes read while choosing the protocol go in before any task
+                # runs, so nobody mistakes this connection for an idle one.
+                self._receive(initial)
             nursery.start_soon(self._sender_task)
-            nursery.start_soon(self._reader_task, initial)
+            nursery.start_soon(self._reader_task)
         if self._clean_close:
             await self._close_politely()
 
@@ -363,9 +384,7 @@ class Connection:
 
     # ---- reader ---------------------------------------------------------------
 
-    async def _reader_task(self, initial: bytes) -> None:
-        if initial:
-            self._receive(initial)
+    async def _reader_task(self) -> None:
         while not self._peer_done:
             if self._reading_paused():
                 await self._wait_reader_wakeup()

@@ -107,10 +107,21 @@ async def open_listeners(address: BindAddress, backlog: int) -> list[trio.Socket
 
 async def _open_unix_listener(path: str, backlog: int) -> trio.SocketListener:
     try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)  # stale socket from an earlier run
+        is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
     except FileNotFoundError:
-        pass
+        is_socket = False
+    if is_socket:
+        # A socket file is stale only if nobody answers on it: never take
+        # over the socket of a server that is still running.
+        probe = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+        try:
+            await probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale socket from an earlier run
+        else:
+            raise OSError(errno.EADDRINUSE, "address already in use")
+        finally:
+            probe.close()
     sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     try:
         await sock.bind(path)
@@ -127,7 +138,11 @@ def _adopt_fd(fd: int) -> trio.SocketListener:
         raw.detach()
         raise BindError(f"cannot bind fd://{fd}: not a stream socket")
     try:
-        raw.getsockname()
+        name = raw.getsockname()
+        if raw.family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6) and name[1] == 0:
+            # listen() would bind it to a random port on every interface.
+            raw.detach()
+            raise BindError(f"cannot bind fd://{fd}: the socket is not bound to an address")
         if not raw.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_ACCEPTCONN):
             raw.listen()
     except OSError:

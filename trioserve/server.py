@@ -49,6 +49,10 @@ class Server:
     def __init__(self, config: Config, listeners: list[trio.abc.Listener[Any]]) -> None:
         self.config = config
         self.listeners = listeners
+        # Read once, while the sockets are open: still valid after stop().
+        sockets = [_raw_listener(listener).socket for listener in listeners]
+        self._addresses = [format_sockname(sock) for sock in sockets]
+        self._ports = [_port_of(sock) for sock in sockets]
         self._stop_requested = trio.Event()
         self._stopped = trio.Event()
         self._graceful_timeout = config.graceful_timeout
@@ -56,16 +60,14 @@ class Server:
     @property
     def addresses(self) -> list[str]:
         """Bound addresses, e.g. ``["127.0.0.1:8000", "unix:/run/app.sock"]`` (port 0 resolved)."""
-        return [format_sockname(_raw_listener(listener).socket) for listener in self.listeners]
+        return list(self._addresses)
 
     @property
     def port(self) -> int:
         """The first TCP port listened on (handy with ``bind=":0"`` in tests)."""
-        for listener in self.listeners:
-            sock = _raw_listener(listener).socket
-            name = sock.getsockname()
-            if isinstance(name, tuple):
-                return int(name[1])
+        for port in self._ports:
+            if port is not None:
+                return port
         raise RuntimeError("this server has no TCP listener")
 
     @property
@@ -96,6 +98,11 @@ class Server:
     async def wait_stopped(self) -> None:
         """Block until the server has stopped (by :meth:`stop` or cancellation)."""
         await self._stopped.wait()
+
+
+def _port_of(sock: trio.socket.SocketType) -> int | None:
+    name = sock.getsockname()
+    return int(name[1]) if isinstance(name, tuple) else None
 
 
 def _raw_listener(listener: trio.abc.Listener[Any]) -> trio.SocketListener:
@@ -177,9 +184,14 @@ async def serve_wsgi(
             await _drain(server, ctx, bound)
             server_nursery.cancel_scope.cancel()
     finally:
-        for listener in bound:
-            await trio.aclose_forcefully(listener)
-        server._stopped.set()
+        try:
+            # Shielded, so a cancelled server still closes every listener
+            # (closing a listening socket does no network I/O: it cannot hang).
+            with trio.CancelScope(shield=True):
+                for listener in bound:
+                    await trio.aclose_forcefully(listener)
+        finally:
+            server._stopped.set()
     return server
 
 
@@ -211,13 +223,11 @@ async def _drain(
     # Closing the listeners ends the accept tasks (accept() raises ClosedResourceError).
     for listener in listeners:
         await trio.aclose_forcefully(listener)
-    ctx.shutting_down = True
-    for scope in ctx.opening:
-        scope.cancel()
-    for conn in list(ctx.connections):
-        conn.start_shutdown()
+    ctx.start_shutdown()
     with trio.move_on_after(server._graceful_timeout) as timeout:
-        while ctx.open_connections:
+        # An accept task may hold a connection it has not counted yet (accept()
+        # checkpoints after the syscall): wait for those tasks to end first.
+        while ctx.accepting or ctx.open_connections:
             await ctx.wait_connections_changed()
     if timeout.cancelled_caught:
         LOGGER.warning(
@@ -228,6 +238,17 @@ async def _drain(
 
 
 async def _accept_task(
+    listener: trio.abc.Listener[Any], ctx: ServerContext, nursery: trio.Nursery
+) -> None:
+    ctx.accepting += 1
+    try:
+        await _accept_loop(listener, ctx, nursery)
+    finally:
+        ctx.accepting -= 1
+        ctx.connections_changed()
+
+
+async def _accept_loop(
     listener: trio.abc.Listener[Any], ctx: ServerContext, nursery: trio.Nursery
 ) -> None:
     while True:
@@ -241,7 +262,17 @@ async def _accept_task(
             raise
         except trio.ClosedResourceError:
             return
-        nursery.start_soon(serve_connection, stream, ctx)
+        # Counted here, before the task runs, so a stop that begins now
+        # waits for this connection instead of cancelling it unseen.
+        ctx.open_connections += 1
+        nursery.start_soon(_serve_accepted, stream, ctx)
+
+
+async def _serve_accepted(stream: trio.abc.Stream, ctx: ServerContext) -> None:
+    try:
+        await serve_connection(stream, ctx)
+    finally:
+        ctx.connection_closed()
 
 
 __all__ = ["ConfigError", "Server", "serve_wsgi"]
