@@ -109,6 +109,8 @@ class ServerProtocol(Protocol):
     def output_size(self) -> int: ...
     @property
     def buffered_input(self) -> int: ...
+    @property
+    def has_queued_streams(self) -> bool: ...
     def stream_output_size(self, stream_id: int) -> int: ...
     def receive_data(self, data: bytes | bytearray) -> None: ...
     def next_events(self) -> list[Event]: ...
@@ -612,7 +614,9 @@ class Connection:
                     self._output_drained = trio.Event()
                     self._wake_reader()
                     continue
-                if self.proto.closing and not self.streams:
+                if self.proto.closing and not self.streams and not self.proto.has_queued_streams:
+                    # Done: no app still running and no response still waiting
+                    # for flow-control window (it goes out once the peer opens it).
                     self._clean_close = True
                     break
                 await self._output_wanted.wait()

@@ -131,6 +131,11 @@ class HTTP1Connection:
         return len(self._h11.trailing_data[0]) if self._h11.their_state is h11.DONE else 0
 
     @property
+    def has_queued_streams(self) -> bool:
+        """HTTP/1.1 queues nothing per stream: all output is in data_to_send()."""
+        return False
+
+    @property
     def output_size(self) -> int:
         """Bytes queued for the socket."""
         return self._outbound_size

@@ -125,6 +125,7 @@ class HTTP2Connection:
             self._late_window = initial_window_size
         self._h2.local_settings = h2.settings.Settings(client=False, initial_values=initial_values)
         self._h2.max_inbound_frame_size = max_frame_size
+        _keep_open_after_goaway(self._h2)
         self._h2.decoder.max_header_list_size = max_header_list_size
         self.max_concurrent_streams = max_concurrent_streams
         self._connection_window = min(MAX_WINDOW, initial_window_size * max_concurrent_streams)
@@ -196,19 +197,24 @@ class HTTP2Connection:
     def buffered_input(self) -> int:
         return 0
 
+    @property
+    def has_queued_streams(self) -> bool:
+        """Is any response still queued here (waiting for flow-control window)?"""
+        return bool(self._outbound)
+
     # ---- bytes in, events out ---------------------------------------------
 
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the socket; ``b""`` means the peer closed the connection."""
         if not data:
-            self._peer_closed = True
+            self._abandon_all()
             self._events.append(ConnectionClosed(abort=True))
             return
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             # h2 has queued GOAWAY with the right error code.
-            self._peer_closed = True
+            self._abandon_all()
             code = int(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
             self._events.append(BadRequest(status=400, reason=f"HTTP/2 protocol error: {exc}"))
             self._events.append(ConnectionClosed(abort=True, error_code=code))
@@ -272,11 +278,8 @@ class HTTP2Connection:
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._peer_closed = True
             code = int(event.error_code or 0)
-            if code == 0 and self._outbound:
-                # A clean GOAWAY lets the streams already started finish (RFC
-                # 9113 §6.8), but h2 closes its state machine on any GOAWAY.
-                # Reopen it so the in-flight responses can still be sent.
-                self._h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+            if code:
+                self._abandon_all()
             emit(ConnectionClosed(abort=code != 0, error_code=code))
 
     def _request_received(self, event: h2.events.RequestReceived) -> None:
@@ -446,7 +449,14 @@ class HTTP2Connection:
         self._control += frame.serialize()
 
     def send_failed(self) -> None:
+        self._abandon_all()
+
+    def _abandon_all(self) -> None:
+        """The connection is gone: no queued response can be sent any more."""
         self._peer_closed = True
+        self._outbound.clear()
+        self._ready.clear()
+        self._remote_open.clear()
 
     def data_to_send(self) -> bytes:
         """Frame queued response data as windows allow and return all pending bytes."""
@@ -540,3 +550,23 @@ class HTTP2Connection:
         self._forget(stream_id)
         if remote_open:
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
+
+def _keep_open_after_goaway(conn: h2.connection.H2Connection) -> None:
+    """Let a received GOAWAY close the connection only when trioserve says so.
+
+    RFC 9113 §6.8: after a GOAWAY, streams up to its last stream id may still
+    complete; the peer keeps sending WINDOW_UPDATE, DATA and PING for them.
+    h2 instead closes its connection state machine on any GOAWAY, after which
+    every frame, sent or received, is a protocol error (python-hyper/h2#1181,
+    open). This connection's transition table keeps the state on a received
+    GOAWAY; ``HTTP2Connection.closing`` then stops new work and the driver
+    closes once the streams in flight are done. (h2 still drops frames it had
+    queued but not yet handed out when the GOAWAY arrived: at most an ACK.)
+    """
+    machine = conn.state_machine
+    transitions = dict(machine._transitions)
+    states = h2.connection.ConnectionState
+    for state in (states.IDLE, states.SERVER_OPEN):
+        transitions[(state, h2.connection.ConnectionInputs.RECV_GOAWAY)] = (None, state)
+    machine._transitions = transitions
