@@ -22,3 +22,14 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "trioserve", "tests", "examples", "noxfile.py")
     session.run("ruff", "format", "--check", "trioserve", "tests", "examples", "noxfile.py")
     session.run("mypy", "--strict", "trioserve")
+
+
+@nox.session(python=False)
+def bench(session: nox.Session) -> None:
+    """Side-by-side benchmark against the peers (bench/run.py; not run by default, not in CI).
+
+    ``nox -s bench -- --quick`` passes its arguments on; see bench/README.md.
+    """
+    import sys
+
+    session.run(sys.executable, "bench/run.py", *session.posargs, external=True)

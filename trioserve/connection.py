@@ -338,6 +338,7 @@ class Connection:
         self._clean_close = False  # the sender finished normally: close politely
         self._linger = False  # unread request data may follow: drain before closing
         self._read_scope: trio.CancelScope | None = None  # the reader's current wait
+        self._pipeline_waiting = False  # HTTP/1.1: next request held back until output drains
         if ctx.shutting_down:
             proto.start_shutdown()
 
@@ -594,11 +595,24 @@ class Connection:
             self._linger = True
         if self.ctx.access_log is not None:
             self.ctx.access_log(stream)
-        if not self.proto.multiplexed:
-            self._dispatch(self.proto.next_events())
+        self._start_next_request()
         self._update_idle_deadline()
         self.wake_sender()
         self._wake_reader()
+
+    def _start_next_request(self) -> None:
+        """HTTP/1.1: take the next pipelined request, unless the peer is behind on reading.
+
+        Pipelined requests already buffered would otherwise be answered one
+        after another into memory, however little of it the client reads.
+        """
+        if self.proto.multiplexed or self.streams:
+            return
+        if self.proto.output_size + self._in_flight > OUTPUT_HIGH_WATER:
+            self._pipeline_waiting = True  # the sender comes back here once output drains
+            return
+        self._pipeline_waiting = False
+        self._dispatch(self.proto.next_events())
 
     # ---- sender ---------------------------------------------------------------
 
@@ -613,6 +627,8 @@ class Connection:
                     self._output_drained.set()
                     self._output_drained = trio.Event()
                     self._wake_reader()
+                    if self._pipeline_waiting:
+                        self._start_next_request()
                     continue
                 if self.proto.closing and not self.streams and not self.proto.has_queued_streams:
                     # Done: no app still running and no response still waiting
