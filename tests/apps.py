@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -44,9 +45,51 @@ def _stream(environ: Environ, start_response: Any) -> Iterable[bytes]:
     return generate()
 
 
+def _whoami(environ: Environ, start_response: Any) -> Iterable[bytes]:
+    """Answer with the environ keys a test most often checks, as JSON."""
+    keys = (
+        "REQUEST_METHOD",
+        "PATH_INFO",
+        "SERVER_PROTOCOL",
+        "REMOTE_ADDR",
+        "REMOTE_PORT",
+        "HTTP_HOST",
+        "wsgi.url_scheme",
+    )
+    body = json.dumps({key: environ.get(key) for key in keys}).encode()
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
+
+
 hello = validator(_hello)
 echo = validator(_echo)
 stream = validator(_stream)
+whoami = validator(_whoami)
+
+
+class Gate:
+    """Signals ``started`` from the app thread; answers 200 only once ``release`` is set.
+
+    Gives up with a 500 after ``timeout`` seconds, so a test that forgets to
+    release it fails instead of hanging.
+    """
+
+    def __init__(self, timeout: float = 60) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.timeout = timeout
+
+    def __call__(self, environ: Environ, start_response: Any) -> Iterable[bytes]:
+        self.started.set()
+        if not self.release.wait(self.timeout):
+            raise RuntimeError("the test never released the gate")
+        body = b"finished after the stop began\n"
+        start_response(
+            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+        )
+        return [body]
 
 
 class Blocker:

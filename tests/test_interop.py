@@ -35,6 +35,7 @@ import trio
 import trio.testing
 
 from tests import apps
+from tests.apps import Gate, whoami
 from trioserve.server import Server, serve_wsgi
 
 Environ = dict[str, Any]
@@ -47,45 +48,6 @@ QUICK = 15
 SLOW = 60
 
 # ---- small local apps (each used through wsgiref.validate.validator) ----------------
-
-
-def _whoami(environ: Environ, start_response: Any) -> Iterable[bytes]:
-    """Describe the request as JSON: which connection and protocol it came over."""
-    keys = (
-        "REQUEST_METHOD",
-        "PATH_INFO",
-        "SERVER_PROTOCOL",
-        "REMOTE_ADDR",
-        "REMOTE_PORT",
-        "HTTP_HOST",
-        "wsgi.url_scheme",
-    )
-    body = json.dumps({key: environ.get(key) for key in keys}).encode()
-    start_response(
-        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-    )
-    return [body]
-
-
-whoami = validator(_whoami)
-
-
-class Gate:
-    """An app that signals ``started`` and answers only once the test sets ``release``."""
-
-    def __init__(self) -> None:
-        self.started = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, environ: Environ, start_response: Any) -> Iterable[bytes]:
-        self.started.set()
-        if not self.release.wait(SLOW):
-            raise RuntimeError("the test never released the gate")
-        body = b"finished after the stop began\n"
-        start_response(
-            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
-        )
-        return [body]
 
 
 class Rendezvous:
@@ -101,7 +63,7 @@ class Rendezvous:
     def __call__(self, environ: Environ, start_response: Any) -> Iterable[bytes]:
         if environ["PATH_INFO"] == "/meet":
             self.barrier.wait()
-        return _whoami(environ, start_response)
+        return whoami(environ, start_response)
 
 
 def stream_body(count: int, size: int) -> bytes:
@@ -903,7 +865,7 @@ async def test_graceful_stop_finishes_in_flight_request(
     serve: Serve, tmp_path: Path, cafile: str, mode: str
 ) -> None:
     flags, tls, version = curl_mode(mode, cafile)
-    gate = Gate()
+    gate = Gate(SLOW)
     results: list[CurlResult] = []
     try:
         with trio.fail_after(QUICK):

@@ -40,6 +40,7 @@ import trio.testing
 import trustme
 
 from tests import apps
+from tests.apps import Gate, whoami
 from trioserve.config import Config, ConfigError
 from trioserve.listeners import BindError
 from trioserve.server import Server, serve_wsgi
@@ -55,36 +56,6 @@ LONG = 600.0
 
 
 # ---- apps ---------------------------------------------------------------------------
-
-
-def _whoami(environ: Environ, start_response: Any) -> Iterable[bytes]:
-    keys = ("REQUEST_METHOD", "PATH_INFO", "SERVER_PROTOCOL", "REMOTE_ADDR", "wsgi.url_scheme")
-    body = json.dumps({key: environ.get(key) for key in keys}).encode()
-    start_response(
-        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-    )
-    return [body]
-
-
-whoami = validator(_whoami)
-
-
-class Gate:
-    """Signals ``started`` from the app thread, answers 200 only once ``release`` is set."""
-
-    def __init__(self) -> None:
-        self.started = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, environ: Environ, start_response: Any) -> Iterable[bytes]:
-        self.started.set()
-        if not self.release.wait(QUICK):
-            raise RuntimeError("the test never released the gate")
-        body = b"finished after the stop began\n"
-        start_response(
-            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
-        )
-        return [body]
 
 
 def _read_body(environ: Environ, start_response: Any) -> Iterable[bytes]:
@@ -762,7 +733,7 @@ async def test_stop_closes_idle_keep_alive_connection_promptly(nursery: trio.Nur
 
 
 async def test_stop_waits_for_request_in_flight(nursery: trio.Nursery) -> None:
-    gate = Gate()
+    gate = Gate(QUICK)
     try:
         with trio.fail_after(QUICK):
             server = await serve_wsgi(validator(gate), nursery, bind="127.0.0.1:0")
