@@ -17,27 +17,36 @@ Mostly HTTP/2, in memory; HTTP/1.1 too where the scenario exists there (a
 "reset" is then an abrupt disconnect). Server timeouts and shutdown need a
 real ``Server`` and are covered elsewhere.
 
-Test-side helpers, and why they exist (gaps in ``trioserve.testing``):
+How the tests observe it:
 
-- :class:`MemoryServer` opens several in-memory connections on one server
-  context (one thread limiter). ``open_test_client`` builds a new context per
-  connection, so it cannot show that a *disconnected* connection gave its
-  thread slot back to the server.
-- :class:`FrameLog` parses the raw bytes the client receives. h2 drops frames
-  for a stream the client has reset without any event, so h2 events alone
-  could never show a server that keeps sending after a reset.
-- :class:`Waits` wraps ``RequestStream.wait_body`` / ``wait_writable`` (only
-  to observe them) so a test knows the app thread is really blocked waiting for
-  the client before it resets.
+- ``AppProbe`` records, per request, whether ``trio.Cancelled`` reached the
+  app, how often ``close()`` was called and what body it read.
+- ``record_frames=True``: ``client.frames`` lists every frame the client
+  receives, parsed from the raw bytes (h2 drops frames for a stream the client
+  has reset without any event, so h2 events alone could never show a server
+  that keeps sending after a reset). ``client.ping()`` is a full round trip:
+  the server has processed all we sent before it, and everything it sent
+  before processing it has reached us.
+- ``open_test_server`` + ``server.connect()``: several connections on one
+  server, hence one thread limiter, to show that a *disconnected* connection
+  gave its thread slot back (``server.context.limiter`` also counts the
+  requests waiting for a thread).
+
+Patches of server internals, only to observe them, kept where nothing public
+gives the same certainty:
+
+- :class:`Waits` wraps ``RequestStream.wait_body`` / ``wait_writable``, so a
+  test knows the request is really blocked waiting for the client before it
+  resets, and ``Connection.stream_done``, so it knows a request's task is over
+  (nothing more can be sent for it) while other apps on the connection still
+  run. (With no other app running, ``wait_all_threads_completed`` +
+  ``wait_all_tasks_blocked`` says the same, and tests use that.)
 - ``thread_outcomes`` wraps ``trioserve.stream.call_app`` to record how each
   app thread ended.
-- A clean GOAWAY is written by hand: h2's ``close_connection()`` closes the
-  client's own state machine, after which it cannot read the responses still in flight.
-- :func:`reset` reads what the client had buffered for a stream it resets:
-  TestClient credits connection window only for data a test reads.
-- :func:`read_all` reads several responses side by side: read one by one, a
-  response nobody reads yet can hold the connection window the others need.
-- Opening one stream's window by hand (zero-window test) uses ``client._h2``.
+
+Private client access, where ``trioserve.testing`` has no API: the client's
+HTTP/2 send windows (:func:`send_window`), and a GOAWAY coalesced with the
+next DATA frame in one write.
 """
 
 from __future__ import annotations
@@ -58,20 +67,17 @@ import trio.testing
 from hyperframe.frame import GoAwayFrame
 
 import trioserve.stream
-from trioserve.config import Config
-from trioserve.connection import Connection, serve_connection
-from trioserve.server import context_from_config
+from trioserve.connection import Connection
 from trioserve.stream import RequestStream
 from trioserve.testing import (
     AppProbe,
     AppRecord,
+    FrameInfo,
     TestClient,
-    TestResponse,
-    TestStream,
-    memory_connection,
+    TestServer,
     open_test_client,
+    open_test_server,
 )
-from trioserve.wsgi import ConnectionInfo
 
 TIMEOUT = 10  # seconds: a hang fails the test instead of blocking the run
 
@@ -79,10 +85,6 @@ NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
 INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR  # 2
 REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM  # 7
 CANCEL = h2.errors.ErrorCodes.CANCEL  # 8
-
-# HTTP/2 frame types (RFC 9113 §6)
-PING = 0x6
-ACK = 0x1
 
 both_protocols = pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
 
@@ -296,7 +298,7 @@ def _path(stream: RequestStream) -> str:
 
 class Waits:
     """Where request tasks wait for their client (``wait_body`` / ``wait_writable``), and
-    which have ended (``Connection.stream_done``), by path."""
+    which have ended (``Connection.stream_done``), by path (see the ``waits`` fixture)."""
 
     def __init__(self) -> None:
         self.entered: Counter[tuple[str, str]] = Counter()
@@ -304,7 +306,8 @@ class Waits:
         self.done: Counter[str] = Counter()
         self._changed = trio.Event()
 
-    def _note(self) -> None:
+    def changed(self) -> None:
+        """Called by the wrappers: wake whoever waits in :meth:`until`."""
         self._changed.set()
         self._changed = trio.Event()
 
@@ -330,6 +333,8 @@ class Waits:
 
 @pytest.fixture
 def waits(monkeypatch: pytest.MonkeyPatch) -> Waits:
+    """Observe (never change) RequestStream.wait_body / wait_writable and
+    Connection.stream_done: each wrapper calls the original and only counts."""
     observed = Waits()
 
     def observe(kind: str, original: Callable[[RequestStream], Any]) -> Any:
@@ -337,12 +342,12 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> Waits:
             key = (kind, _path(self))
             observed.entered[key] += 1
             observed.inside[key] += 1
-            observed._note()
+            observed.changed()
             try:
                 return await original(self)
             finally:
                 observed.inside[key] -= 1
-                observed._note()
+                observed.changed()
 
         return wrapper
 
@@ -351,7 +356,7 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> Waits:
     def stream_done(self: Connection, stream: RequestStream) -> None:
         original_done(self, stream)
         observed.done[_path(stream)] += 1
-        observed._note()
+        observed.changed()
 
     monkeypatch.setattr(Connection, "stream_done", stream_done)
     monkeypatch.setattr(RequestStream, "wait_body", observe("body", RequestStream.wait_body))
@@ -384,6 +389,7 @@ class Outcomes:
 
 @pytest.fixture
 async def thread_outcomes(monkeypatch: pytest.MonkeyPatch) -> Outcomes:
+    """Observe (never change) how ``trioserve.stream.call_app`` ends in each app thread."""
     outcomes = Outcomes()
     original = trioserve.stream.call_app
 
@@ -401,95 +407,29 @@ async def thread_outcomes(monkeypatch: pytest.MonkeyPatch) -> Outcomes:
     return outcomes
 
 
-class FrameLog:
-    """Every HTTP/2 frame the client receives, parsed from the raw bytes before h2 sees them."""
-
-    def __init__(self, client: TestClient) -> None:
-        self.client = client
-        self.frames: list[tuple[int, int, int]] = []  # (type, flags, stream id)
-        self._pending = bytearray()
-        self._changed = trio.Event()
-        original = client._h2.receive_data
-
-        def receive_data(data: bytes) -> Any:
-            self._parse(data)
-            try:
-                return original(data)
-            finally:
-                self._changed.set()
-                self._changed = trio.Event()
-
-        client._h2.receive_data = receive_data  # type: ignore[method-assign]
-
-    def _parse(self, data: bytes) -> None:
-        buf = self._pending
-        buf += data
-        while len(buf) >= 9:
-            length = int.from_bytes(buf[:3], "big")
-            if len(buf) < 9 + length:
-                break
-            stream_id = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
-            self.frames.append((buf[3], buf[4], stream_id))
-            del buf[: 9 + length]
-
-    def for_stream(self, stream_id: int, since: int = 0) -> list[tuple[int, int, int]]:
-        return [frame for frame in self.frames[since:] if frame[2] == stream_id]
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            await self._changed.wait()
-
-    def _acks(self) -> int:
-        return sum(1 for kind, flags, _ in self.frames if kind == PING and flags & ACK)
-
-    async def round_trip(self) -> None:
-        """PING, then wait for the ACK: the server has processed all we sent before it,
-        and everything it sent before processing it has reached us."""
-        acks = self._acks()
-        await self.client.ping()
-        await self.wait_for(lambda: self._acks() > acks)
+def frames_for(client: TestClient, stream_id: int, since: int = 0) -> list[FrameInfo]:
+    """The frames the client received for ``stream_id``, from ``client.frames[since]`` on."""
+    assert client.frames is not None  # connected with record_frames=True
+    return [frame for frame in client.frames[since:] if frame.stream_id == stream_id]
 
 
-class MemoryServer:
-    """In-memory connections sharing one server context, hence one thread limiter."""
-
-    def __init__(self, app: Any, **options: Any) -> None:
-        self.ctx = context_from_config(app, Config().replace(**options))
-
-    @property
-    def waiting_for_a_thread(self) -> int:
-        return int(self.ctx.limiter.statistics().tasks_waiting)
-
-    @asynccontextmanager
-    async def connect(
-        self, *, http2: bool, h2_settings: dict[int, int] | None = None
-    ) -> AsyncIterator[TestClient]:
-        """Like ``open_test_client``, on this server's context."""
-        client_end, server_end = memory_connection()
-        info = ConnectionInfo("http", "testserver", "80", "127.0.0.1", "50000", "")
-        client = TestClient(client_end, http2, "testserver")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_connection, server_end, self.ctx, info)
-            if http2:
-                await client._h2_start(h2_settings)
-                nursery.start_soon(client._h2_reader_task)
-            try:
-                yield client
-            except BaseException:
-                client.stream.abort()
-                raise
-            else:
-                await client.stream.aclose()
+def frame_mark(client: TestClient) -> int:
+    """How many frames the client has received so far (a ``since`` for :func:`frames_for`)."""
+    assert client.frames is not None
+    return len(client.frames)
 
 
-async def finished(probe: AppProbe, path: str) -> AppRecord:
-    """The record of the request for ``path``, once the app has finished with it."""
-    while True:
-        for record in probe.records:
-            if record.environ["PATH_INFO"] == path:
-                await record.finished.wait()
-                return record
-        await probe.wait_started(len(probe.records) + 1)
+def waiting_for_a_thread(server: TestServer) -> int:
+    """Requests of any connection to ``server`` queued for a worker thread."""
+    return int(server.context.limiter.statistics().tasks_waiting)
+
+
+def send_window(client: TestClient) -> int:
+    """The client's HTTP/2 connection send window.
+
+    Private access: TestClient has no public view of its own send windows.
+    """
+    return int(client._h2.outbound_flow_control_window)
 
 
 async def prove_free_slots(client: TestClient, w: Workload, count: int, tag: str) -> None:
@@ -501,15 +441,7 @@ async def prove_free_slots(client: TestClient, w: Workload, count: int, tag: str
     for i, stream in enumerate(streams):
         response = await stream.read_response()
         assert (response.status, response.body) == (200, f"slot {tag}-{i}".encode())
-
-
-async def read_all(*streams: TestStream) -> list[TestResponse]:
-    """Read responses side by side, as a real client does: read one by one, a response
-    nobody reads yet holds connection window the one being read may need."""
-    async with trio.open_nursery() as nursery:
-        for stream in streams:
-            nursery.start_soon(stream.read_response)
-    return [stream.response for stream in streams]
+        assert response.complete
 
 
 async def no_threads_left() -> None:
@@ -517,31 +449,23 @@ async def no_threads_left() -> None:
     assert trio.testing.active_thread_count() == 0
 
 
+async def apps_done() -> None:
+    """Every app thread has ended and every request task has done what followed (all of
+    them: use only when no other app is left running)."""
+    while True:
+        await trio.testing.wait_all_threads_completed()
+        await trio.testing.wait_all_tasks_blocked()
+        if trio.testing.active_thread_count() == 0:
+            return
+
+
 async def assert_cancelled(record: AppRecord, w: Workload, outcomes: Outcomes, path: str) -> None:
     """The app for ``path`` saw trio.Cancelled and its iterable was closed exactly once."""
     assert record.cancelled, path
-    assert record.closed, path
+    assert record.close_calls == 1, path
     assert w.closes[path] == 1, path
     outcome = await outcomes.of(path)
     assert isinstance(outcome, trio.Cancelled), (path, outcome)
-
-
-async def reset(stream: TestStream, error_code: int = CANCEL) -> None:
-    """Reset ``stream``, then let the client drop what it had buffered for it.
-
-    TestClient credits the connection window only for data the test reads, so
-    data buffered for a stream it reset would hold connection window forever
-    (a real client gives it back). Reading the buffer gives it back.
-    """
-    await stream.reset(error_code)
-    if stream.client.http2:
-        await stream.read_response()
-        await stream.client._flush()
-
-
-def goaway(error_code: int) -> bytes:
-    """A client GOAWAY (last stream id 0: the server opened none), built by hand."""
-    return GoAwayFrame(stream_id=0, last_stream_id=0, error_code=error_code).serialize()
 
 
 # ---------------------------------------------------------------------------
@@ -550,44 +474,46 @@ def goaway(error_code: int) -> bytes:
 
 
 @pytest.mark.parametrize("where", ["http2-same-connection", "http2-other-connection", "http1"])
-async def test_request_reset_while_waiting_for_a_thread_never_runs(
-    where: str, waits: Waits
-) -> None:
+async def test_request_reset_while_waiting_for_a_thread_never_runs(where: str) -> None:
     http2 = where != "http1"
     w = Workload()
     probe = AppProbe(w.app)
-    server = MemoryServer(probe, threads=1)
     with trio.fail_after(TIMEOUT):
-        async with AsyncExitStack() as stack:
-            first = await stack.enter_async_context(server.connect(http2=http2))
+        async with open_test_server(probe, threads=1) as server, AsyncExitStack() as stack:
+            first = await stack.enter_async_context(
+                server.connect(http2=http2, record_frames=http2)
+            )
             second = first
             if where != "http2-same-connection":
-                second = await stack.enter_async_context(server.connect(http2=http2))
+                second = await stack.enter_async_context(
+                    server.connect(http2=http2, record_frames=http2)
+                )
             await stack.enter_async_context(w.releasing())
-            log = FrameLog(second) if http2 else None
 
             holder = await first.open_stream("GET", "/hold/first")
             await w.reached("hold/first")  # the only thread is taken
             victim = await second.open_stream("GET", "/body/victim")
-            if log is not None:
-                await log.round_trip()
+            if http2:
+                await second.ping()
             await trio.testing.wait_all_tasks_blocked()
-            assert server.waiting_for_a_thread == 1  # queued for the thread
+            assert waiting_for_a_thread(server) == 1  # queued for the thread
 
-            await reset(victim)
-            await waits.stream_done("/body/victim")  # its task gave up waiting for a thread
-            assert server.waiting_for_a_thread == 0
+            await victim.reset()
+            # No app runs for it: once every task is blocked, its task is done.
+            await trio.testing.wait_all_tasks_blocked()
+            assert waiting_for_a_thread(server) == 0  # it gave up waiting for a thread
 
             w.open_gate("hold")  # the thread is free now: the victim must not get it
             response = await holder.read_response()
             assert (response.status, response.body) == (200, b"held first")
+            assert response.complete
             later = await first.get("/body/later?size=1000")  # threads=1: the slot came back
             assert later.body == pattern("later", 1000)
-            if log is not None:
-                await log.round_trip()
-                assert log.for_stream(victim.stream_id) == []  # not even a RST_STREAM
+            if http2:
+                await second.ping()
+                assert frames_for(second, victim.stream_id) == []  # not even a RST_STREAM
         assert "/body/victim" not in w.called
-        assert [r.environ["PATH_INFO"] for r in probe.records] == ["/hold/first", "/body/later"]
+        assert [r.path for r in probe.records] == ["/hold/first", "/body/later"]
         assert w.closes == Counter({"/hold/first": 1, "/body/later": 1})
         await no_threads_left()
 
@@ -604,37 +530,38 @@ async def test_reset_while_the_app_reads_the_body(
     w = Workload()
     probe = AppProbe(w.app)
     threads = 2 if http2 else 1
-    server = MemoryServer(probe, threads=threads)
     with trio.fail_after(TIMEOUT):
-        async with server.connect(http2=http2) as client, w.releasing():
-            log = FrameLog(client) if http2 else None
-            bystander = None
-            if http2:
-                bystander = await client.open_stream("POST", "/echo/by", end=False)
-                await bystander.send(pattern("up", 30000))
-            victim = await client.open_stream("POST", "/read/v", end=False)
-            await waits.entered_times("body", "/read/v", 1)  # waiting: nothing sent yet
-            await victim.send(b"first")
-            await waits.entered_times("body", "/read/v", 2)  # read(5) done, blocked again
+        async with open_test_server(probe, threads=threads) as server:
+            async with server.connect(http2=http2, record_frames=http2) as client, w.releasing():
+                bystander = None
+                if http2:
+                    bystander = await client.open_stream("POST", "/echo/by", end=False)
+                    await bystander.send(pattern("up", 30000))
+                victim = await client.open_stream("POST", "/read/v", end=False)
+                await waits.entered_times("body", "/read/v", 1)  # waiting: nothing sent yet
+                await victim.send(b"first")
+                await waits.entered_times("body", "/read/v", 2)  # read(5) done, blocked again
 
-            await reset(victim)
-            record = await finished(probe, "/read/v")
-            await assert_cancelled(record, w, thread_outcomes, "/read/v")
-            assert isinstance(w.raised["/read/v"], trio.Cancelled)  # raised by read()
-            assert bytes(record.body_read) == b"first"
+                await victim.reset()
+                record = await probe.wait_finished(path="/read/v")
+                await assert_cancelled(record, w, thread_outcomes, "/read/v")
+                assert isinstance(w.raised["/read/v"], trio.Cancelled)  # raised by read()
+                assert bytes(record.body_read) == b"first"
 
-            if log is not None and bystander is not None:
-                await waits.stream_done("/read/v")
-                await log.round_trip()
-                assert log.for_stream(victim.stream_id) == []  # it never answered
-                await bystander.send(pattern("up", 30000)[::-1], end=True)
-                response = await bystander.read_response()
-                assert response.status == 200
-                assert response.body == pattern("up", 30000) + pattern("up", 30000)[::-1]
-                await prove_free_slots(client, w, threads, "after")
-        if not http2:
-            async with server.connect(http2=False) as again, w.releasing():
-                await prove_free_slots(again, w, threads, "after")
+                if bystander is not None:
+                    # The bystander's app still runs: only the hook says the victim's
+                    # task is over.
+                    await waits.stream_done("/read/v")
+                    await client.ping()
+                    assert frames_for(client, victim.stream_id) == []  # it never answered
+                    await bystander.send(pattern("up", 30000)[::-1], end=True)
+                    response = await bystander.read_response()
+                    assert (response.status, response.complete) == (200, True)
+                    assert response.body == pattern("up", 30000) + pattern("up", 30000)[::-1]
+                    await prove_free_slots(client, w, threads, "after")
+            if not http2:
+                async with server.connect(http2=False) as again, w.releasing():
+                    await prove_free_slots(again, w, threads, "after")
         await no_threads_left()
 
 
@@ -651,37 +578,43 @@ async def test_reset_while_the_app_streams_its_response(
     w = Workload()
     probe = AppProbe(w.app)
     threads = 2 if http2 else 1
-    server = MemoryServer(probe, threads=threads)
     with trio.fail_after(TIMEOUT):
-        async with server.connect(http2=http2) as client, w.releasing():
-            log = FrameLog(client) if http2 else None
-            # The victim first: a bystander nobody reads yet could take the whole
-            # connection window before the victim's first DATA frame.
-            victim = await client.open_stream("GET", f"/forever/v?mode={mode}")
-            response = await victim.receive_headers()
-            assert response.status == 200
-            assert await victim.receive_data()
-            bystander = await client.open_stream("GET", "/body/by?size=300000") if http2 else None
+        async with open_test_server(probe, threads=threads) as server:
+            async with server.connect(http2=http2, record_frames=http2) as client, w.releasing():
+                # The victim is streaming (headers and data received) before the
+                # bystander starts.
+                victim = await client.open_stream("GET", f"/forever/v?mode={mode}")
+                response = await victim.receive_headers()
+                assert response.status == 200
+                assert await victim.receive_data()
+                bystander = (
+                    await client.open_stream("GET", "/body/by?size=300000") if http2 else None
+                )
 
-            await reset(victim)
-            if log is not None:
-                await log.round_trip()  # processed: from here on, nothing for the victim
-                mark = len(log.frames)
-            record = await finished(probe, "/forever/v")
-            await assert_cancelled(record, w, thread_outcomes, "/forever/v")
-            if mode == "write":
-                assert isinstance(w.raised["/forever/v"], trio.Cancelled)  # raised by write()
+                if http2:
+                    assert frames_for(client, victim.stream_id)  # its HEADERS and DATA, seen
+                await victim.reset()
+                mark = 0
+                if http2:
+                    await client.ping()  # processed: from here on, nothing for the victim
+                    mark = frame_mark(client)
+                record = await probe.wait_finished(path="/forever/v")
+                await assert_cancelled(record, w, thread_outcomes, "/forever/v")
+                if mode == "write":
+                    assert isinstance(w.raised["/forever/v"], trio.Cancelled)  # raised by write()
 
-            if log is not None and bystander is not None:
-                await waits.stream_done("/forever/v")
-                await log.round_trip()
-                assert log.for_stream(victim.stream_id, since=mark) == []
-                by = await bystander.read_response()
-                assert (by.status, by.body) == (200, pattern("by", 300000))
-                await prove_free_slots(client, w, threads, "after")
-        if not http2:
-            async with server.connect(http2=False) as again, w.releasing():
-                await prove_free_slots(again, w, threads, "after")
+                if bystander is not None:
+                    # The bystander's app may still run: only the hook says the
+                    # victim's task is over.
+                    await waits.stream_done("/forever/v")
+                    await client.ping()
+                    assert frames_for(client, victim.stream_id, since=mark) == []
+                    by = await bystander.read_response()
+                    assert (by.status, by.body, by.complete) == (200, pattern("by", 300000), True)
+                    await prove_free_slots(client, w, threads, "after")
+            if not http2:
+                async with server.connect(http2=False) as again, w.releasing():
+                    await prove_free_slots(again, w, threads, "after")
         await no_threads_left()
 
 
@@ -699,40 +632,47 @@ async def test_reset_while_the_app_is_blocked_on_flow_control(
     w = Workload()
     probe = AppProbe(w.app)
     threads = 2 if http2 else 1
-    server = MemoryServer(probe, threads=threads)
-    settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0} if zero_window else None
+    settings: dict[int, int] | None = (
+        {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0} if zero_window else None
+    )
     with trio.fail_after(TIMEOUT):
-        async with server.connect(http2=http2, h2_settings=settings) as client, w.releasing():
-            log = FrameLog(client) if http2 else None
-            if not zero_window:
-                client.pause_reading()
-            victim = await client.open_stream("GET", "/forever/v")
-            bystander = await client.open_stream("GET", "/body/by?size=100000") if http2 else None
-            if zero_window and bystander is not None:
-                # Only the bystander gets a window (the client API cannot do this).
-                client._h2.increment_flow_control_window(100000, bystander.stream_id)
-                await client._flush()
-            await waits.settled_in("writable", "/forever/v")  # the app's write blocks
+        async with open_test_server(probe, threads=threads) as server:
+            async with (
+                server.connect(http2=http2, h2_settings=settings, record_frames=http2) as client,
+                w.releasing(),
+            ):
+                if not zero_window:
+                    client.pause_reading()
+                victim = await client.open_stream("GET", "/forever/v")
+                bystander = (
+                    await client.open_stream("GET", "/body/by?size=100000") if http2 else None
+                )
+                if zero_window and bystander is not None:
+                    await bystander.open_window(100000)  # only the bystander gets a window
+                await waits.settled_in("writable", "/forever/v")  # the app's write blocks
 
-            await reset(victim)
-            if log is not None:
-                await log.round_trip()
-                mark = len(log.frames)
-            record = await finished(probe, "/forever/v")
-            await assert_cancelled(record, w, thread_outcomes, "/forever/v")
+                await victim.reset()
+                mark = 0
+                if http2:
+                    await client.ping()
+                    mark = frame_mark(client)
+                record = await probe.wait_finished(path="/forever/v")
+                await assert_cancelled(record, w, thread_outcomes, "/forever/v")
 
-            if log is not None and bystander is not None:
-                await waits.stream_done("/forever/v")
-                await client.resume_reading()
-                await log.round_trip()
-                assert log.for_stream(victim.stream_id, since=mark) == []
-                by = await bystander.read_response()
-                assert (by.status, by.body) == (200, pattern("by", 100000))
-                if not zero_window:  # a zero window would stall the slots' bodies
-                    await prove_free_slots(client, w, threads, "after")
-        if not http2 or zero_window:
-            async with server.connect(http2=http2) as again, w.releasing():
-                await prove_free_slots(again, w, threads, "after")
+                if bystander is not None:
+                    # The bystander's app still runs (blocked on flow control): only
+                    # the hook says the victim's task is over.
+                    await waits.stream_done("/forever/v")
+                    await client.resume_reading()
+                    await client.ping()
+                    assert frames_for(client, victim.stream_id, since=mark) == []
+                    by = await bystander.read_response()
+                    assert (by.status, by.body, by.complete) == (200, pattern("by", 100000), True)
+                    if not zero_window:  # a zero window would stall the slots' bodies
+                        await prove_free_slots(client, w, threads, "after")
+            if not http2 or zero_window:
+                async with server.connect(http2=http2) as again, w.releasing():
+                    await prove_free_slots(again, w, threads, "after")
         await no_threads_left()
 
 
@@ -741,23 +681,25 @@ async def test_reset_drops_response_data_already_handed_over() -> None:
     w = Workload()
     probe = AppProbe(w.app)
     with trio.fail_after(TIMEOUT):
-        async with open_test_client(probe, http2=True) as client, w.releasing():
-            log = FrameLog(client)
+        async with (
+            open_test_client(probe, http2=True, record_frames=True) as client,
+            w.releasing(),
+        ):
             client.pause_reading()  # the 65535-byte windows run dry
             victim = await client.open_stream("GET", "/body/v?size=200000")
             bystander = await client.open_stream("GET", "/body/by?size=100000")
-            record = await finished(probe, "/body/v")  # all 200000 bytes handed over
+            record = await probe.wait_finished(path="/body/v")  # all 200000 bytes handed over
             assert not record.cancelled
-            await log.round_trip()
+            await client.ping()
 
-            await reset(victim)
-            await log.round_trip()
-            mark = len(log.frames)
+            await victim.reset()  # credits back what arrived for it (unread, withheld)
+            await client.ping()
+            mark = frame_mark(client)
             await client.resume_reading()  # credit for the connection: the queue could go now
             by = await bystander.read_response()
-            assert (by.status, by.body) == (200, pattern("by", 100000))
-            await log.round_trip()
-            assert log.for_stream(victim.stream_id, since=mark) == []
+            assert (by.status, by.body, by.complete) == (200, pattern("by", 100000), True)
+            await client.ping()
+            assert frames_for(client, victim.stream_id, since=mark) == []
         assert w.closes["/body/v"] == 1
         await no_threads_left()
 
@@ -779,8 +721,10 @@ async def test_reset_of_one_stream_leaves_the_others_intact(
     probe = AppProbe(w.app)
     path = f"/{victim_kind}/v"
     with trio.fail_after(TIMEOUT):
-        async with open_test_client(probe, http2=True, threads=5) as client, w.releasing():
-            log = FrameLog(client)
+        async with (
+            open_test_client(probe, http2=True, threads=5, record_frames=True) as client,
+            w.releasing(),
+        ):
             if victim_kind == "forever":
                 victim = await client.open_stream("GET", path)
                 await victim.receive_headers()
@@ -797,18 +741,18 @@ async def test_reset_of_one_stream_leaves_the_others_intact(
             small = await client.open_stream("GET", "/body/small?size=10")
             await w.reached("hold/h")
 
-            await reset(victim, code)
-            await log.round_trip()
-            mark = len(log.frames)
-            record = await finished(probe, path)
+            await victim.reset(code)
+            await client.ping()
+            mark = frame_mark(client)
+            record = await probe.wait_finished(path=path)
             await assert_cancelled(record, w, thread_outcomes, path)
-            await waits.stream_done(path)
-            await log.round_trip()
-            assert log.for_stream(victim.stream_id, since=mark) == []
+            await waits.stream_done(path)  # other apps still run: only the hook says so
+            await client.ping()
+            assert frames_for(client, victim.stream_id, since=mark) == []
 
             w.open_gate("hold")
             await upload.send(pattern("up2", 40000), end=True)
-            responses = await read_all(big, upload, holder, small)
+            responses = [await stream.read_response() for stream in (big, upload, holder, small)]
             assert [r.body for r in responses] == [
                 pattern("big", 600000),
                 pattern("up", 40000) + pattern("up2", 40000),
@@ -817,9 +761,10 @@ async def test_reset_of_one_stream_leaves_the_others_intact(
             ]
             for other in (big, upload, holder, small):
                 assert other.response.status == 200
+                assert other.response.complete
                 assert other.reset_code is None
             for other_path in ("/body/big", "/echo/up", "/hold/h", "/body/small"):
-                other_record = await finished(probe, other_path)
+                other_record = await probe.wait_finished(path=other_path)
                 assert not other_record.cancelled
                 assert w.closes[other_path] == 1
                 assert await thread_outcomes.of(other_path) is None
@@ -849,44 +794,44 @@ async def test_client_gone_cancels_every_request_in_flight(
     w = Workload()
     probe = AppProbe(w.app)
     threads = 3 if http2 else 1
-    server = MemoryServer(probe, threads=threads)
     with trio.fail_after(TIMEOUT):
-        async with server.connect(http2=http2) as client, w.releasing():
-            streaming = await client.open_stream("GET", "/forever/a")
-            await streaming.receive_headers()
-            await streaming.receive_data()
-            running = ["/forever/a"]
-            if http2:
-                log = FrameLog(client)
-                reading = await client.open_stream("POST", "/read/b", end=False)
-                await waits.entered_times("body", "/read/b", 1)
-                await reading.send(b"first")
-                await waits.entered_times("body", "/read/b", 2)
-                await client.open_stream("POST", "/unread/c", end=False)
-                await w.reached("unread/c")
-                running += ["/read/b", "/unread/c"]
-                await client.open_stream("GET", "/body/queued")
-                await log.round_trip()
-            else:
-                # Pipelined behind the streaming response: it waits its turn.
-                await client.stream.send_all(b"GET /body/queued HTTP/1.1\r\nHost: x\r\n\r\n")
-            await trio.testing.wait_all_tasks_blocked()
-            assert server.waiting_for_a_thread == (1 if http2 else 0)
+        async with open_test_server(probe, threads=threads) as server:
+            async with server.connect(http2=http2) as client, w.releasing():
+                streaming = await client.open_stream("GET", "/forever/a")
+                await streaming.receive_headers()
+                await streaming.receive_data()
+                running = ["/forever/a"]
+                if http2:
+                    reading = await client.open_stream("POST", "/read/b", end=False)
+                    await waits.entered_times("body", "/read/b", 1)
+                    await reading.send(b"first")
+                    await waits.entered_times("body", "/read/b", 2)
+                    await client.open_stream("POST", "/unread/c", end=False)
+                    await w.reached("unread/c")
+                    running += ["/read/b", "/unread/c"]
+                    await client.open_stream("GET", "/body/queued")
+                    await client.ping()
+                else:
+                    # Pipelined behind the streaming response: it waits its turn.
+                    # (TestClient does not pipeline: the raw request goes on the wire.)
+                    await client.stream.send_all(b"GET /body/queued HTTP/1.1\r\nHost: x\r\n\r\n")
+                await trio.testing.wait_all_tasks_blocked()
+                assert waiting_for_a_thread(server) == (1 if http2 else 0)
 
-            if how == "goaway-error":
-                await client._raw_send(goaway(INTERNAL_ERROR))
-            else:
-                await client.disconnect(abort=how == "abort")
-            for path in running:
-                record = await finished(probe, path)
-                await assert_cancelled(record, w, thread_outcomes, path)
-            if how == "goaway-error":
-                await client.closed.wait()  # the server closes once its streams are gone
-        assert "/body/queued" not in w.called
-        assert len(probe.records) == len(running)
-        await trio.testing.wait_all_threads_completed()
-        async with server.connect(http2=http2) as again, w.releasing():
-            await prove_free_slots(again, w, threads, "after")
+                if how == "goaway-error":
+                    await client.goaway(INTERNAL_ERROR)
+                else:
+                    await client.disconnect(abort=how == "abort")
+                for path in running:
+                    record = await probe.wait_finished(path=path)
+                    await assert_cancelled(record, w, thread_outcomes, path)
+                if how == "goaway-error":
+                    await client.closed.wait()  # the server closes once its streams are gone
+            assert "/body/queued" not in w.called
+            assert len(probe.records) == len(running)
+            await trio.testing.wait_all_threads_completed()
+            async with server.connect(http2=http2) as again, w.releasing():
+                await prove_free_slots(again, w, threads, "after")
         await no_threads_left()
 
 
@@ -920,30 +865,32 @@ async def test_clean_client_goaway_lets_streams_in_flight_finish(
     threads = 2  # the upload's app and the holder's: ``queued`` waits for a thread
     with trio.fail_after(TIMEOUT):
         async with open_test_client(probe, http2=True, threads=threads) as client, w.releasing():
-            log = FrameLog(client)
             big = await client.open_stream("GET", f"/body/big?size={big_size}")
             upload = await client.open_stream("POST", "/echo/up", end=False)
             await upload.send(pattern("up", 10000))
             holder = await client.open_stream("GET", "/hold/h")
             await w.reached("hold/h")
             queued = await client.open_stream("GET", "/body/queued?size=5000")
-            await log.round_trip()
+            await client.ping()
             await trio.testing.wait_all_tasks_blocked()
             assert "/body/queued" not in w.called  # every thread is taken
 
             part = pattern("up2", 10000)
             if coalesced:
+                # Private access: client.goaway() writes the GOAWAY on its own, so the
+                # DATA frame is queued in the client's h2 and both go out in one write.
                 client._h2.send_data(upload.stream_id, part)
-                await client._raw_send(goaway(NO_ERROR) + client._h2.data_to_send())
+                frame = GoAwayFrame(stream_id=0, last_stream_id=0, error_code=NO_ERROR)
+                await client._raw_send(frame.serialize() + client._h2.data_to_send())
                 await upload.end()
             else:
-                await client._raw_send(goaway(NO_ERROR))
+                await client.goaway(NO_ERROR)
                 await trio.testing.wait_all_tasks_blocked()  # the server has read it alone
                 await upload.send(part, end=True)
             w.open_gate("hold")
 
-            responses = await read_all(big, upload, holder, queued)
-            assert client.goaway is None  # no GOAWAY of the server's own (no error)
+            responses = [await stream.read_response() for stream in (big, upload, holder, queued)]
+            assert client.goaway_received is None  # no GOAWAY of the server's own (no error)
             assert [r.body for r in responses] == [
                 pattern("big", big_size),
                 pattern("up", 10000) + part,
@@ -952,6 +899,7 @@ async def test_clean_client_goaway_lets_streams_in_flight_finish(
             ]
             for stream in (big, upload, holder, queued):
                 assert (stream.response.status, stream.reset_code) == (200, None)
+                assert stream.response.complete
             await client.closed.wait()  # then the server closes: no new streams can come
         for path in ("/body/big", "/echo/up", "/hold/h", "/body/queued"):
             assert await thread_outcomes.of(path) is None
@@ -966,20 +914,20 @@ async def test_clean_client_goaway_still_delivers_a_response_waiting_for_window(
     probe = AppProbe(w.app)
     with trio.fail_after(TIMEOUT):
         async with open_test_client(probe, http2=True) as client, w.releasing():
-            log = FrameLog(client)
             client.pause_reading()  # the 65535-byte windows run dry
             big = await client.open_stream("GET", "/body/big?size=200000")
-            await finished(probe, "/body/big")  # 200000 bytes handed over: the app is done
-            await trio.testing.wait_all_threads_completed()
-            await trio.testing.wait_all_tasks_blocked()
-            await log.round_trip()
+            await probe.wait_finished(path="/body/big")  # 200000 bytes handed over: app done
+            await apps_done()  # its request task waits for window, not for the app
+            await client.ping()
 
-            await client._raw_send(goaway(NO_ERROR))
+            await client.goaway(NO_ERROR)
             await trio.testing.wait_all_tasks_blocked()
             await client.resume_reading()  # the window opens again
             response = await big.read_response()
             assert (response.status, len(response.body)) == (200, 200000)
             assert response.body == pattern("big", 200000)
+            assert response.complete
+            assert client.goaway_received is None
         assert w.closes["/body/big"] == 1
         await no_threads_left()
 
@@ -999,36 +947,39 @@ async def test_app_error_before_or_after_the_headers(
 ) -> None:
     w = Workload()
     probe = AppProbe(w.app)
-    server = MemoryServer(probe, threads=1)
     path = f"/fail/{when}"
     with trio.fail_after(TIMEOUT), caplog.at_level(logging.ERROR, logger="trioserve"):
-        async with server.connect(http2=http2) as client, w.releasing():
-            stream = await client.open_stream("GET", path)
-            response = await stream.read_response()
-            record = await finished(probe, path)
-            assert isinstance(record.exception, ValueError)
-            assert not record.cancelled
-            assert record.closed
-            assert w.closes[path] == 1
-            assert isinstance(await thread_outcomes.of(path), ValueError)
-            if when == "before":
-                assert response.status == 500
-                assert b"Traceback" not in response.body
-                assert b"failing" not in response.body
-                assert stream.reset_code is None
-            elif http2:
-                assert stream.reset_code == INTERNAL_ERROR
-                assert response.body in (b"", b"partial")
-            else:
-                # HTTP/1.1 can only signal an incomplete response by closing.
-                assert client.closed.is_set()
-                assert response.body in (b"", b"partial")
-            if http2 or when == "before":
-                # The connection survives, and threads=1: the slot came back.
-                assert (await client.get("/body/next?size=100")).body == pattern("next", 100)
-        if not http2 and when == "after":
-            async with server.connect(http2=False) as again, w.releasing():
-                assert (await again.get("/body/next?size=100")).body == pattern("next", 100)
+        async with open_test_server(probe, threads=1) as server:
+            async with server.connect(http2=http2) as client, w.releasing():
+                stream = await client.open_stream("GET", path)
+                response = await stream.read_response()
+                record = await probe.wait_finished(path=path)
+                assert isinstance(record.exception, ValueError)
+                assert not record.cancelled
+                assert record.close_calls == 1
+                assert w.closes[path] == 1
+                assert isinstance(await thread_outcomes.of(path), ValueError)
+                if when == "before":
+                    assert response.status == 500
+                    assert response.complete
+                    assert b"Traceback" not in response.body
+                    assert b"failing" not in response.body
+                    assert stream.reset_code is None
+                elif http2:
+                    assert stream.reset_code == INTERNAL_ERROR
+                    assert not response.complete
+                    assert response.body in (b"", b"partial")
+                else:
+                    # HTTP/1.1 can only signal an incomplete response by closing.
+                    assert client.closed.is_set()
+                    assert not response.complete
+                    assert response.body in (b"", b"partial")
+                if http2 or when == "before":
+                    # The connection survives, and threads=1: the slot came back.
+                    assert (await client.get("/body/next?size=100")).body == pattern("next", 100)
+            if not http2 and when == "after":
+                async with server.connect(http2=False) as again, w.releasing():
+                    assert (await again.get("/body/next?size=100")).body == pattern("next", 100)
         logged = [r for r in caplog.records if r.getMessage().startswith("Error in the app")]
         assert len(logged) == 1
         assert logged[0].exc_info is not None
@@ -1049,18 +1000,21 @@ async def test_reset_streams_whose_threads_still_run_count_against_the_stream_li
     with trio.fail_after(TIMEOUT):
         async with (
             open_test_client(
-                probe, http2=True, h2_max_concurrent_streams=limit, threads=limit + 1
+                probe,
+                http2=True,
+                h2_max_concurrent_streams=limit,
+                threads=limit + 1,
+                record_frames=True,
             ) as client,
             w.releasing(),
         ):
-            log = FrameLog(client)
             blocked = [await client.open_stream("GET", f"/block/{i}") for i in range(limit)]
             for i in range(limit):
                 await w.reached(f"block/{i}")
             for stream in blocked:
-                await reset(stream)
-            await log.round_trip()
-            mark = len(log.frames)
+                await stream.reset()
+            await client.ping()
+            mark = frame_mark(client)
             assert trio.testing.active_thread_count() == limit  # their threads still run
 
             refused = await client.open_stream("GET", "/slot/refused-0")
@@ -1071,12 +1025,12 @@ async def test_reset_streams_whose_threads_still_run_count_against_the_stream_li
             w.plain_gate.set()  # the reset apps go on, and their next chunk is refused
             for i in range(limit):
                 path = f"/block/{i}"
-                await assert_cancelled(await finished(probe, path), w, thread_outcomes, path)
-            await trio.testing.wait_all_threads_completed()
-            await trio.testing.wait_all_tasks_blocked()  # their stream tasks are done too
-            await log.round_trip()
+                record = await probe.wait_finished(path=path)
+                await assert_cancelled(record, w, thread_outcomes, path)
+            await apps_done()  # their stream tasks are done too
+            await client.ping()
             for stream in blocked:
-                assert log.for_stream(stream.stream_id, since=mark) == []
+                assert frames_for(client, stream.stream_id, since=mark) == []
             await prove_free_slots(client, w, limit, "after")  # served again, all at once
         await no_threads_left()
 
@@ -1106,43 +1060,50 @@ async def test_unread_body_of_a_reset_stream_is_credited_back(
                 threads=1,
                 h2_initial_window_size=window,
                 h2_max_concurrent_streams=streams,
+                record_frames=True,
             ) as client,
             w.releasing(),
         ):
-            log = FrameLog(client)
-            await log.round_trip()
-            assert client._h2.outbound_flow_control_window == connection_window
+            await client.ping()
+            assert send_window(client) == connection_window
             holder = None
             if queued:
                 holder = await client.open_stream("GET", "/hold/h")
                 await w.reached("hold/h")
             victim = await client.open_stream("POST", "/unread/v", end=False)
             if queued:
-                await log.round_trip()
+                await client.ping()
                 await trio.testing.wait_all_tasks_blocked()
                 assert "/unread/v" not in w.called
             else:
                 await w.reached("unread/v")
             await victim.send(b"u" * window)  # the body arrives after the request started
-            await log.round_trip()
+            await client.ping()
             # Nobody read it, so no credit came back (flow control holds).
-            assert client._h2.outbound_flow_control_window == connection_window - window
+            assert send_window(client) == connection_window - window
 
-            await reset(victim)
-            await log.wait_for(lambda: client._h2.outbound_flow_control_window == connection_window)
+            await victim.reset()
+            record = None
             if queued:
-                assert holder is not None
+                # No app runs for it: once every task is blocked, its task is done.
+                await trio.testing.wait_all_tasks_blocked()
+            else:
+                record = await probe.wait_finished(path="/unread/v")
+                await apps_done()  # the only app: its task is over too
+            await client.ping()  # the server's WINDOW_UPDATE, if any, came before the ACK
+            assert send_window(client) == connection_window  # credited back, all of it
+            if holder is not None:
                 w.open_gate("hold")
                 assert (await holder.read_response()).body == b"held h"
                 assert "/unread/v" not in w.called
             else:
-                record = await finished(probe, "/unread/v")
+                assert record is not None
                 await assert_cancelled(record, w, thread_outcomes, "/unread/v")
                 assert bytes(record.body_read) == b""
 
             upload = pattern("after", 4 * connection_window)
             response = await client.post("/echo/after", body=upload)
-            assert (response.status, response.body) == (200, upload)
+            assert (response.status, response.body, response.complete) == (200, upload, True)
         await no_threads_left()
 
 
@@ -1152,50 +1113,55 @@ async def test_unread_body_of_a_reset_stream_is_credited_back(
 
 
 async def test_no_frame_after_a_reset_even_from_an_app_that_ignores_cancellation(
-    waits: Waits, thread_outcomes: Outcomes
+    thread_outcomes: Outcomes,
 ) -> None:
     w = Workload()
     probe = AppProbe(w.app)
     with trio.fail_after(TIMEOUT):
-        async with open_test_client(probe, http2=True, threads=1) as client, w.releasing():
-            log = FrameLog(client)
+        async with (
+            open_test_client(probe, http2=True, threads=1, record_frames=True) as client,
+            w.releasing(),
+        ):
             victim = await client.open_stream("GET", "/stubborn/s")
             await victim.receive_headers()
             assert await victim.receive_data()
+            assert frames_for(client, victim.stream_id)  # its HEADERS and DATA, seen
 
-            await reset(victim)
-            await log.round_trip()
-            mark = len(log.frames)
-            record = await finished(probe, "/stubborn/s")
+            await victim.reset()
+            await client.ping()
+            mark = frame_mark(client)
+            record = await probe.wait_finished(path="/stubborn/s")
             # Every write() after the reset raised, and so did handing over the last chunk.
             assert w.swallowed["/stubborn/s"] == 20
             await assert_cancelled(record, w, thread_outcomes, "/stubborn/s")
-            await waits.stream_done("/stubborn/s")
-            await log.round_trip()
-            assert log.for_stream(victim.stream_id, since=mark) == []
+            await apps_done()  # the only app: its request task is over too
+            await client.ping()
+            assert frames_for(client, victim.stream_id, since=mark) == []
             assert (await client.get("/body/next?size=100")).body == pattern("next", 100)
         await no_threads_left()
 
 
 async def test_reset_stream_receives_nothing_after_the_server_saw_the_reset(
-    waits: Waits, thread_outcomes: Outcomes
+    thread_outcomes: Outcomes,
 ) -> None:
     """The app keeps producing for a while after the reset (it is blocked in plain
     Python when the reset comes); nothing of it may reach the wire."""
     w = Workload()
     probe = AppProbe(w.app)
     with trio.fail_after(TIMEOUT):
-        async with open_test_client(probe, http2=True, threads=1) as client, w.releasing():
-            log = FrameLog(client)
+        async with (
+            open_test_client(probe, http2=True, threads=1, record_frames=True) as client,
+            w.releasing(),
+        ):
             victim = await client.open_stream("GET", "/block/v")
             await w.reached("block/v")
-            await reset(victim)
-            await log.round_trip()
+            await victim.reset()
+            await client.ping()
             w.plain_gate.set()  # only now does the app start producing
-            record = await finished(probe, "/block/v")
+            record = await probe.wait_finished(path="/block/v")
             await assert_cancelled(record, w, thread_outcomes, "/block/v")
-            await waits.stream_done("/block/v")
-            await log.round_trip()
-            assert log.for_stream(victim.stream_id) == []  # no HEADERS, DATA or RST_STREAM
+            await apps_done()  # the only app: its request task is over too
+            await client.ping()
+            assert frames_for(client, victim.stream_id) == []  # no HEADERS, DATA or RST_STREAM
             assert (await client.get("/body/next?size=100")).body == pattern("next", 100)
         await no_threads_left()

@@ -13,11 +13,12 @@ thread computing the next chunk leaves every trio task blocked), so
 ``trio.to_thread.run_sync`` that is not running a ``trio.from_thread.run``
 coroutine for its thread has a thread at work, and we wait for it.
 
-TestClient writes from several tasks under one lock, its HTTP/2 reader task
-included (it sends SETTINGS ACKs, PING ACKs and WINDOW_UPDATEs). A writer
-blocked on a full pipe therefore also stops the reader, which a real client
-would not do; tests that fill the pipe towards the server avoid needing the
-reader to send meanwhile.
+The HTTP/2 client's reader task never waits to write (its SETTINGS ACKs, PING
+ACKs and WINDOW_UPDATEs go out through a separate sender task), so a test that
+fills the pipe towards the server does not stop the client from reading.
+The client returns credit as data arrives; ``pause_reading()`` withholds it
+(``socket=True``: stops reading the connection), and responses too large to
+keep are read with ``receive_data(keep=False)``.
 
 The clock is the real one: ``autojump_clock`` would jump to the next deadline
 whenever the trio tasks are idle, including while an app thread is busy, so it
@@ -40,7 +41,6 @@ from collections.abc import Iterator
 from typing import Any
 from wsgiref.validate import validator
 
-import h2.events
 import h11
 import pytest
 import trio
@@ -55,7 +55,13 @@ from trioserve.connection import (
     STREAM_HIGH_WATER,
 )
 from trioserve.http2 import MAX_BATCH
-from trioserve.testing import DEFAULT_PIPE_CAPACITY, TestClient, TestStream, open_test_client
+from trioserve.testing import (
+    DEFAULT_PIPE_CAPACITY,
+    FrameInfo,
+    TestClient,
+    TestStream,
+    open_test_client,
+)
 
 both_protocols = pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
 
@@ -183,58 +189,33 @@ class Gate:
 async def drain(stream: TestStream, digest: Any = None) -> int:
     """Read a response to its end without keeping it: returns its size, updates ``digest``.
 
-    TestStream.receive_data() appends every piece to ``response.body`` (bytes
-    concatenation: quadratic time, and the whole body in memory); emptying it
-    after each piece keeps the client's memory and time linear.
+    The response must have ended properly (END_STREAM / end of message), not
+    been reset or cut off.
     """
     total = 0
-    while data := await stream.receive_data():
+    while data := await stream.receive_data(keep=False):
         total += len(data)
         if digest is not None:
             digest.update(data)
-        stream.response.body = b""
+    assert stream.response.complete
     return total
 
 
-def record_data_frames(client: TestClient) -> list[tuple[int, int]]:
-    """(stream id, flow-controlled length) of every DATA frame the client receives, in order.
+def data_frames(client: TestClient) -> list[FrameInfo]:
+    """Every DATA frame the client received so far, in order (needs ``record_frames=True``)."""
+    assert client.frames is not None
+    return [frame for frame in client.frames if frame.type == "DATA"]
 
-    TestClient exposes no frame-level view, so this wraps its h2 event handler.
+
+def send_window(client: TestClient, stream_id: int | None = None) -> int:
+    """The client's HTTP/2 send window for ``stream_id`` (None: the connection).
+
+    Private access: TestClient has no public view of its own send windows, so
+    this reads its h2 state.
     """
-    frames: list[tuple[int, int]] = []
-    handle = client._h2_event
-
-    def recording(event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.DataReceived):
-            frames.append((event.stream_id, event.flow_controlled_length))
-        handle(event)
-
-    client._h2_event = recording  # type: ignore[method-assign]
-    return frames
-
-
-async def open_window(client: TestClient, increment: int, stream_id: int | None = None) -> None:
-    """Send WINDOW_UPDATE (``stream_id`` None: the connection). TestClient has no API for it."""
-    client._h2.increment_flow_control_window(increment, stream_id)
-    await client._flush()
-
-
-def stop_reading_socket(client: TestClient) -> trio.Event:
-    """Make the client stop reading its socket until the returned event is set.
-
-    TestClient.pause_reading() over HTTP/2 only withholds WINDOW_UPDATEs; its
-    reader task keeps draining the socket. This gates that task's reads (it
-    may still finish the one read it is already waiting in).
-    """
-    resume = trio.Event()
-    receive_some = client.stream.receive_some
-
-    async def gated_receive_some(max_bytes: int | None = None) -> bytes:
-        await resume.wait()
-        return await receive_some(max_bytes)
-
-    client.stream.receive_some = gated_receive_some  # type: ignore[method-assign]
-    return resume
+    if stream_id is None:
+        return int(client._h2.outbound_flow_control_window)
+    return int(client._h2.local_flow_control_window(stream_id))
 
 
 def streaming_app(
@@ -373,7 +354,7 @@ async def test_upload_blocks_the_client_while_the_app_does_not_read(
                     # Blocked by flow control, not by the pipe. (Below 0 when the
                     # client sent at the default 65535 before a smaller window
                     # arrived: RFC 9113 §6.9.2 allows that.)
-                    assert client._h2.local_flow_control_window(stream.stream_id) <= 0
+                    assert send_window(client, stream.stream_id) <= 0
                 await settle()
                 assert sent == blocked_at  # a steady state: nothing moves any more
                 gate.open()
@@ -467,7 +448,7 @@ async def test_http2_stalled_stream_does_not_starve_the_connection_window() -> N
                 nursery.start_soon(functools.partial(stalled.send, stalled_body, end=True))
                 await gate.wait_parked()
                 await settle()
-                assert client._h2.local_flow_control_window(stalled.stream_id) == 0
+                assert send_window(client, stalled.stream_id) == 0
                 moving = await client.post("/moving", body=moving_body)
                 assert moving.text == f"{len(moving_body)} {digest_of(moving_body)}"
                 assert not gate.opened.is_set()  # the first stream was stalled all along
@@ -503,8 +484,8 @@ async def test_http2_reset_stalled_streams_give_their_connection_credit_back() -
                     await gate.wait_parked(round_ + 1)
                     await settle()
                     # Blocked by the stream's window; the connection has room left.
-                    assert client._h2.local_flow_control_window(stalled.stream_id) == 0
-                    assert client._h2.outbound_flow_control_window >= SERVER_WINDOW // 2
+                    assert send_window(client, stalled.stream_id) == 0
+                    assert send_window(client) >= SERVER_WINDOW // 2
                     # The sender waits for a WINDOW_UPDATE, not in a write: safe to cancel.
                     nursery.cancel_scope.cancel()
                 await stalled.reset()
@@ -529,10 +510,10 @@ async def test_download_blocks_the_app_while_the_client_does_not_read(mode: str)
     http2-window: the client withholds WINDOW_UPDATEs (pause_reading) but keeps
     reading the socket: the client's 64 KiB window + STREAM_HIGH_WATER queued.
     Measured: 320 KiB.
-    http2-socket: windows wide open (16 MiB), the client stops reading the socket
-    (TestClient cannot: pause_reading over HTTP/2 only withholds credit, so the
-    client's reads are gated here). The client's last read + the pipe + one
-    MAX_BATCH in flight + STREAM_HIGH_WATER queued. Measured: 512 KiB.
+    http2-socket: windows wide open (16 MiB, more than the whole body), the
+    client stops reading the socket (pause_reading(socket=True)). The client's
+    last read + the pipe + one MAX_BATCH in flight + STREAM_HIGH_WATER queued.
+    Measured: 512 KiB.
     """
     chunks = [payload(CHUNK, seed=i) for i in range(4)]
     produced = [0]
@@ -549,12 +530,9 @@ async def test_download_blocks_the_app_while_the_client_does_not_read(mode: str)
     )
     with trio.fail_after(TIMEOUT):
         async with open_test_client(app, http2=http2, h2_settings=settings) as client:
-            socket_open = trio.Event()
             if mode == "http2-socket":
-                await open_window(client, 16 * MiB)
-                socket_open = stop_reading_socket(client)
-            else:
-                client.pause_reading()
+                await client.open_window(16 * MiB)
+            client.pause_reading(socket=mode == "http2-socket")
             stream = await client.open_stream("GET", "/")
             await settle()
             blocked_at = produced[0] * CHUNK
@@ -562,9 +540,7 @@ async def test_download_blocks_the_app_while_the_client_does_not_read(mode: str)
             assert 0 < blocked_at <= bound
             await settle()
             assert produced[0] * CHUNK == blocked_at  # it stopped growing
-            socket_open.set()
-            if mode != "http2-socket":
-                await client.resume_reading()
+            await client.resume_reading()
             digest = hashlib.sha256()
             size = await drain(stream, digest)
     assert stream.response.status == 200
@@ -590,26 +566,28 @@ async def test_http2_zero_initial_window_sends_headers_then_waits_for_credit(
             streaming_app(chunks, count, produced),
             http2=True,
             h2_settings={SettingCodes.INITIAL_WINDOW_SIZE: 0},
+            record_frames=True,
         ) as client:
-            frames = record_data_frames(client)
             stream = await client.open_stream("GET", "/")
             response = await stream.receive_headers()
             assert response.status == 200
             await settle()
-            assert frames == []  # headers, and not a byte of data
+            assert data_frames(client) == []  # headers, and not a byte of data
             # The app is blocked: only STREAM_HIGH_WATER (+ the chunk that crossed it) queued.
             assert produced[0] * CHUNK <= STREAM_HIGH_WATER + CHUNK
             assert produced[0] < count
             await client.resume_reading()  # nothing was withheld: does not help
             await settle()
-            assert frames == []
+            assert data_frames(client) == []
             if opened_by == "window-update":
                 # One WINDOW_UPDATE for the stream: from then on the client's
                 # acknowledgements keep that window open until the end.
-                await open_window(client, 64 * KiB, stream.stream_id)
+                await stream.open_window(64 * KiB)
             else:
+                # Private access: TestClient has no API to change its SETTINGS
+                # mid-connection. ping() sends them (queued ahead of the PING).
                 client._h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 64 * KiB})
-                await client._flush()
+                await client.ping()
             digest = hashlib.sha256()
             size = await drain(stream, digest)
     assert size == count * CHUNK
@@ -636,19 +614,20 @@ async def test_http2_stream_at_zero_window_does_not_block_another_stream() -> No
 
     with trio.fail_after(TIMEOUT):
         async with open_test_client(
-            app, http2=True, h2_settings={SettingCodes.INITIAL_WINDOW_SIZE: 0}
+            app, http2=True, h2_settings={SettingCodes.INITIAL_WINDOW_SIZE: 0}, record_frames=True
         ) as client:
-            frames = record_data_frames(client)
             big = await client.open_stream("GET", "/big")
             await big.receive_headers()
             await settle()  # /big: its app is blocked with a full queue and no window
             little = await client.open_stream("GET", "/small")
             await little.receive_headers()
-            await open_window(client, 64 * KiB, little.stream_id)
+            await little.open_window(64 * KiB)
             response = await little.read_response()
+            assert response.complete
             assert response.body == small
-            assert {sid for sid, _ in frames} == {little.stream_id}  # /big still at zero
-            await open_window(client, 64 * KiB, big.stream_id)
+            # /big still at zero: not one DATA frame for it.
+            assert {frame.stream_id for frame in data_frames(client)} == {little.stream_id}
+            await big.open_window(64 * KiB)
             digest = hashlib.sha256()
             size = await drain(big, digest)
     assert size == 64 * CHUNK
@@ -668,21 +647,15 @@ async def test_http2_data_frames_respect_the_peers_max_frame_size(max_frame: int
     limit = max_frame or 16384
     with trio.fail_after(TIMEOUT):
         async with open_test_client(
-            streaming_app(chunks, count), http2=True, h2_settings=settings
+            streaming_app(chunks, count), http2=True, h2_settings=settings, record_frames=True
         ) as client:
-            frames = record_data_frames(client)
-            # TestClient gap: h2_settings changes what the client announces, but
-            # its own h2 keeps accepting only 16384-byte frames: TestClient installs
-            # them as h2's initial local settings, and h2 raises its inbound frame
-            # limit only when a *changed* setting is ACKed.
-            client._h2.max_inbound_frame_size = limit
-            await open_window(client, 4 * MiB)
+            await client.open_window(4 * MiB)
             stream = await client.open_stream("GET", "/")
             digest = hashlib.sha256()
             size = await drain(stream, digest)
+            sizes = [frame.length for frame in data_frames(client)]
     assert size == count * 64 * KiB
     assert digest.hexdigest() == expected_stream_digest(chunks, count)
-    sizes = [length for _, length in frames]
     assert sum(sizes) == size
     assert max(sizes) <= limit
     assert max(sizes) == limit  # and frames are filled up to it: the setting is followed
@@ -710,7 +683,7 @@ async def test_http2_concurrent_downloads_are_interleaved(windows: str) -> None:
     stream may get more than two DATA frames in a row, and their frame counts
     stay within a few frames of each other. "wide": windows far larger than the
     bodies (pure scheduling); "default": the client's 64 KiB windows, credit
-    returned as the three reader tasks consume. Measured longest run: 1.
+    returned as the data arrives. Measured longest run: 1.
     """
     size = 4 * MiB
     bodies = {path: payload(size, seed=50 + i) for i, path in enumerate(["/a", "/b", "/c"])}
@@ -726,10 +699,11 @@ async def test_http2_concurrent_downloads_are_interleaved(windows: str) -> None:
         {SettingCodes.INITIAL_WINDOW_SIZE: 64 * MiB} if windows == "wide" else None
     )
     with trio.fail_after(TIMEOUT):
-        async with open_test_client(validator(app), http2=True, h2_settings=settings) as client:
-            frames = record_data_frames(client)
+        async with open_test_client(
+            validator(app), http2=True, h2_settings=settings, record_frames=True
+        ) as client:
             if windows == "wide":
-                await open_window(client, 64 * MiB)
+                await client.open_window(64 * MiB)
             streams = {path: await client.open_stream("GET", path) for path in bodies}
             await gate.wait_parked(3)
             results: dict[str, str] = {}
@@ -743,8 +717,8 @@ async def test_http2_concurrent_downloads_are_interleaved(windows: str) -> None:
                 for path in bodies:
                     nursery.start_soon(download, path)
                 gate.open()
+            order = [frame.stream_id for frame in data_frames(client)]
     assert results == {path: digest_of(body) for path, body in bodies.items()}
-    order = [sid for sid, _ in frames]
     sids = {stream.stream_id for stream in streams.values()}
     start = max(order.index(sid) for sid in sids)  # all three have started
     end = min(len(order) - 1 - order[::-1].index(sid) for sid in sids)  # one has ended
@@ -794,7 +768,7 @@ async def test_streaming_a_64_mib_response_uses_bounded_memory(http2: bool) -> N
             streaming_app(chunks, count, fresh=True), http2=http2, h2_settings=settings
         ) as client:
             if http2:
-                await open_window(client, 1 * MiB)
+                await client.open_window(1 * MiB)
             stream = await client.open_stream("GET", "/")
             size = await drain(stream, digest)
     print(f"download over {'HTTP/2' if http2 else 'HTTP/1.1'}: peak {memory.peak} bytes")
@@ -924,20 +898,14 @@ async def test_http2_padding_is_credited_at_once() -> None:
             validator(app), http2=True, h2_initial_window_size=window
         ) as client:
             stream = await client.open_stream("POST", "/", end=False)
-            sid = stream.stream_id
 
             async def send_padded() -> None:
                 nonlocal sent
                 for i in range(frames):
-                    while client._h2.local_flow_control_window(sid) < 257:
-                        changed = client._window_changed
-                        await client._flush()
-                        await changed.wait()
-                    client._h2.send_data(sid, data[i : i + 1], pad_length=255)
-                    await client._flush()
+                    # One frame each (waits for 257 bytes of window if need be).
+                    await stream.send(data[i : i + 1], pad_length=255)
                     sent += 1
-                client._h2.end_stream(sid)
-                await client._flush()
+                await stream.end()
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_padded)
@@ -946,7 +914,7 @@ async def test_http2_padding_is_credited_at_once() -> None:
                 print(f"padding: {sent} of {frames} padded frames through, app read nothing")
                 assert sent == frames  # 4 windows of flow-controlled bytes, none read
                 # What is not credited yet is the data (and h2's batching of updates).
-                assert client._h2.local_flow_control_window(sid) >= window - frames - window // 2
+                assert send_window(client, stream.stream_id) >= window - frames - window // 2
                 gate.open()
             response = await stream.read_response()
     assert response.text == f"{frames} {digest_of(data)}"
@@ -974,18 +942,19 @@ async def test_http2_ping_flood_from_a_client_that_never_reads_is_bounded() -> N
         async with open_test_client(
             apps_hello, http2=True, pipe_capacity=pipe, keep_alive_timeout=10 * TIMEOUT
         ) as client:
-            # Finish the handshake first (SETTINGS and their ACKs): once the flood
-            # fills the pipe, TestClient's reader can no longer send anything
-            # (it needs the send lock the blocked flood holds; see the module notes).
+            # Finish the handshake first (SETTINGS and their ACKs), so that only
+            # PINGs and their ACKs are in flight while the client does not read.
             assert (await client.get("/")).status == 200
             await settle()
-            resume = stop_reading_socket(client)
+            client.pause_reading(socket=True)
 
             stop = False
 
             async def flood() -> None:
                 # Stopped by a flag, not cancelled: a write cancelled half-way
                 # would leave half a frame in the pipe.
+                # Private access: TestClient.ping() waits for each ACK; it has no
+                # way to send PINGs without waiting (what a flood is).
                 nonlocal pings
                 for i in range(4 * MiB // 17 // batch):
                     if stop:
@@ -1001,7 +970,7 @@ async def test_http2_ping_flood_from_a_client_that_never_reads_is_bounded() -> N
                 print(f"ping flood: blocked after {pings * 17} bytes of PINGs (bound {bound})")
                 assert 0 < pings * 17 <= bound
                 stop = True
-                resume.set()
+                await client.resume_reading()
             response = await client.get("/")
     assert response.status == 200
     assert response.body == b"Hello, world!\n"

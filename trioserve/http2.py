@@ -125,7 +125,7 @@ class HTTP2Connection:
             self._late_window = initial_window_size
         self._h2.local_settings = h2.settings.Settings(client=False, initial_values=initial_values)
         self._h2.max_inbound_frame_size = max_frame_size
-        _keep_open_after_goaway(self._h2)
+        keep_open_after_goaway(self._h2)
         self._h2.decoder.max_header_list_size = max_header_list_size
         self.max_concurrent_streams = max_concurrent_streams
         self._connection_window = min(MAX_WINDOW, initial_window_size * max_concurrent_streams)
@@ -552,7 +552,7 @@ class HTTP2Connection:
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
 
 
-def _keep_open_after_goaway(conn: h2.connection.H2Connection) -> None:
+def keep_open_after_goaway(conn: h2.connection.H2Connection) -> None:
     """Let a received GOAWAY close the connection only when trioserve says so.
 
     RFC 9113 §6.8: after a GOAWAY, streams up to its last stream id may still
@@ -563,10 +563,11 @@ def _keep_open_after_goaway(conn: h2.connection.H2Connection) -> None:
     GOAWAY; ``HTTP2Connection.closing`` then stops new work and the driver
     closes once the streams in flight are done. (h2 still drops frames it had
     queued but not yet handed out when the GOAWAY arrived: at most an ACK.)
+    trioserve.testing's client uses it too, as real clients behave this way.
     """
     machine = conn.state_machine
     transitions = dict(machine._transitions)
     states = h2.connection.ConnectionState
-    for state in (states.IDLE, states.SERVER_OPEN):
+    for state in (states.IDLE, states.SERVER_OPEN, states.CLIENT_OPEN):
         transitions[(state, h2.connection.ConnectionInputs.RECV_GOAWAY)] = (None, state)
     machine._transitions = transitions

@@ -50,19 +50,25 @@ import h2.exceptions
 import h2.settings
 import h11
 import trio
+from hyperframe.frame import GoAwayFrame
 
 from .config import Config
 from .connection import ServerContext, serve_connection
+from .http2 import keep_open_after_goaway
 from .server import context_from_config
 from .wsgi import ConnectionInfo, StartResponse, WSGIApp
 
 __all__ = [
     "AppProbe",
     "AppRecord",
+    "FrameInfo",
     "TestClient",
     "TestResponse",
+    "TestServer",
     "TestStream",
+    "memory_connection",
     "open_test_client",
+    "open_test_server",
 ]
 
 # Bytes the in-memory pipe holds in each direction before the writer blocks:
@@ -189,10 +195,19 @@ class AppRecord:
     body_read: bytearray = field(default_factory=bytearray)
     bytes_written: int = 0
     cancelled: bool = False  # trio.Cancelled reached the app (reset, disconnect, shutdown)
-    closed: bool = False  # the iterable's close() was called
+    close_calls: int = 0  # how often the iterable's close() was called (PEP 3333: once)
     exception: BaseException | None = None  # what the app raised, if anything
     thread: str = ""
     finished: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def closed(self) -> bool:
+        """The iterable's close() was called."""
+        return self.close_calls > 0
+
+    @property
+    def path(self) -> str:
+        return str(self.environ.get("PATH_INFO", ""))
 
 
 class AppProbe:
@@ -260,13 +275,26 @@ class AppProbe:
             await self._added.wait()
         return self.records[count - 1]
 
-    async def wait_finished(self, index: int = -1) -> AppRecord:
-        """Wait until request ``index`` (default: the latest) has finished in the app."""
-        if not self.records:
-            await self.wait_started()
-        record = self.records[index]
+    async def wait_finished(self, index: int = -1, *, path: str | None = None) -> AppRecord:
+        """Wait until a request has finished in the app, and return its record.
+
+        The request is ``records[index]`` (default: the latest to start), or the
+        first one for ``path`` (PATH_INFO) if given. "Finished" means the app
+        returned a list, raised, or its iterable's close() was called.
+        """
+        if path is not None:
+            while (record := self.find(path)) is None:
+                await self._added.wait()
+        else:
+            if not self.records:
+                await self.wait_started()
+            record = self.records[index]
         await record.finished.wait()
         return record
+
+    def find(self, path: str) -> AppRecord | None:
+        """The first record whose PATH_INFO is ``path``, or None."""
+        return next((record for record in self.records if record.path == path), None)
 
 
 class _RecordingInput:
@@ -324,7 +352,7 @@ class _RecordingIterable:
             if close is not None:
                 close()
         finally:
-            self._record.closed = True
+            self._record.close_calls += 1
             self._probe._finish(self._record)
 
 
@@ -341,9 +369,16 @@ class TestResponse:
 
     status: int = 0
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    body: bytes = b""
     http_version: str = ""
     informational: list[int] = field(default_factory=list)  # e.g. [100] after 100 Continue
+    complete: bool = False  # ended properly (False: reset or connection closed mid-way)
+
+    _body: bytearray = field(default_factory=bytearray, repr=False)
+
+    @property
+    def body(self) -> bytes:
+        """The body received so far (all of it once the response is read)."""
+        return bytes(self._body)
 
     def header(self, name: str) -> str | None:
         """The value of header ``name`` (case-insensitive), or None."""
@@ -358,6 +393,30 @@ class TestResponse:
         return self.body.decode("utf-8")
 
 
+@dataclass(frozen=True)
+class FrameInfo:
+    """One HTTP/2 frame the client received (see ``record_frames``)."""
+
+    type: str  # "DATA", "HEADERS", "RST_STREAM", ...
+    stream_id: int
+    length: int
+    flags: int
+
+
+_FRAME_TYPES = {
+    0: "DATA",
+    1: "HEADERS",
+    2: "PRIORITY",
+    3: "RST_STREAM",
+    4: "SETTINGS",
+    5: "PUSH_PROMISE",
+    6: "PING",
+    7: "GOAWAY",
+    8: "WINDOW_UPDATE",
+    9: "CONTINUATION",
+}
+
+
 class TestStream:
     """One request in flight: send its body in pieces, read its response, reset it."""
 
@@ -368,7 +427,7 @@ class TestStream:
         self.stream_id = stream_id
         self.response = TestResponse()
         self.headers_received = trio.Event()
-        self.ended = trio.Event()  # response complete, or reset
+        self.ended = trio.Event()  # response complete, reset, or connection gone
         self.reset_code: int | None = None  # RST_STREAM code from the server (HTTP/2)
         self._data: deque[bytes] = deque()
         self._data_arrived = trio.Event()
@@ -378,36 +437,50 @@ class TestStream:
         self._data_arrived.set()
         self._data_arrived = trio.Event()
 
-    def _end(self) -> None:
+    def _end(self, *, complete: bool = False) -> None:
+        if not self.ended.is_set():
+            self.response.complete = complete
         self.ended.set()
         self.headers_received.set()
         self._data_arrived.set()
 
-    async def send(self, data: bytes, *, end: bool = False) -> None:
-        """Send a piece of the request body (and end it if ``end``)."""
-        await self.client._send_body(self, data, end)
+    async def send(self, data: bytes, *, end: bool = False, pad_length: int | None = None) -> None:
+        """Send a piece of the request body (and end it if ``end``).
+
+        ``pad_length`` (HTTP/2) pads the DATA frames, which the server must
+        credit back at once.
+        """
+        await self.client._send_body(self, data, end, pad_length)
 
     async def end(self) -> None:
         """End the request body."""
-        await self.client._send_body(self, b"", True)
+        await self.client._send_body(self, b"", True, None)
 
     async def reset(self, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         """Abandon the request: RST_STREAM on HTTP/2, an abrupt disconnect on HTTP/1.1."""
         await self.client._reset(self, error_code)
+
+    async def open_window(self, size: int) -> None:
+        """HTTP/2: grant the server ``size`` more bytes of this stream's response."""
+        await self.client.open_window(size, self.stream_id)
 
     async def receive_headers(self) -> TestResponse:
         """Wait for the response head (status and headers)."""
         await self.client._pump_until(self.headers_received)
         return self.response
 
-    async def receive_data(self) -> bytes:
-        """The next piece of response body; b"" once the response is complete."""
+    async def receive_data(self, *, keep: bool = True) -> bytes:
+        """The next piece of response body; b"" once the response is over.
+
+        With ``keep=False`` the piece is not added to ``response.body`` (for
+        large responses a test only hashes or counts).
+        """
         while not self._data and not self.ended.is_set():
             await self.client._pump_until_data(self)
         if self._data:
             data = self._data.popleft()
-            self.response.body += data
-            self.client._consumed(self, len(data))
+            if keep:
+                self.response._body += data
             return data
         return b""
 
@@ -423,21 +496,30 @@ class TestClient:
 
     __test__ = False
 
-    def __init__(self, stream: MemoryEndpoint, http2: bool, authority: str) -> None:
+    def __init__(
+        self, stream: MemoryEndpoint, http2: bool, authority: str, *, record_frames: bool = False
+    ) -> None:
         self.stream = stream
         self.http2 = http2
         self.authority = authority
-        self.paused = False
-        self._send_lock = trio.Lock()
-        self._streams: dict[int, TestStream] = {}
-        self._resume = trio.Event()
-        self._unacked: dict[int, int] = {}
-        self._window_changed = trio.Event()
-        self.goaway: h2.events.ConnectionTerminated | None = None
+        self.paused = False  # not consuming: HTTP/2 credit withheld (see pause_reading)
+        self.socket_paused = False  # not even reading the socket
         self.closed = trio.Event()  # the server closed the connection
+        self.goaway_received: h2.events.ConnectionTerminated | None = None  # last GOAWAY
+        self.frames: list[FrameInfo] | None = [] if record_frames else None
+        self._streams: dict[int, TestStream] = {}
+        self._send_lock = trio.Lock()
+        self._resume = trio.Event()
+        self._withheld: dict[int, int] = {}  # HTTP/2 credit not yet returned while paused
+        self._window_changed = trio.Event()
+        self._output_wanted = trio.Event()
+        self._pings: dict[bytes, trio.Event] = {}
+        self._ping_count = 0
+        self._frame_buffer = bytearray()
         if http2:
             config = h2.config.H2Configuration(client_side=True, header_encoding=None)
             self._h2 = h2.connection.H2Connection(config)
+            keep_open_after_goaway(self._h2)
         else:
             self._h11 = h11.Connection(h11.CLIENT)
             self._h1_stream: TestStream | None = None
@@ -482,20 +564,55 @@ class TestClient:
             return await self._h2_open(method, path, fields, body, end)
         return await self._h1_open(method, path, fields, body, end)
 
-    def pause_reading(self) -> None:
-        """Stop consuming the response: the server must stop sending (backpressure)."""
+    def pause_reading(self, *, socket: bool = False) -> None:
+        """Stop consuming responses, so the server must stop sending (backpressure).
+
+        HTTP/2: by default the client keeps reading frames but returns no more
+        flow-control credit, so the server's windows run down to zero (what a
+        slow HTTP/2 consumer does). With ``socket=True`` (always, for HTTP/1.1)
+        the client stops reading the connection altogether, like a stalled peer.
+        """
         self.paused = True
+        self.socket_paused = socket or not self.http2
 
     async def resume_reading(self) -> None:
-        """Consume again (and return the flow-control credit withheld meanwhile)."""
-        self.paused = False
+        """Consume again, returning the credit withheld meanwhile."""
+        self.paused = self.socket_paused = False
         self._resume.set()
         self._resume = trio.Event()
         if self.http2:
-            for stream_id, size in list(self._unacked.items()):
+            for stream_id, size in list(self._withheld.items()):
                 self._ack(stream_id, size)
-            self._unacked.clear()
+            self._withheld.clear()
             await self._flush()
+
+    async def open_window(self, size: int, stream_id: int | None = None) -> None:
+        """HTTP/2: send WINDOW_UPDATE for ``stream_id`` (None: the connection)."""
+        self._h2.increment_flow_control_window(size, stream_id)
+        await self._flush()
+
+    async def ping(self) -> None:
+        """HTTP/2: send a PING and wait for its ACK (a full round trip through the server)."""
+        self._ping_count += 1
+        opaque = self._ping_count.to_bytes(8, "big")
+        acked = self._pings[opaque] = trio.Event()
+        self._h2.ping(opaque)
+        await self._flush()
+        await acked.wait()
+        if self._pings.pop(opaque, None) is not None:  # woken by the end, not by the ACK
+            raise trio.BrokenResourceError("the connection closed before the PING was answered")
+
+    def send_window(self, stream_id: int | None = None) -> int:
+        """HTTP/2: bytes this client may still send on ``stream_id`` (None: the connection)."""
+        if stream_id is None:
+            return int(self._h2.outbound_flow_control_window)
+        return int(self._h2.local_flow_control_window(stream_id))
+
+    async def goaway(self, error_code: int = 0, last_stream_id: int = 0) -> None:
+        """HTTP/2: send GOAWAY, keeping the connection open for streams in flight."""
+        frame = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=error_code)
+        await self._flush()
+        await self._raw_send(frame.serialize())
 
     async def disconnect(self, *, abort: bool = False) -> None:
         """Drop the connection: ``abort=True`` like a TCP reset, otherwise a clean close."""
@@ -505,11 +622,6 @@ class TestClient:
             await self.stream.aclose()
         for stream in self._streams.values():
             stream._end()
-
-    async def ping(self) -> None:
-        """HTTP/2: send PING (useful to provoke a round trip)."""
-        self._h2.ping(b"trioserv")
-        await self._flush()
 
     # ---- HTTP/1.1 ---------------------------------------------------------------
 
@@ -541,7 +653,7 @@ class TestClient:
         return stream
 
     async def _h1_pump(self) -> None:
-        """Read and handle one batch of HTTP/1.1 response events."""
+        """Read and handle one HTTP/1.1 response event."""
         stream = self._h1_stream
         assert stream is not None
         while True:
@@ -573,7 +685,9 @@ class TestClient:
                 stream.headers_received.set()
             elif isinstance(event, h11.Data):
                 stream._push_data(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            elif isinstance(event, h11.EndOfMessage):
+                stream._end(complete=True)
+            elif isinstance(event, h11.ConnectionClosed):
                 stream._end()
             return
 
@@ -582,6 +696,7 @@ class TestClient:
     async def _h2_start(self, settings: dict[int, int] | None) -> None:
         values = {h2.settings.SettingCodes(code): value for code, value in (settings or {}).items()}
         self._h2.local_settings = h2.settings.Settings(client=True, initial_values=values)
+        self._h2.max_inbound_frame_size = self._h2.local_settings.max_frame_size
         self._h2.initiate_connection()
         await self._flush()
 
@@ -603,24 +718,39 @@ class TestClient:
         self._h2.send_headers(stream_id, head, end_stream=end and not body)
         await self._flush()
         if body:
-            await self._send_body(stream, body, end)
+            await self._send_body(stream, body, end, None)
         return stream
 
     async def _h2_reader_task(self) -> None:
+        """Read frames and react, never waiting to send (writes go to the sender task)."""
         try:
             while True:
+                while self.socket_paused:
+                    await self._resume.wait()
                 data = await self.stream.receive_some(65536)
                 if not data:
                     break
+                if self.frames is not None:
+                    self._record_frames(data)
                 for event in self._h2.receive_data(data):
                     self._h2_event(event)
-                await self._flush()
+                self._output_wanted.set()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except h2.exceptions.ProtocolError:
+            pass  # the server broke the protocol; tests see the connection end
         self.closed.set()
         self._window_changed.set()
+        for acked in self._pings.values():
+            acked.set()  # ping() raises: no ACK will come
         for stream in self._streams.values():
             stream._end()
+
+    async def _h2_sender_task(self) -> None:
+        while True:
+            await self._output_wanted.wait()
+            self._output_wanted = trio.Event()
+            await self._flush()
 
     def _h2_event(self, event: h2.events.Event) -> None:
         stream = self._streams.get(getattr(event, "stream_id", 0) or 0)
@@ -641,35 +771,48 @@ class TestClient:
                     stream.response.informational.append(int(value))
         elif isinstance(event, h2.events.DataReceived):
             size = event.flow_controlled_length
-            if stream is not None:
+            if stream is not None and not stream.ended.is_set():
                 stream._push_data(event.data)
-                self._unacked[event.stream_id] = self._unacked.get(event.stream_id, 0) + size
+            if self.paused and stream is not None:
+                self._withheld[event.stream_id] = self._withheld.get(event.stream_id, 0) + size
             else:
                 self._ack(event.stream_id, size)
         elif isinstance(event, h2.events.StreamEnded) and stream is not None:
-            stream._end()
+            stream._end(complete=True)
         elif isinstance(event, h2.events.StreamReset) and stream is not None:
             stream.reset_code = int(event.error_code or 0)
             stream._end()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self.goaway = event
+            self.goaway_received = event
+        elif isinstance(event, h2.events.PingAckReceived):
+            acked = self._pings.pop(bytes(event.ping_data), None)
+            if acked is not None:
+                acked.set()
         if isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._window_changed.set()
             self._window_changed = trio.Event()
+
+    def _record_frames(self, data: bytes) -> None:
+        assert self.frames is not None
+        buffer = self._frame_buffer
+        buffer += data
+        while len(buffer) >= 9:
+            length = int.from_bytes(buffer[:3], "big")
+            if len(buffer) < 9 + length:
+                break
+            kind = _FRAME_TYPES.get(buffer[3], f"0x{buffer[3]:02x}")
+            stream_id = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+            self.frames.append(FrameInfo(kind, stream_id, length, buffer[4]))
+            del buffer[: 9 + length]
 
     def _ack(self, stream_id: int, size: int) -> None:
         if size:
             try:
                 self._h2.acknowledge_received_data(size, stream_id)
-            except Exception:  # connection already closed
-                pass
+            except h2.exceptions.ProtocolError:
+                pass  # connection already closed
 
     # ---- shared plumbing ----------------------------------------------------------
-
-    def _consumed(self, stream: TestStream, size: int) -> None:
-        if self.http2 and not self.paused:
-            unacked = self._unacked.pop(stream.stream_id, 0)
-            self._ack(stream.stream_id, unacked)
 
     async def _pump_until(self, event: trio.Event) -> None:
         if self.http2:
@@ -680,14 +823,13 @@ class TestClient:
 
     async def _pump_until_data(self, stream: TestStream) -> None:
         if self.http2:
-            arrived = stream._data_arrived
-            if not self.paused:
-                await self._flush()
-            await arrived.wait()
+            await stream._data_arrived.wait()
         else:
             await self._h1_pump()
 
-    async def _send_body(self, stream: TestStream, data: bytes, end: bool) -> None:
+    async def _send_body(
+        self, stream: TestStream, data: bytes, end: bool, pad_length: int | None
+    ) -> None:
         if not self.http2:
             out = b""
             if data:
@@ -697,23 +839,28 @@ class TestClient:
             await self._raw_send(out)
             return
         try:
-            await self._h2_send_body(stream, data, end)
+            await self._h2_send_body(stream, data, end, pad_length)
         except h2.exceptions.StreamClosedError:
             # The server finished (or reset) the stream first, e.g. it answered
             # without reading the whole body: real clients stop sending too.
             pass
 
-    async def _h2_send_body(self, stream: TestStream, data: bytes, end: bool) -> None:
+    async def _h2_send_body(
+        self, stream: TestStream, data: bytes, end: bool, pad_length: int | None
+    ) -> None:
         view = memoryview(data)
+        overhead = 0 if pad_length is None else pad_length + 1
         while view:
-            window = self._h2.local_flow_control_window(stream.stream_id)
-            size = min(window, self._h2.max_outbound_frame_size, len(view))
+            window = self._h2.local_flow_control_window(stream.stream_id) - overhead
+            size = min(window, self._h2.max_outbound_frame_size - overhead, len(view))
             if size <= 0:
                 changed = self._window_changed
                 await self._flush()
                 await changed.wait()  # the reader task sees the WINDOW_UPDATE
+                if self.closed.is_set():
+                    raise trio.BrokenResourceError("the connection closed while waiting for window")
                 continue
-            self._h2.send_data(stream.stream_id, bytes(view[:size]))
+            self._h2.send_data(stream.stream_id, bytes(view[:size]), pad_length=pad_length)
             view = view[size:]
             await self._flush()
         if end:
@@ -723,24 +870,109 @@ class TestClient:
     async def _reset(self, stream: TestStream, error_code: int) -> None:
         if self.http2:
             self._h2.reset_stream(stream.stream_id, error_code)
+            # Whatever arrived for it but was not read is credited back, as a
+            # real client does when it abandons a stream.
+            self._ack(stream.stream_id, self._withheld.pop(stream.stream_id, 0))
             stream._end()
             await self._flush()
         else:
             await self.disconnect(abort=True)
 
     async def _flush(self) -> None:
-        data = self._h2.data_to_send()
-        if data:
-            await self._raw_send(data)
+        async with self._send_lock:
+            data = self._h2.data_to_send()
+            if data:
+                await self._send_locked(data)
 
     async def _raw_send(self, data: bytes) -> None:
-        if not data:
-            return
-        async with self._send_lock:
+        if data:
+            async with self._send_lock:
+                await self._send_locked(data)
+
+    async def _send_locked(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.closed.set()
+
+
+class TestServer:
+    """A trioserve server without sockets: each :meth:`connect` is a new connection.
+
+    All connections share the server's state, thread limiter included, as the
+    connections of a real server do.
+    """
+
+    __test__ = False
+
+    def __init__(self, ctx: ServerContext, nursery: trio.Nursery) -> None:
+        self.context = ctx
+        self._nursery = nursery
+        self._next_port = 50000
+
+    @asynccontextmanager
+    async def connect(
+        self,
+        *,
+        http2: bool = False,
+        h2_settings: dict[int, int] | None = None,
+        pipe_capacity: int = DEFAULT_PIPE_CAPACITY,
+        client_addr: tuple[str, int] | None = None,
+        record_frames: bool = False,
+    ) -> AsyncIterator[TestClient]:
+        """Open a connection and yield its client.
+
+        Args:
+          http2: speak HTTP/2 (prior knowledge) instead of HTTP/1.1.
+          h2_settings: the client's HTTP/2 SETTINGS, e.g.
+            ``{h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}`` for a zero window.
+          pipe_capacity: bytes buffered per direction before a writer blocks.
+          client_addr: REMOTE_ADDR/REMOTE_PORT as the app sees them.
+          record_frames: keep a :class:`FrameInfo` per HTTP/2 frame received
+            in ``client.frames``.
+
+        On exit the connection is closed (abruptly if the block raised) and the
+        server side finishes, every app thread it started included.
+        """
+        if client_addr is None:
+            client_addr = ("127.0.0.1", self._next_port)
+            self._next_port += 1
+        client_end, server_end = memory_connection(pipe_capacity)
+        info = ConnectionInfo(
+            scheme="http",
+            server_name="testserver",
+            server_port="80",
+            client_addr=client_addr[0],
+            client_port=str(client_addr[1]),
+            root_path=self.context.root_path,
+        )
+        client = TestClient(client_end, http2, "testserver", record_frames=record_frames)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_connection, server_end, self.context, info)
+            if http2:
+                await client._h2_start(h2_settings)
+                nursery.start_soon(client._h2_reader_task)
+                nursery.start_soon(client._h2_sender_task)
             try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.closed.set()
+                yield client
+            except BaseException:
+                client.stream.abort()  # cancel whatever the server still runs for us
+                raise
+            else:
+                await client.stream.aclose()
+                if http2:
+                    await client.closed.wait()  # the reader saw the end
+                nursery.cancel_scope.cancel()  # the client's own tasks
+
+
+@asynccontextmanager
+async def open_test_server(
+    app: WSGIApp, *, config: Config | None = None, **options: Any
+) -> AsyncIterator[TestServer]:
+    """A server for ``app`` that clients reach with ``server.connect()``; see TestServer."""
+    config = (config or Config()).replace(**options) if options else (config or Config())
+    async with trio.open_nursery() as nursery:
+        yield TestServer(context_from_config(app, config), nursery)
 
 
 @asynccontextmanager
@@ -752,42 +984,24 @@ async def open_test_client(
     h2_settings: dict[int, int] | None = None,
     pipe_capacity: int = DEFAULT_PIPE_CAPACITY,
     client_addr: tuple[str, int] = ("127.0.0.1", 50000),
+    record_frames: bool = False,
     **options: Any,
 ) -> AsyncIterator[TestClient]:
     """Serve ``app`` over one in-memory connection and yield a client for it.
 
-    Args:
-      app: the WSGI app (wrap it in :class:`AppProbe` to see what it saw).
-      config: server configuration; ``options`` override its fields.
-      http2: speak HTTP/2 (prior knowledge) instead of HTTP/1.1.
-      h2_settings: the client's HTTP/2 SETTINGS, e.g.
-        ``{h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}`` for a zero window.
-      pipe_capacity: bytes buffered per direction before a writer blocks.
-
-    On exit the connection is closed and the server side waits for every app
-    thread it started, so nothing outlives the block.
+    The same as ``open_test_server(app, ...)`` followed by one
+    ``server.connect(...)``; see :meth:`TestServer.connect` for the
+    arguments. ``config`` and ``options`` configure the server
+    (``threads=1``, ``h2_initial_window_size=...``).
     """
-    config = (config or Config()).replace(**options) if options else (config or Config())
-    ctx: ServerContext = context_from_config(app, config)
-    client_end, server_end = memory_connection(pipe_capacity)
-    info = ConnectionInfo(
-        scheme="http",
-        server_name="testserver",
-        server_port="80",
-        client_addr=client_addr[0],
-        client_port=str(client_addr[1]),
-        root_path=ctx.root_path,
-    )
-    client = TestClient(client_end, http2, "testserver")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_connection, server_end, ctx, info)
-        if http2:
-            await client._h2_start(h2_settings)
-            nursery.start_soon(client._h2_reader_task)
-        try:
-            yield client
-        except BaseException:
-            client.stream.abort()  # cancel whatever the server still runs for us
-            raise
-        else:
-            await client.stream.aclose()
+    async with (
+        open_test_server(app, config=config, **options) as server,
+        server.connect(
+            http2=http2,
+            h2_settings=h2_settings,
+            pipe_capacity=pipe_capacity,
+            client_addr=client_addr,
+            record_frames=record_frames,
+        ) as client,
+    ):
+        yield client
