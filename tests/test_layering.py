@@ -113,3 +113,45 @@ def test_public_api() -> None:
     assert trioserve.__all__ == ["Config", "ConfigError", "Server", "serve_wsgi"]
     for name in trioserve.__all__:
         assert hasattr(trioserve, name)
+
+
+def imports_trio_asyncio(source: str) -> bool:
+    """Does ``source`` import trio_asyncio (the optional asyncio bridge), in any form?"""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(name.split(".")[0] == "trio_asyncio" for name in names):
+            return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("import trio_asyncio", True),
+        ("import trio, trio_asyncio as ta", True),
+        ("from trio_asyncio import aio_as_trio", True),
+        ("from trio_asyncio._loop import open_loop", True),
+        ("def f():\n    import trio_asyncio\n", True),
+        ("import trio", False),
+        ("import asyncio", False),
+        ("from .trio_asyncio import x", False),
+        ("x = 'import trio_asyncio'", False),
+    ],
+)
+def test_imports_trio_asyncio_checker(source: str, expected: bool) -> None:
+    assert imports_trio_asyncio(source) is expected
+
+
+def test_no_module_imports_trio_asyncio() -> None:
+    """trio-asyncio is an optional extra (examples/with_asyncio.py): the package never needs it."""
+    offenders = [
+        path.name
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if imports_trio_asyncio(path.read_text(encoding="utf-8"))
+    ]
+    assert not offenders, f"these modules import trio_asyncio: {offenders}"

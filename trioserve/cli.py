@@ -1,7 +1,12 @@
 """The ``trioserve`` command: parse flags into a Config, load the app, serve until a signal.
 
 The argument parser is generated from :class:`trioserve.config.Config`'s
-fields, so every flag is a config field with the same name and default.
+fields, so every flag is a config field with the same name and default;
+``--config FILE`` supplies the same fields from TOML, under the flags given
+(:mod:`trioserve.configfile`). With ``--workers N`` above 1 this process
+becomes the supervisor of N worker processes and never imports the app
+(:mod:`trioserve.workers`).
+
 Misconfiguration ends the process with one line on stderr and exit status 2
 (bad flags, app not importable) or 1 (cannot bind, unreadable certificate);
 never with a traceback, except when the app's own module fails while importing.
@@ -22,8 +27,11 @@ from typing import Any, get_type_hints
 import trio
 
 from .config import Config, ConfigError, options
+from .configfile import load_config_file
 from .importer import import_app
+from .listeners import systemd_listeners
 from .server import Server, serve_wsgi
+from .workers import ignore_terminal_signals, in_worker, report_ready, run_supervisor
 from .wsgi import WSGIApp
 
 LOGGER = logging.getLogger("trioserve.error")
@@ -37,7 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "app",
         metavar="MODULE:ATTR",
-        help="the WSGI application, e.g. examples.hello:app (ATTR defaults to 'application')",
+        nargs="?",
+        help="the WSGI application, e.g. examples.hello:app (ATTR defaults to 'application');"
+        " omitted with --root DIR",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read options from a TOML file: keys are the long flag names (dash- or snake_case);"
+        " flags given here override it; see trioserve/configfile.py (default: none)",
     )
     hints = get_type_hints(Config)
     for field in options():
@@ -48,14 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
             default = field.default_factory()
         else:
             default = field.default
-        kwargs: dict[str, Any] = {"dest": field.name, "default": default}
+        # A sentinel default: only flags actually given reach config_from_args,
+        # so they override a --config file and the others do not hide it.
+        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
             shown = "on" if default else "off"
         elif kind == tuple[str, ...]:
-            # argparse would append to a non-empty default list rather than
-            # replace it, so the default is applied in config_from_args.
-            kwargs.update(action="append", default=None, metavar=meta["metavar"] or None)
+            # Appends to an empty list: flags given replace the default (or the file's list).
+            kwargs.update(action="append", metavar=meta["metavar"] or None)
             shown = " ".join(default)
         else:
             kwargs["type"] = _scalar_type(kind)
@@ -74,10 +91,15 @@ def _scalar_type(kind: Any) -> Any:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    values = {field.name: getattr(args, field.name) for field in options()}
-    if values["bind"] is None:
-        del values["bind"]
+    """The Config: ``--config`` file values, overridden by the flags given, else the defaults."""
+    values = load_config_file(args.config) if args.config else {}
+    values.update(given_options(args))
     return Config(**values)
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Config fields set by flags on the command line (the parser's defaults are a sentinel)."""
+    return {field.name: getattr(args, field.name) for field in options() if field.name in args}
 
 
 def setup_logging(config: Config) -> None:
@@ -104,16 +126,28 @@ def setup_logging(config: Config) -> None:
 
 
 async def run_until_signalled(app: WSGIApp, config: Config) -> None:
-    """Serve until SIGINT/SIGTERM: the first stops gracefully, a second one at once."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """Serve until SIGINT/SIGTERM: the first stops gracefully, a second one at once.
+
+    A worker process (see :mod:`trioserve.workers`) stops on SIGTERM only (its
+    parent handles SIGINT), serves the sockets it was given rather than systemd's,
+    and reports to its parent once it serves.
+    """
+    worker = in_worker()
+    stop_signals = (signal.SIGTERM,) if worker else (signal.SIGINT, signal.SIGTERM)
+    with trio.open_signal_receiver(*stop_signals) as signals:
         async with trio.open_nursery() as nursery:
-            server = await serve_wsgi(app, nursery, config=config)
+            activated = [] if worker else systemd_listeners()
+            if activated:
+                LOGGER.info("Serving %d socket(s) from systemd (LISTEN_FDS)", len(activated))
+            server = await serve_wsgi(app, nursery, config=config, listeners=activated or None)
             for address in server.addresses:
                 scheme = "https" if config.certfile else "http"
                 LOGGER.info(
-                    "Listening on %s",
+                    "Worker serving %s" if worker else "Listening on %s",
                     address if address.startswith("unix:") else f"{scheme}://{address}",
                 )
+            if worker:
+                nursery.start_soon(report_ready, server, nursery.cancel_scope)
             nursery.start_soon(_watch_signals, signals, server, nursery.cancel_scope)
             await server.wait_stopped()
             nursery.cancel_scope.cancel()
@@ -136,17 +170,50 @@ async def _watch_signals(signals: Any, server: Server, cancel_scope: trio.Cancel
             return
 
 
+def load_app(spec: str | None, config: Config) -> WSGIApp:
+    """The app to serve: MODULE:ATTR imported, or StaticFiles for ``--root DIR`` (exactly one)."""
+    check_app_source(spec, config)
+    if spec is not None:
+        app: WSGIApp = import_app(spec, factory=config.factory)
+        return app
+    from .static import StaticFiles
+
+    assert config.root is not None
+    try:
+        return StaticFiles(config.root)
+    except OSError as exc:
+        raise ConfigError(f"--root {config.root}: not a directory") from exc
+
+
+def check_app_source(spec: str | None, config: Config) -> None:
+    """Exactly one of MODULE:ATTR and ``--root DIR`` (checked without importing anything)."""
+    if spec is None and config.root is None:
+        raise ConfigError("give the app as MODULE:ATTR, or --root DIR to serve static files")
+    if spec is not None and config.root is not None:
+        raise ConfigError(f"give either MODULE:ATTR ({spec}) or --root DIR, not both")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if in_worker():
+        ignore_terminal_signals()
     parser = build_parser()
     args = parser.parse_args(argv)
+    # More than one worker: this process supervises and never imports the app.
+    app: WSGIApp | None = None
     try:
         config = config_from_args(args)
-        app = import_app(args.app, factory=config.factory)
+        if config.workers > 1 and not in_worker():
+            check_app_source(args.app, config)
+        else:
+            app = load_app(args.app, config)
     except ConfigError as exc:
         print(f"trioserve: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config)
     try:
+        if app is None:
+            status: int = trio.run(run_supervisor, args, config)
+            return status
         trio.run(run_until_signalled, app, config)
     except BaseExceptionGroup as group:
         error = _only_config_error(group)

@@ -2,8 +2,9 @@
 
 Each field carries its command-line help in its metadata; :mod:`trioserve.cli`
 builds the argument parser from these fields, so a flag and its config field
-cannot drift apart. Embedders pass a :class:`Config` (or keyword overrides) to
-:func:`trioserve.serve_wsgi`.
+cannot drift apart, and a ``--config`` TOML file sets the same fields by name
+(:mod:`trioserve.configfile`). Embedders pass a :class:`Config` (or keyword
+overrides) to :func:`trioserve.serve_wsgi`.
 
 Every default has its reason next to it.
 """
@@ -51,6 +52,13 @@ class Config:
     )
     root_path: str = _option(
         "", "SCRIPT_NAME: the URL prefix the app is mounted under (e.g. /api)", metavar="PATH"
+    )
+    root: str | None = _option(
+        # No default: serving a directory is a decision. Used by the trioserve
+        # command only (serve_wsgi serves the app it is given).
+        None,
+        "serve the static files under DIR (trioserve.static.StaticFiles) instead of MODULE:ATTR",
+        metavar="DIR",
     )
     factory: bool = _option(False, "treat MODULE:ATTR as a factory: call it to get the app")
     log_level: str = _option(
@@ -138,6 +146,77 @@ class Config:
     server_header: str = _option(
         "trioserve", 'value of the Server response header; "" to send none', metavar="TEXT"
     )
+    # ---- processes -----------------------------------------------------------
+    workers: int = _option(
+        # One process needs no supervisor; more use more cores (the GIL).
+        1,
+        "worker processes; above 1 a supervisor binds the sockets once and runs N workers",
+        flags=("-w", "--workers"),
+    )
+    max_requests: int = _option(
+        # Off: recycling is a workaround for leaky apps, opted into.
+        0,
+        "gracefully restart a worker after it has served this many requests; 0 never",
+    )
+    max_requests_jitter: int = _option(
+        0,
+        "add a random 0..N to max-requests per worker, so workers do not restart together",
+    )
+    # ---- timeouts ----------------------------------------------------------------
+    header_timeout: float = _option(
+        # Slowloris defence: a real client sends its headers in one round trip.
+        10.0,
+        "seconds a client gets to send a complete request head once it started (408 beyond)",
+        metavar="SECONDS",
+    )
+    body_timeout: float = _option(
+        # nginx's client_body_timeout: the limit is on a pause, not on the upload.
+        60.0,
+        "seconds the app may wait for the next piece of a request body (408 or reset beyond)",
+        metavar="SECONDS",
+    )
+    write_timeout: float = _option(
+        # nginx's send_timeout: a client that stops reading is given up on.
+        60.0,
+        "seconds a client may take to accept the next piece of a response before it is dropped",
+        metavar="SECONDS",
+    )
+    h2_idle_timeout: float = _option(
+        # HTTP/2 connections are worth keeping longer than HTTP/1.1 ones: one per client.
+        30.0,
+        "seconds an HTTP/2 connection with no open stream stays open",
+        metavar="SECONDS",
+    )
+    # ---- limits --------------------------------------------------------------------
+    max_connections: int = _option(
+        # Well below a typical 65536 descriptor limit; beyond it the kernel's
+        # backlog queues new connections rather than trioserve accepting and
+        # dropping them. 0 means no limit.
+        4096,
+        "connections served at once per worker process; more wait in the backlog; 0 no limit",
+    )
+    max_requests_in_flight: int = _option(
+        # Off by default: queueing for a thread is usually better than refusing.
+        0,
+        "requests in progress per worker beyond which new ones get 503 at once; 0 no limit",
+    )
+    # ---- proxies ---------------------------------------------------------------------
+    forwarded_allow_ips: tuple[str, ...] = _option(
+        # Only a proxy on this machine may speak for the client by default.
+        ("127.0.0.1", "::1", "unix"),
+        "peers (IP addresses or CIDRs; 'unix' for unix sockets; '*' for all) whose Forwarded,"
+        " X-Forwarded-* and PROXY protocol headers are trusted; repeatable",
+        metavar="CIDR",
+    )
+    proxy_protocol: bool = _option(
+        False,
+        "expect a PROXY protocol v1/v2 header (HAProxy, AWS NLB) on connections from trusted peers",
+    )
+    unix_socket_mode: str | None = _option(
+        None,
+        "permissions of unix:PATH sockets, in octal (e.g. 660); default: the process umask",
+        metavar="MODE",
+    )
 
     def __post_init__(self) -> None:
         bind: Any = self.bind  # a single string is accepted for convenience
@@ -164,6 +243,30 @@ class Config:
         _check(self.max_request_line_size >= 64, "max-request-line-size must be at least 64")
         _check(self.max_header_count >= 1, "max-header-count must be at least 1")
         _check(self.backlog >= 1, "backlog must be at least 1")
+        _check(self.workers >= 1, f"workers must be at least 1, not {self.workers}")
+        _check(self.max_requests >= 0, "max-requests cannot be negative")
+        _check(self.max_requests_jitter >= 0, "max-requests-jitter cannot be negative")
+        for name in ("header_timeout", "body_timeout", "write_timeout", "h2_idle_timeout"):
+            value = getattr(self, name)
+            _check(value > 0, f"{name.replace('_', '-')} must be positive, not {value}")
+        _check(self.max_connections >= 0, "max-connections cannot be negative")
+        _check(self.max_requests_in_flight >= 0, "max-requests-in-flight cannot be negative")
+        allow: Any = self.forwarded_allow_ips
+        object.__setattr__(
+            self, "forwarded_allow_ips", (allow,) if isinstance(allow, str) else tuple(allow)
+        )
+        from .proxy import parse_allow_list  # here: proxy imports this module
+
+        parse_allow_list(self.forwarded_allow_ips)  # raises ConfigError for a bad entry
+        if self.unix_socket_mode is not None:
+            try:
+                mode = int(self.unix_socket_mode, 8)
+            except ValueError:
+                mode = -1
+            _check(
+                0 <= mode <= 0o777,
+                f"unix-socket-mode must be octal, e.g. 660: {self.unix_socket_mode!r}",
+            )
         _check(
             1 <= self.h2_max_concurrent_streams <= 2**31 - 1,
             "h2-max-concurrent-streams must be between 1 and 2**31-1",

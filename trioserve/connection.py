@@ -66,6 +66,7 @@ from .events import (
 )
 from .http1 import HTTP1Connection
 from .http2 import PREFACE, HTTP2Connection
+from .proxy import AllowList, ProxyHeader, ProxyHeaderError, parse_proxy_header
 from .stream import RequestStream
 from .wsgi import ConnectionInfo, ResponseHead, WSGIApp
 
@@ -87,6 +88,10 @@ OUTPUT_HIGH_WATER = 1024 * 1024
 # or this much pipelined input waits for its turn.
 BODY_HIGH_WATER = 64 * 1024
 PIPELINE_HIGH_WATER = 64 * 1024
+
+# Writes are cut into pieces of at most this size, each with its own
+# write_timeout: the timeout bounds a pause in progress, not a whole response.
+WRITE_CHUNK = 256 * 1024
 
 # How long closing a connection may take: flushing a TLS close_notify, or
 # letting the peer read our last response before we drop unread input.
@@ -110,6 +115,8 @@ class ServerProtocol(Protocol):
     @property
     def buffered_input(self) -> int: ...
     @property
+    def partial_request(self) -> bool: ...
+    @property
     def has_queued_streams(self) -> bool: ...
     def stream_output_size(self, stream_id: int) -> int: ...
     def receive_data(self, data: bytes | bytearray) -> None: ...
@@ -121,7 +128,9 @@ class ServerProtocol(Protocol):
     ) -> None: ...
     def send_body(self, stream_id: int, data: bytes) -> None: ...
     def end_stream(self, stream_id: int) -> None: ...
-    def send_error_response(self, stream_id: int, status: int, detail: str = "") -> None: ...
+    def send_error_response(
+        self, stream_id: int, status: int, detail: str = "", *, close: bool = False
+    ) -> None: ...
     def reset_stream(self, stream_id: int, error_code: int = ...) -> None: ...
     def acknowledge_body(self, stream_id: int, size: int) -> None: ...
     def start_shutdown(self) -> None: ...
@@ -136,6 +145,19 @@ class ServerContext:
     limiter: trio.CapacityLimiter
     keep_alive_timeout: float = 5.0
     tls_handshake_timeout: float = 10.0
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    write_timeout: float = 60.0
+    h2_idle_timeout: float = 30.0
+    ssl_context: ssl.SSLContext | None = None
+    forwarding: AllowList = dataclasses.field(default_factory=AllowList)
+    proxy_protocol: bool = False
+    max_connections: int = 0  # 0: no limit
+    max_requests_in_flight: int = 0  # 0: no limit
+    requests_in_flight: int = 0
+    requests_served: int = 0
+    max_requests: int = 0  # this worker stops gracefully after serving so many; 0: never
+    on_max_requests: Callable[[], None] | None = None
     root_path: str = ""
     server_header: bytes | None = b"trioserve"
     max_header_size: int = 64 * 1024
@@ -215,28 +237,79 @@ date_header = _DateHeader()
 
 
 def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    while isinstance(stream, trio.SSLStream):
+    while isinstance(stream, trio.SSLStream | PrefixedStream):
         stream = stream.transport_stream
     if isinstance(stream, trio.SocketStream):
         return stream.socket
     return None
 
 
-def connection_info(stream: trio.abc.Stream, root_path: str) -> ConnectionInfo:
+def connection_info(stream: trio.abc.Stream, ctx: ServerContext) -> ConnectionInfo:
     """Addresses and scheme for the environ, read once from the socket."""
-    scheme = "https" if isinstance(stream, trio.SSLStream) else "http"
+    scheme = "https" if ctx.ssl_context is not None else "http"
     sock = _socket_of(stream)
+    forwarding = ctx.forwarding
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         default_port = "443" if scheme == "https" else "80"
-        return ConnectionInfo(scheme, "localhost", default_port, None, None, root_path)
+        return ConnectionInfo(
+            scheme, "localhost", default_port, None, None, ctx.root_path, forwarding
+        )
     local = sock.getsockname()
     try:
         peer = sock.getpeername()
     except OSError:  # already disconnected
         peer = ("", 0)
     return ConnectionInfo(
-        scheme, str(local[0]), str(local[1]), str(peer[0]), str(peer[1]), root_path
+        scheme, str(local[0]), str(local[1]), str(peer[0]), str(peer[1]), ctx.root_path, forwarding
     )
+
+
+class PrefixedStream(trio.abc.HalfCloseableStream):
+    """A stream whose first bytes were already read: they are served again first.
+
+    Used after a PROXY protocol header, so that TLS (or protocol sniffing)
+    sees exactly the bytes that followed the header.
+    """
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        self.transport_stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            n = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:n], self._prefix[n:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.transport_stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.transport_stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
+async def _read_proxy_header(stream: trio.abc.Stream) -> tuple[ProxyHeader, bytes]:
+    """Read a PROXY v1/v2 header; return it and the bytes read past its end."""
+    data = b""
+    needed = 16
+    while True:
+        while len(data) < needed:
+            chunk = await stream.receive_some(READ_SIZE)
+            if not chunk:
+                raise ProxyHeaderError("connection closed before the PROXY header ended")
+            data += chunk
+        result = parse_proxy_header(data)
+        if isinstance(result, ProxyHeader):
+            return result, data[result.length :]
+        needed = result
 
 
 async def serve_connection(
@@ -248,15 +321,31 @@ async def serve_connection(
     """
     peer = "?"
     try:
-        tls = isinstance(stream, trio.SSLStream)
+        tls = ctx.ssl_context is not None
         alpn = None
         initial = bytearray()
+        if info is None:
+            info = connection_info(stream, ctx)
+        peer = f"{info.client_addr}:{info.client_port}" if info.client_addr else "unix socket"
         with trio.CancelScope() as opening:
             ctx.opening.add(opening)
             if ctx.shutting_down:
                 opening.deadline = trio.current_time() + SHUTDOWN_FIRST_BYTES_GRACE
             try:
-                if isinstance(stream, trio.SSLStream):
+                if ctx.proxy_protocol and ctx.forwarding.trusts(info.client_addr):
+                    with trio.fail_after(ctx.header_timeout):
+                        header, rest = await _read_proxy_header(stream)
+                    if header.client is not None:
+                        address, port = header.client
+                        info = dataclasses.replace(info, client_addr=address, client_port=str(port))
+                        peer = f"{address}:{port}"
+                    if rest:
+                        assert isinstance(stream, trio.SocketStream)
+                        stream = PrefixedStream(stream, rest)
+                if ctx.ssl_context is not None:
+                    stream = trio.SSLStream(
+                        stream, ctx.ssl_context, server_side=True, https_compatible=True
+                    )
                     with trio.fail_after(ctx.tls_handshake_timeout):
                         await stream.do_handshake()
                     alpn = stream.selected_alpn_protocol()
@@ -266,29 +355,21 @@ async def serve_connection(
                 ctx.opening.discard(opening)
         if opening.cancelled_caught and (tls or not initial):
             return  # shutting down, and this connection has asked for nothing yet
-        if info is None:
-            info = connection_info(stream, ctx.root_path)
-        peer = f"{info.client_addr}:{info.client_port}" if info.client_addr else "unix socket"
         proto: ServerProtocol
-        if alpn == "h2":
+        if alpn == "h2" or (not tls and initial.startswith(PREFACE)):
             h2_proto = ctx.new_http2()
             h2_proto.initiate()
             proto = h2_proto
-        elif tls:
-            proto = ctx.new_http1(allow_h2c_upgrade=False)
         else:
-            if initial.startswith(PREFACE):
-                h2_proto = ctx.new_http2()
-                h2_proto.initiate()
-                proto = h2_proto
-            else:
-                proto = ctx.new_http1(allow_h2c_upgrade=True)
+            proto = ctx.new_http1(allow_h2c_upgrade=not tls)
         conn = Connection(stream, proto, ctx, info)
         ctx.connections.add(conn)
         try:
             await conn.run(bytes(initial))
         finally:
             ctx.connections.discard(conn)
+    except ProxyHeaderError as exc:
+        LOGGER.info("Invalid PROXY protocol header from %s: %s", peer, exc)
     except (
         trio.BrokenResourceError,
         trio.ClosedResourceError,
@@ -338,6 +419,8 @@ class Connection:
         self._clean_close = False  # the sender finished normally: close politely
         self._linger = False  # unread request data may follow: drain before closing
         self._read_scope: trio.CancelScope | None = None  # the reader's current wait
+        self._head_started: float | None = None  # when the current partial request head began
+        self._idle_goaway_sent = False
         self._pipeline_waiting = False  # HTTP/1.1: next request held back until output drains
         if ctx.shutting_down:
             proto.start_shutdown()
@@ -401,9 +484,9 @@ class Connection:
                     return
             self._read_scope = None
             if idle.cancelled_caught:
-                # Idle keep-alive connection: close it (HTTP/2: GOAWAY first).
-                self.start_shutdown()
-                return
+                if self._idle_expired():
+                    return
+                continue
             self._receive(data)
 
     def _receive(self, data: bytes | bytearray) -> None:
@@ -412,13 +495,48 @@ class Connection:
         if not data:
             self._peer_done = True
         self._dispatch(proto.next_events())
+        if not self.streams:
+            self._update_idle_deadline()  # a request head may have just begun
         self.wake_sender()
 
     def _idle_deadline(self) -> float:
-        """When an idle connection gives up waiting for its next request."""
+        """When a connection with no request in progress gives up on the client.
+
+        HTTP/1.1: ``keep_alive_timeout`` while nothing is buffered, but once a
+        request head has started, ``header_timeout`` counted from its first
+        byte (a slowloris client trickling bytes never extends it). HTTP/2:
+        ``h2_idle_timeout`` while no stream is open.
+        """
         if self.streams or self.proto.buffered_input:
+            self._head_started = None
             return math.inf
-        return trio.current_time() + self.ctx.keep_alive_timeout
+        now = trio.current_time()
+        if self.proto.multiplexed:
+            return now + self.ctx.h2_idle_timeout
+        if self.proto.partial_request:
+            if self._head_started is None:
+                self._head_started = now
+            return self._head_started + self.ctx.header_timeout
+        self._head_started = None
+        return now + self.ctx.keep_alive_timeout
+
+    def _idle_expired(self) -> bool:
+        """The idle deadline passed; True if the reader should stop reading."""
+        if self._head_started is not None and isinstance(self.proto, HTTP1Connection):
+            self._bad_request(self.proto.timeout_request_head())
+            self.wake_sender()
+            return True
+        if not self.proto.multiplexed:
+            self.start_shutdown()  # idle HTTP/1.1 connection: close it
+            return True
+        if self._idle_goaway_sent:
+            # No answer to our GOAWAY's PING in a whole idle period: give up.
+            self.abort()
+            return True
+        # HTTP/2: the two-step GOAWAY needs the client's PING ACK, so keep reading.
+        self._idle_goaway_sent = True
+        self.start_shutdown()
+        return False
 
     def _update_idle_deadline(self) -> None:
         # The reader may already be waiting when the connection turns idle or
@@ -506,6 +624,19 @@ class Connection:
             proto.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         stream = RequestStream(self, event)
+        ctx = self.ctx
+        if ctx.max_requests_in_flight and ctx.requests_in_flight >= ctx.max_requests_in_flight:
+            # Overloaded: an immediate 503 beats an unbounded queue for threads.
+            LOGGER.info(
+                "503 %d requests already in flight, refusing %s from %s",
+                ctx.requests_in_flight,
+                event.target.decode("latin-1"),
+                self.info.client_addr or "unix socket",
+            )
+            stream.error_status = 503
+        else:
+            stream.counted = True
+            ctx.requests_in_flight += 1
         self.streams[event.stream_id] = stream
         self._update_idle_deadline()
         assert self._nursery is not None
@@ -588,6 +719,12 @@ class Connection:
     def stream_done(self, stream: RequestStream) -> None:
         """A stream's task finished: forget it and let the connection move on."""
         self.streams.pop(stream.stream_id, None)
+        ctx = self.ctx
+        if stream.counted:
+            ctx.requests_in_flight -= 1
+            ctx.requests_served += 1
+            if ctx.max_requests and ctx.requests_served == ctx.max_requests and ctx.on_max_requests:
+                ctx.on_max_requests()
         if stream.body.size and self.proto.multiplexed:
             # Unread body: give the connection-level credit back.
             self.proto.acknowledge_body(stream.stream_id, stream.body.size)
@@ -599,6 +736,24 @@ class Connection:
         self._update_idle_deadline()
         self.wake_sender()
         self._wake_reader()
+
+    async def _send_with_deadline(self, data: bytes) -> bool:
+        """Write ``data``; give up (False) if the peer stops reading for ``write_timeout``."""
+        view = memoryview(data)
+        while view:
+            piece = view[:WRITE_CHUNK]
+            with trio.move_on_after(self.ctx.write_timeout) as timer:
+                await self.stream.send_all(piece)
+            if timer.cancelled_caught:
+                LOGGER.info(
+                    "Dropping %s: it read nothing for %.0fs",
+                    self.info.client_addr or "a unix socket client",
+                    self.ctx.write_timeout,
+                )
+                self._connection_lost()
+                return False
+            view = view[len(piece) :]
+        return True
 
     def _start_next_request(self) -> None:
         """HTTP/1.1: take the next pipelined request, unless the peer is behind on reading.
@@ -622,7 +777,8 @@ class Connection:
                 data = self.proto.data_to_send()
                 if data:
                     self._in_flight = len(data)
-                    await self.stream.send_all(data)
+                    if not await self._send_with_deadline(data):
+                        break
                     self._in_flight = 0
                     self._output_drained.set()
                     self._output_drained = trio.Event()

@@ -126,6 +126,20 @@ class HTTP1Connection:
         )
 
     @property
+    def partial_request(self) -> bool:
+        """Has part of a request head arrived, with the rest still missing?"""
+        return (
+            not self._active
+            and not self._closed
+            and self._h11.their_state is h11.IDLE
+            and bool(self._h11.trailing_data[0])
+        )
+
+    def timeout_request_head(self) -> BadRequest:
+        """The client took too long to send its request head: answer 408 and close."""
+        return self._reject(408, "request head not received in time")
+
+    @property
     def buffered_input(self) -> int:
         """Bytes received but not yet parsed (pipelined requests waiting their turn)."""
         return len(self._h11.trailing_data[0]) if self._h11.their_state is h11.DONE else 0
@@ -378,8 +392,16 @@ class HTTP1Connection:
         self._write(h11.EndOfMessage())
         self._finish_request()
 
-    def send_error_response(self, stream_id: int, status: int, detail: str = "") -> None:
-        """Answer the current request with a short plain-text error and end it."""
+    def send_error_response(
+        self, stream_id: int, status: int, detail: str = "", *, close: bool = False
+    ) -> None:
+        """Answer the current request with a short plain-text error and end it.
+
+        ``close``: the connection cannot be reused afterwards (for example the
+        request body was abandoned half-way), so the response says so.
+        """
+        if close:
+            self._closed = True
         self._write_error_response(status, detail)
         self._finish_request()
 

@@ -198,6 +198,10 @@ class HTTP2Connection:
         return 0
 
     @property
+    def partial_request(self) -> bool:
+        return False  # header-block deadlines are the HTTP/2 layer's own business
+
+    @property
     def has_queued_streams(self) -> bool:
         """Is any response still queued here (waiting for flow-control window)?"""
         return bool(self._outbound)
@@ -389,8 +393,14 @@ class HTTP2Connection:
         out.end = True
         self._mark_ready(stream_id)
 
-    def send_error_response(self, stream_id: int, status: int, detail: str = "") -> None:
-        """Answer ``stream_id`` with a short plain-text error and end it."""
+    def send_error_response(
+        self, stream_id: int, status: int, detail: str = "", *, close: bool = False
+    ) -> None:
+        """Answer ``stream_id`` with a short plain-text error and end it.
+
+        ``close`` is for HTTP/1.1; here an unfinished request body is stopped
+        with RST_STREAM(NO_ERROR) once the response has gone out.
+        """
         body = error_body(status, detail)
         self.send_response(
             stream_id,

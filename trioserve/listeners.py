@@ -7,6 +7,9 @@ Address forms:
 * ``unix:PATH``: a unix-domain socket; a stale socket file is replaced.
 * ``fd://N``: an already-bound, listening socket inherited as descriptor N.
 
+And systemd socket activation (:func:`systemd_listeners`): sockets passed as
+descriptors 3, 4, ... with ``LISTEN_FDS``/``LISTEN_PID`` in the environment.
+
 Binding happens before the server reports itself started, so errors such as
 "address already in use" surface as one :class:`BindError` with a clear message.
 """
@@ -86,7 +89,9 @@ def format_sockname(sock: trio.socket.SocketType) -> str:
     return f"[{host}]:{port}" if sock.family == stdlib_socket.AF_INET6 else f"{host}:{port}"
 
 
-async def open_listeners(address: BindAddress, backlog: int) -> list[trio.SocketListener]:
+async def open_listeners(
+    address: BindAddress, backlog: int, *, unix_mode: str | None = None
+) -> list[trio.SocketListener]:
     """Bind and listen on ``address``.
 
     Raises:
@@ -96,7 +101,10 @@ async def open_listeners(address: BindAddress, backlog: int) -> list[trio.Socket
         if address.kind == "tcp":
             return await trio.open_tcp_listeners(address.port, host=address.host, backlog=backlog)
         if address.kind == "unix":
-            return [await _open_unix_listener(address.path, backlog)]
+            listener = await _open_unix_listener(address.path, backlog)
+            if unix_mode is not None:
+                os.chmod(address.path, int(unix_mode, 8))
+            return [listener]
         return [_adopt_fd(address.fd)]
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -149,3 +157,25 @@ def _adopt_fd(fd: int) -> trio.SocketListener:
         raw.detach()
         raise
     return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+
+
+# First descriptor systemd passes (sd_listen_fds(3): SD_LISTEN_FDS_START).
+SD_LISTEN_FDS_START = 3
+
+
+def systemd_listeners() -> list[trio.SocketListener]:
+    """Listening sockets passed by systemd socket activation, or [] if there are none.
+
+    Only when ``LISTEN_PID`` names this very process (the variables may have
+    been inherited by accident). The variables are then removed, as
+    sd_listen_fds() does, so child processes do not claim the sockets again.
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        raise BindError("socket activation: LISTEN_FDS is not a number") from None
+    for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(variable, None)
+    return [_adopt_fd(fd) for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import random
 from typing import Any
 
 import trio
@@ -28,6 +29,7 @@ from .accesslog import AccessLog
 from .config import Config, ConfigError
 from .connection import ServerContext, serve_connection
 from .listeners import format_sockname, open_listeners, parse_bind
+from .proxy import parse_allow_list
 from .tls import make_ssl_context
 from .wsgi import WSGIApp
 
@@ -46,11 +48,11 @@ class Server:
     ``task_status.started()`` by ``await nursery.start(serve_wsgi, app)``.
     """
 
-    def __init__(self, config: Config, listeners: list[trio.abc.Listener[Any]]) -> None:
+    def __init__(self, config: Config, listeners: list[trio.SocketListener]) -> None:
         self.config = config
         self.listeners = listeners
         # Read once, while the sockets are open: still valid after stop().
-        sockets = [_raw_listener(listener).socket for listener in listeners]
+        sockets = [listener.socket for listener in listeners]
         self._addresses = [format_sockname(sock) for sock in sockets]
         self._ports = [_port_of(sock) for sock in sockets]
         self._stop_requested = trio.Event()
@@ -79,6 +81,10 @@ class Server:
                 return f"{scheme}://{address}"
         raise RuntimeError("this server has no TCP listener")
 
+    def _max_requests_reached(self) -> None:
+        LOGGER.info("Served max-requests (%d): stopping gracefully", self.config.max_requests)
+        self.stop_nowait()
+
     def stop_nowait(self, graceful_timeout: float | None = None) -> None:
         """Begin a graceful stop without waiting for it to finish."""
         if graceful_timeout is not None:
@@ -103,13 +109,6 @@ class Server:
 def _port_of(sock: trio.socket.SocketType) -> int | None:
     name = sock.getsockname()
     return int(name[1]) if isinstance(name, tuple) else None
-
-
-def _raw_listener(listener: trio.abc.Listener[Any]) -> trio.SocketListener:
-    while isinstance(listener, trio.SSLListener):
-        listener = listener.transport_listener
-    assert isinstance(listener, trio.SocketListener)
-    return listener
 
 
 async def serve_wsgi(
@@ -157,24 +156,26 @@ async def serve_wsgi(
         started: Server = await nursery.start(run)
         return started
     config = (config or Config()).replace(**options) if options else (config or Config())
-    bound: list[trio.abc.Listener[Any]] = []
+    ctx = context_from_config(app, config)  # TLS files are read here, before binding
+    bound: list[trio.SocketListener] = []
     try:
         if listeners is None:
             for text in config.bind:
-                bound.extend(await open_listeners(parse_bind(text), config.backlog))
+                address = parse_bind(text)
+                bound.extend(
+                    await open_listeners(address, config.backlog, unix_mode=config.unix_socket_mode)
+                )
         else:
             bound.extend(listeners)
-        if config.certfile:
-            ssl_context = make_ssl_context(config.certfile, config.keyfile)
-            bound = [
-                trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in bound
-            ]
     except BaseException:
         for listener in bound:
             await trio.aclose_forcefully(listener)
         raise
     server = Server(config, bound)
-    ctx = context_from_config(app, config)
+    if config.max_requests:
+        # Jitter keeps the workers of one supervisor from all restarting at once.
+        ctx.max_requests = config.max_requests + random.randint(0, config.max_requests_jitter)
+        ctx.on_max_requests = server._max_requests_reached
     try:
         async with trio.open_nursery() as server_nursery:
             for listener in bound:
@@ -197,11 +198,23 @@ async def serve_wsgi(
 
 def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
     """The state every connection of a server shares, built from ``config``."""
+    ssl_context = None
+    if config.certfile:
+        ssl_context = make_ssl_context(config.certfile, config.keyfile)
     return ServerContext(
         app=app,
         limiter=trio.CapacityLimiter(config.threads),
         keep_alive_timeout=config.keep_alive_timeout,
         tls_handshake_timeout=config.tls_handshake_timeout,
+        header_timeout=config.header_timeout,
+        body_timeout=config.body_timeout,
+        write_timeout=config.write_timeout,
+        h2_idle_timeout=config.h2_idle_timeout,
+        ssl_context=ssl_context,
+        forwarding=parse_allow_list(config.forwarded_allow_ips),
+        proxy_protocol=config.proxy_protocol,
+        max_connections=config.max_connections,
+        max_requests_in_flight=config.max_requests_in_flight,
         root_path=config.root_path.rstrip("/"),
         server_header=config.server_header.encode("latin-1") or None,
         max_header_size=config.max_header_size,
@@ -216,9 +229,7 @@ def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
     )
 
 
-async def _drain(
-    server: Server, ctx: ServerContext, listeners: list[trio.abc.Listener[Any]]
-) -> None:
+async def _drain(server: Server, ctx: ServerContext, listeners: list[trio.SocketListener]) -> None:
     """Graceful part of a stop: let connections finish, up to the timeout."""
     # Closing the listeners ends the accept tasks (accept() raises ClosedResourceError).
     for listener in listeners:
@@ -252,6 +263,10 @@ async def _accept_loop(
     listener: trio.abc.Listener[Any], ctx: ServerContext, nursery: trio.Nursery
 ) -> None:
     while True:
+        while ctx.max_connections and ctx.open_connections >= ctx.max_connections:
+            # At the cap: leave new connections in the kernel's backlog until
+            # one closes, rather than accepting and dropping them.
+            await ctx.wait_connections_changed()
         try:
             stream = await listener.accept()
         except OSError as exc:

@@ -95,6 +95,7 @@ class RequestStream:
         self.response_ended = False
         self.reset_by_peer = False
         self.error_status: int | None = None  # set when a bad request cancels us
+        self.counted = False  # counts against ServerContext.requests_in_flight
         self.status = 0
         self.bytes_sent = 0
         self.started_at = time.time()
@@ -122,7 +123,20 @@ class RequestStream:
             data = self.take_body_nowait()
             if data is not None:
                 return data
-            await self.body.wait()
+            with trio.move_on_after(self.conn.ctx.body_timeout) as timer:
+                await self.body.wait()
+            if timer.cancelled_caught:
+                # The client stopped sending mid-body: the app's read must not hang.
+                LOGGER.info(
+                    "408 request body stalled for %.0fs: %s %s from %s",
+                    self.conn.ctx.body_timeout,
+                    self.request.method.decode("latin-1"),
+                    self.request.target.decode("latin-1"),
+                    self.conn.info.client_addr or "unix socket",
+                )
+                self.error_status = 408
+                self.cancel_scope.cancel()
+                await trio.lowlevel.checkpoint()  # raises Cancelled into the app thread
 
     def send_nowait(self, head: ResponseHead | None, data: bytes) -> bool:
         """Queue ``head`` (first call) and ``data``; False if the thread should wait."""
@@ -143,9 +157,37 @@ class RequestStream:
         return self.conn.stream_writable(self.stream_id)
 
     async def wait_writable(self) -> None:
+        """Block the app thread until its queued output drains below the high-water mark.
+
+        A stream whose own output makes no progress for ``write_timeout`` (the
+        client keeps its window at zero, or stops reading) is reset and the
+        app is cancelled: a stalled client must not hold a thread forever.
+        Progress of other streams does not count.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
-        while not self.conn.stream_writable(self.stream_id):
-            await self.conn.wait_output_drained()
+        conn = self.conn
+        timeout = conn.ctx.write_timeout
+        queued = conn.proto.stream_output_size(self.stream_id)
+        deadline = trio.current_time() + timeout
+        while not conn.stream_writable(self.stream_id):
+            with trio.move_on_at(deadline):
+                await conn.wait_output_drained()
+            now_queued = conn.proto.stream_output_size(self.stream_id)
+            if now_queued < queued:
+                queued = now_queued
+                deadline = trio.current_time() + timeout
+            elif trio.current_time() >= deadline:
+                LOGGER.info(
+                    "Resetting %s %s for %s: no output accepted for %.0fs",
+                    self.request.method.decode("latin-1"),
+                    self.request.target.decode("latin-1"),
+                    conn.info.client_addr or "a unix socket client",
+                    timeout,
+                )
+                self.response_ended = True
+                conn.reset_stream(self.stream_id)
+                self.cancel_scope.cancel()
+                await trio.lowlevel.checkpoint()  # raises Cancelled into the app thread
 
     # ---- the stream's task --------------------------------------------------
 
@@ -153,8 +195,9 @@ class RequestStream:
         """Run the app for this request and finish the stream, whatever happens."""
         conn = self.conn
         try:
-            with self.cancel_scope:
-                await self._run_app()
+            if self.error_status is None:  # refused up front (503) otherwise
+                with self.cancel_scope:
+                    await self._run_app()
         finally:
             self._finish()
             conn.stream_done(self)
@@ -232,7 +275,10 @@ class RequestStream:
         self.status = status
         self.response_started = True
         self.response_ended = True
-        self.conn.proto.send_error_response(self.stream_id, status, detail)
+        # After a 4xx about the request itself, its body state is unknown:
+        # that HTTP/1.1 connection is not reused.
+        close = 400 <= status < 500 and not self.body.ended
+        self.conn.proto.send_error_response(self.stream_id, status, detail, close=close)
         self.conn.wake_sender()
 
     def _abort(self, why: str) -> None:

@@ -945,6 +945,7 @@ class TestServer:
             client_addr=client_addr[0],
             client_port=str(client_addr[1]),
             root_path=self.context.root_path,
+            forwarding=self.context.forwarding,
         )
         client = TestClient(client_end, http2, "testserver", record_frames=record_frames)
         async with trio.open_nursery() as nursery:
@@ -960,8 +961,6 @@ class TestServer:
                 raise
             else:
                 await client.stream.aclose()
-                if http2:
-                    await client.closed.wait()  # the reader saw the end
                 nursery.cancel_scope.cancel()  # the client's own tasks
 
 

@@ -45,6 +45,7 @@ from urllib.parse import unquote_to_bytes
 import trio
 
 from .events import Headers, RequestReceived
+from .proxy import AllowList, apply_forwarded
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 StartResponse = Callable[..., Callable[[bytes], None]]
@@ -109,6 +110,7 @@ class ConnectionInfo:
     client_addr: str | None  # None for unix-socket peers
     client_port: str | None
     root_path: str = ""
+    forwarding: AllowList | None = None  # trusted proxies (None: forwarding headers kept as is)
 
 
 def _raise_cancelled() -> None:
@@ -317,6 +319,8 @@ def build_environ(
                 continue  # HTTP/2: :authority wins over a Host field
             text = environ[key] + ("; " if key == "HTTP_COOKIE" else ", ") + text
         environ[key] = text
+    if info.forwarding is not None:
+        apply_forwarded(environ, info.forwarding)
     return environ
 
 

@@ -1,0 +1,546 @@
+"""Worker processes: ``--workers N`` with N > 1 runs this supervisor in the parent process.
+
+With ``--workers 1`` (the default) and in embedded use there is no supervisor:
+the one process serves, exactly as without this module.
+
+Design
+======
+
+**The parent binds, the workers inherit.** The supervisor binds every listener
+once, with the same code as a single process (``--bind`` through
+:func:`~trioserve.listeners.open_listeners`, with the backlog and unix socket
+mode, or the sockets of systemd socket activation), then starts N workers that
+serve those very sockets. All workers accept from one shared accept queue per
+listener. We chose inherited sockets over ``SO_REUSEPORT`` (a socket per
+worker, with the kernel spreading connections by a hash of the addresses):
+
+* one accept queue: a connection waits for whichever worker is free to accept
+  it, never in the queue of a worker that is busy, stopping or dead (with
+  REUSEPORT, connections already queued on a dying worker's socket are reset);
+* it works for every kind of listener: unix sockets, ``fd://N`` and systemd's
+  sockets (REUSEPORT is TCP/UDP only, and sockets passed in cannot be re-bound);
+* no port stealing: another process cannot bind the same port with REUSEPORT
+  and take a share of our connections, and port 0 means one port for all;
+* the sockets outlive every worker, so replacing workers (crash, recycling,
+  reload) never closes the port: connections queue in the kernel meanwhile.
+
+The kernel's wake-ups are not balanced as evenly as REUSEPORT's hash, which
+matters little for a WSGI server whose workers accept only when they can serve.
+
+**Workers are fresh processes, not forks.** Each worker is
+``python -m trioserve <the same app and options> --bind fd://A --bind fd://B
+--workers 1`` with the sockets passed as those descriptors (``pass_fds``):
+:func:`worker_command` rebuilds the command line from the options actually
+given (and ``--config FILE``, so a worker reads the same file, re-read on every
+start: a reload picks up its changes). The worker imports the app itself; the
+parent never imports or runs app code. So a reload (SIGHUP) really loads new
+code, an app's import-time state (threads, connections, an asyncio loop) is
+never forked half-made, and a crash in app code can only take down a worker.
+The environment variable ``TRIOSERVE_WORKER=1`` tells the process it is a
+worker: it then ignores SIGINT and SIGHUP (a Ctrl-C or a closed terminal
+reaches the whole process group; the parent decides what happens), still stops
+gracefully on a SIGTERM sent to it (and at once on a second one), and does not
+look for systemd sockets.
+
+**The channel: readiness, stop requests, the lifeline.** Each worker gets one
+end of a socketpair (descriptor named by ``TRIOSERVE_READY_FD``;
+:func:`report_ready` is the worker's side):
+
+* the worker writes one byte once its app is imported and it serves; the parent
+  counts a worker as booted only then: that is what a reload waits for before
+  stopping the old workers, and what separates "failed to boot" from "died";
+* the parent asks a worker to stop by writing ``S`` (gracefully) or ``Q`` (at
+  once) rather than by sending it SIGTERM: under systemd's default
+  ``KillMode=control-group`` every process of the service gets SIGTERM at the
+  same moment, and a worker would count that one and a forwarded one as two
+  signals, turning every graceful stop into an immediate one. A request sent
+  to a worker still importing its app waits in the socket and takes effect
+  once it serves. SIGKILL is the only signal the parent sends, as a last resort;
+* end-of-file means the parent is gone (even killed with SIGKILL): the worker
+  stops gracefully instead of serving on, orphaned.
+
+**Supervision** (:class:`Supervisor`, one trio task per worker plus one loop
+that reconciles wanted and actual workers):
+
+* a worker that exits with status 0 on its own has served ``--max-requests``
+  (or was sent SIGTERM by someone): it is replaced at once (recycling);
+* a worker that dies (non-zero status or a signal) or exits before it was ready
+  is replaced after a delay that starts at 0.1 s and doubles up to 10 s, so a
+  crashing app does not spin; a worker that lived 10 s resets the delay;
+* a worker that fails to boot before any worker has ever been ready stops
+  everything, with that worker's exit status (2 for "no such module"): at
+  startup such a failure is nearly always a mistake a retry will not fix (a
+  wrong app path, a syntax error, a missing dependency), and the one running
+  the command is watching. gunicorn exits in the same situation. Once workers
+  have been serving, the supervisor never gives up: the remaining workers keep
+  serving while it retries with backoff (a reload with broken code keeps the
+  old workers, see below).
+
+**Signals to the parent:**
+
+========== ======================================================================
+SIGTERM,   graceful stop: stop starting workers, tell every worker to stop
+SIGINT     gracefully (each drains for up to ``--graceful-timeout``), close the
+           parent's copies of the sockets, wait for the workers, exit 0. Workers
+           still running ``--graceful-timeout`` + 5 s later are killed.
+again      every worker is told to stop at once; any still running 5 s later
+           is killed with SIGKILL.
+SIGHUP     graceful reload: start N new workers (they import the app anew and
+           re-read ``--config``); once all of them are ready, stop the old ones
+           gracefully. Sockets stay open throughout, so no connection is
+           refused and no request fails. If the new workers cannot boot, the old
+           ones keep serving while the new ones are retried with backoff.
+SIGTTIN    one worker more.
+SIGTTOU    one worker fewer (the oldest stops gracefully; never below one).
+========== ======================================================================
+
+Every log line carries the pid of the process writing it; the parent logs each
+worker's start, readiness and exit (with exit status or signal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+
+import trio
+
+from .config import Config, options
+from .listeners import format_sockname, open_listeners, parse_bind, systemd_listeners
+from .server import Server
+from .tls import make_ssl_context
+
+LOGGER = logging.getLogger("trioserve.error")
+
+WORKER_ENV = "TRIOSERVE_WORKER"
+READY_FD_ENV = "TRIOSERVE_READY_FD"
+
+BACKOFF_INITIAL = 0.1  # seconds before replacing a worker that died
+BACKOFF_MAX = 10.0
+STABLE_AFTER = 10.0  # a worker that lived this long resets the backoff
+KILL_MARGIN = 5.0  # beyond --graceful-timeout before a stopping worker is killed
+IMMEDIATE_GRACE = 5.0  # after a second stop signal, before the remaining workers are killed
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_SIGNALS = (*_STOP_SIGNALS, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def in_worker() -> bool:
+    """True in a worker process started by the supervisor."""
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def ignore_terminal_signals() -> None:
+    """In a worker: leave SIGINT (Ctrl-C) and SIGHUP (hangup) to the parent.
+
+    Terminals send them to the whole process group; a worker would otherwise
+    take a Ctrl-C plus the parent's SIGTERM as two stop signals (stop at once)
+    and die of a hangup the parent turns into a reload.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+READY = b"R"  # worker -> parent: serving
+STOP = b"S"  # parent -> worker: stop gracefully
+QUIT = b"Q"  # parent -> worker: stop now
+
+
+async def report_ready(server: Server, cancel_scope: trio.CancelScope) -> None:
+    """In a worker: tell the parent we serve, then obey its stop requests (see the docstring).
+
+    Run as a task beside the server; does nothing outside a worker. A stop
+    request is :meth:`Server.stop_nowait`, stopping now cancels ``cancel_scope``
+    (the same two steps as a first and a second SIGTERM), and the parent
+    going away is a graceful stop.
+    """
+    fd = os.environ.get(READY_FD_ENV)
+    if not fd:
+        return
+    try:
+        raw = socket.socket(fileno=int(fd))
+    except (OSError, ValueError):
+        LOGGER.warning("%s=%s is not a socket: not reporting readiness", READY_FD_ENV, fd)
+        return
+    raw.set_inheritable(False)  # not for processes the app starts
+    with trio.socket.from_stdlib_socket(raw) as channel:
+        try:
+            await channel.send(READY)
+            while data := await channel.recv(64):
+                if QUIT in data:
+                    LOGGER.info("Supervisor: stop now")
+                    cancel_scope.cancel()
+                    return
+                if STOP in data:
+                    LOGGER.info(
+                        "Supervisor: stop gracefully; finishing in-flight requests (up to %.0fs)",
+                        server.config.graceful_timeout,
+                    )
+                    server.stop_nowait()
+        except OSError:
+            pass
+    LOGGER.warning("The supervisor process is gone: stopping gracefully")
+    server.stop_nowait()
+
+
+def worker_command(args: argparse.Namespace, binds: Sequence[str]) -> list[str]:
+    """The command line of a worker: the parent's app and options, ``binds``, ``--workers 1``.
+
+    Built from the flags actually given (not the merged Config), plus
+    ``--config FILE``, so a worker started later reads the file as it is then.
+    """
+    command = [sys.executable, "-m", "trioserve"]
+    if args.app is not None:
+        command.append(args.app)
+    if args.config:
+        command.append(f"--config={os.path.abspath(args.config)}")
+    for field in options():
+        if field.name in ("bind", "workers") or field.name not in args:
+            continue
+        flags = field.metadata["flags"] or ("--" + field.name.replace("_", "-"),)
+        flag = next(flag for flag in flags if flag.startswith("--"))
+        value = getattr(args, field.name)
+        if isinstance(value, bool):
+            command.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            command.extend(f"{flag}={item}" for item in value)
+        else:
+            command.append(f"{flag}={value}")  # "=": a value may start with "-"
+    command.extend(f"--bind={bind}" for bind in binds)
+    command.append("--workers=1")
+    return command
+
+
+async def run_supervisor(args: argparse.Namespace, config: Config) -> int:
+    """Bind, run ``config.workers`` workers until stopped; the exit status for the parent.
+
+    Raises:
+      ConfigError: an address cannot be bound or the TLS files cannot be read
+        (checked here too, so the error is reported once, before any worker).
+    """
+    if config.certfile:
+        make_ssl_context(config.certfile, config.keyfile)
+    listeners = systemd_listeners()
+    if listeners:
+        LOGGER.info("Serving %d socket(s) from systemd (LISTEN_FDS)", len(listeners))
+    try:
+        if not listeners:
+            for text in config.bind:
+                listeners.extend(
+                    await open_listeners(
+                        parse_bind(text), config.backlog, unix_mode=config.unix_socket_mode
+                    )
+                )
+        scheme = "https" if config.certfile else "http"
+        for listener in listeners:
+            address = format_sockname(listener.socket)
+            LOGGER.info(
+                "Listening on %s",
+                address if address.startswith("unix:") else f"{scheme}://{address}",
+            )
+        binds = [f"fd://{listener.socket.fileno()}" for listener in listeners]
+        supervisor = Supervisor(config, worker_command(args, binds), listeners)
+        return await supervisor.run()
+    finally:
+        for listener in listeners:
+            listener.socket.close()
+
+
+def describe_exit(returncode: int) -> str:
+    """``exit status 1`` or ``killed by SIGKILL``."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+    generation: int
+    started_at: float
+    process: trio.Process | None = None  # None while it is being started
+    channel: socket.socket | None = None  # our end of the channel, once started
+    ready: bool = False
+    retiring: bool = False  # we asked it to stop
+    hurried: bool = False  # ... and then to stop now
+    kill_at: float = math.inf  # SIGKILL if still running then
+
+    def tell(self, message: bytes) -> None:
+        """Send a stop request (ignored if the worker is gone, or not started: see _run_worker)."""
+        if self.channel is not None:
+            try:
+                self.channel.send(message)
+            except OSError:
+                pass  # it exited: nothing left to stop
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process is not None else 0
+
+
+class Supervisor:
+    """Runs and replaces the worker processes; see the module docstring.
+
+    Args:
+      config: the parent's options (workers, graceful_timeout).
+      command: the worker command line (see :func:`worker_command`).
+      listeners: the bound sockets the workers inherit; closed by the caller.
+    """
+
+    def __init__(
+        self, config: Config, command: list[str], listeners: Sequence[trio.SocketListener]
+    ) -> None:
+        self.config = config
+        self.command = command
+        self.listeners = list(listeners)
+        self.fds = tuple(listener.socket.fileno() for listener in self.listeners)
+        self.target = config.workers
+        self.generation = 0
+        self.workers: list[_Worker] = []
+        self.stopping = False
+        self.stop_signals = 0
+        self.exit_status = 0
+        self.ever_ready = False
+        self.failures = 0
+        self.next_spawn_at = -math.inf
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    async def run(self) -> int:
+        """Supervise until stopped (a signal, or a boot failure at startup); the exit status."""
+        with trio.open_signal_receiver(*_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._handle_signals, signals)
+                LOGGER.info("Starting %d worker processes", self.target)
+                await self._supervise()
+                nursery.cancel_scope.cancel()
+        return self.exit_status
+
+    async def _supervise(self) -> None:
+        while True:
+            changed = self._changed = trio.Event()
+            now = trio.current_time()
+            wake = math.inf
+            if self.stopping:
+                if not any(worker.process is None for worker in self.workers):
+                    # No worker is being started with these descriptors: close our copies,
+                    # so each socket closes when the last worker stops listening.
+                    for listener in self.listeners:
+                        listener.socket.close()
+                if not self.workers:
+                    return
+            else:
+                wake = self._reconcile(now)
+            for worker in self.workers:
+                if worker.process is not None and worker.process.returncode is None:
+                    if worker.kill_at <= now:
+                        LOGGER.warning("Worker %d did not stop in time: killing it", worker.pid)
+                        worker.process.kill()
+                        worker.kill_at = math.inf
+                    wake = min(wake, worker.kill_at)
+            with trio.move_on_at(wake):
+                await changed.wait()
+
+    def _reconcile(self, now: float) -> float:
+        """Start, stop and retire workers towards the wanted state; when to look again."""
+        current = [w for w in self.workers if w.generation == self.generation and not w.retiring]
+        for extra in current[: max(0, len(current) - self.target)]:  # oldest first
+            LOGGER.info("Stopping worker %d gracefully (one worker fewer)", extra.pid)
+            self._retire(extra, now)
+            current.remove(extra)
+        missing = self.target - len(current)
+        if missing > 0:
+            if now < self.next_spawn_at:
+                return self.next_spawn_at
+            for _ in range(missing):
+                self._spawn(now)
+        elif all(worker.ready for worker in current):
+            old = [w for w in self.workers if w.generation < self.generation and not w.retiring]
+            if old:
+                LOGGER.info(
+                    "New workers are ready: stopping %d old worker(s) gracefully (%s)",
+                    len(old),
+                    ", ".join(str(worker.pid) for worker in old),
+                )
+                for worker in old:
+                    self._retire(worker, now)
+        return math.inf
+
+    def _spawn(self, now: float) -> None:
+        assert self._nursery is not None
+        worker = _Worker(generation=self.generation, started_at=now)
+        self.workers.append(worker)
+        self._nursery.start_soon(self._run_worker, worker)
+
+    def _retire(self, worker: _Worker, now: float) -> None:
+        """Ask a worker to stop gracefully, with a deadline for SIGKILL."""
+        worker.retiring = True
+        worker.kill_at = now + self.config.graceful_timeout + KILL_MARGIN
+        worker.tell(STOP)
+
+    async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            now = trio.current_time()
+            if signum in _STOP_SIGNALS:
+                self.stop_signals += 1
+                if self.stop_signals == 1:
+                    LOGGER.info(
+                        "Received %s: stopping the workers gracefully (up to %.0fs);"
+                        " send again to stop now",
+                        name,
+                        self.config.graceful_timeout,
+                    )
+                    self._begin_stop(now)
+                else:
+                    LOGGER.info("Received %s again: stopping the workers now", name)
+                    for worker in self.workers:
+                        worker.hurried = True
+                        worker.tell(QUIT)
+                        worker.kill_at = min(worker.kill_at, now + IMMEDIATE_GRACE)
+            elif self.stopping:
+                LOGGER.info("Received %s while stopping: ignored", name)
+            elif signum == signal.SIGHUP:
+                self.generation += 1
+                LOGGER.info(
+                    "Received SIGHUP: starting %d new workers, then stopping the old ones",
+                    self.target,
+                )
+            elif signum == signal.SIGTTIN:
+                self.target += 1
+                LOGGER.info("Received SIGTTIN: %d workers", self.target)
+            elif signum == signal.SIGTTOU:
+                if self.target > 1:
+                    self.target -= 1
+                LOGGER.info("Received SIGTTOU: %d worker(s)", self.target)
+            self._notify()
+
+    def _begin_stop(self, now: float) -> None:
+        self.stopping = True
+        for worker in self.workers:
+            if not worker.retiring:  # a retiring one is already stopping gracefully
+                self._retire(worker, now)
+        self._notify()
+
+    async def _run_worker(self, worker: _Worker) -> None:
+        parent_end, child_end = socket.socketpair()
+        try:
+            try:
+                with child_end:
+                    env = dict(os.environ)
+                    env[WORKER_ENV] = "1"
+                    env[READY_FD_ENV] = str(child_end.fileno())
+                    process = await trio.lowlevel.open_process(
+                        self.command,
+                        stdin=subprocess.DEVNULL,
+                        pass_fds=(*self.fds, child_end.fileno()),
+                        env=env,
+                    )
+            except OSError as exc:
+                LOGGER.error("Cannot start a worker process: %s", exc)
+                self._worker_exited(worker, 1)
+                return
+            worker.process = process
+            worker.channel = parent_end
+            LOGGER.info("Started worker %d", process.pid)
+            if worker.retiring:  # asked while it was being started
+                worker.tell(STOP)
+            if worker.hurried:
+                worker.tell(QUIT)
+            channel = trio.socket.from_stdlib_socket(parent_end)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._wait_ready, worker, channel)
+                    await process.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                if process.returncode is None:  # the supervisor itself is being cancelled
+                    process.kill()
+                    with trio.CancelScope(shield=True):
+                        await process.wait()
+            if not worker.ready:
+                try:  # it may have reported ready just before it exited
+                    if parent_end.recv(1):
+                        self._mark_ready(worker)
+                except OSError:
+                    pass
+        finally:
+            worker.channel = None
+            parent_end.close()
+        assert process.returncode is not None
+        self._worker_exited(worker, process.returncode)
+
+    async def _wait_ready(self, worker: _Worker, channel: trio.socket.SocketType) -> None:
+        try:
+            data = await channel.recv(1)
+        except OSError:
+            return
+        if data:
+            self._mark_ready(worker)
+
+    def _mark_ready(self, worker: _Worker) -> None:
+        worker.ready = True
+        self.ever_ready = True
+        LOGGER.info(
+            "Worker %d is serving (ready after %.1fs)",
+            worker.pid,
+            trio.current_time() - worker.started_at,
+        )
+        self._notify()
+
+    def _worker_exited(self, worker: _Worker, returncode: int) -> None:
+        self.workers.remove(worker)
+        now = trio.current_time()
+        lived = now - worker.started_at
+        how = describe_exit(returncode)
+        if self.stopping or worker.retiring:
+            LOGGER.info("Worker %d exited (%s)", worker.pid, how)
+        elif worker.generation < self.generation:
+            # A reload is replacing it anyway: nothing to start in its place.
+            level = logging.INFO if returncode == 0 else logging.WARNING
+            LOGGER.log(level, "Worker %d exited (%s) during a reload", worker.pid, how)
+        elif not worker.ready and not self.ever_ready:
+            LOGGER.error(
+                "Worker %d failed to boot (%s) before any worker was serving: stopping",
+                worker.pid,
+                how,
+            )
+            self.exit_status = returncode if returncode > 0 else 1
+            self._begin_stop(now)
+        elif worker.ready and returncode == 0:
+            LOGGER.info(
+                "Worker %d exited (%s) after %.1fs (max-requests reached or told to stop):"
+                " starting a new one",
+                worker.pid,
+                how,
+                lived,
+            )
+        else:
+            if lived >= STABLE_AFTER:
+                self.failures = 0
+            delay = min(BACKOFF_INITIAL * 2 ** min(self.failures, 20), BACKOFF_MAX)
+            self.failures += 1
+            self.next_spawn_at = max(self.next_spawn_at, now + delay)
+            LOGGER.error(
+                "Worker %d %s (%s) after %.1fs: starting a new one in %.1fs",
+                worker.pid,
+                "died" if worker.ready else "failed to boot",
+                how,
+                lived,
+                delay,
+            )
+        self._notify()
