@@ -146,6 +146,25 @@ def test_malformed_forwarded_header_changes_nothing(value: str) -> None:
     assert environ["wsgi.url_scheme"] == "http"
 
 
+def test_malformed_client_part_of_forwarded_does_not_hide_the_proxys_hop() -> None:
+    """The client sent "Forwarded: oops" and its own X-Forwarded-For; the proxy appended."""
+    environ = environ_for(
+        "127.0.0.1",
+        forwarded="oops, for=198.51.100.7;proto=https",
+        x_forwarded_for="6.6.6.6",
+    )
+    apply_forwarded(environ, LOOPBACK)
+    assert environ["REMOTE_ADDR"] == "198.51.100.7"
+    assert environ["wsgi.url_scheme"] == "https"
+
+
+def test_forwarded_whose_client_hop_is_unparsable_is_not_believed_at_all() -> None:
+    """Only trusted hops parse; the client's is garbage: neither it nor X-Forwarded-For counts."""
+    environ = environ_for("127.0.0.1", forwarded="oops, for=127.0.0.1", x_forwarded_for="6.6.6.6")
+    apply_forwarded(environ, LOOPBACK)
+    assert environ["REMOTE_ADDR"] == "127.0.0.1"
+
+
 def test_unusual_scheme_and_obfuscated_for_are_ignored() -> None:
     environ = environ_for("127.0.0.1", forwarded="for=_hidden;proto=gopher")
     apply_forwarded(environ, LOOPBACK)

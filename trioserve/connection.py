@@ -93,6 +93,9 @@ PIPELINE_HIGH_WATER = 64 * 1024
 # write_timeout: the timeout bounds a pause in progress, not a whole response.
 WRITE_CHUNK = 256 * 1024
 
+# GOAWAY code for a peer that abuses the protocol (RFC 9113 §7).
+ENHANCE_YOUR_CALM = 0xB
+
 # How long closing a connection may take: flushing a TLS close_notify, or
 # letting the peer read our last response before we drop unread input.
 CLOSE_TIMEOUT = 2.0
@@ -215,6 +218,8 @@ class ServerContext:
             max_frame_size=self.h2_max_frame_size,
             max_header_list_size=self.h2_max_header_list_size,
             max_body_size=self.max_body_size,
+            max_header_count=self.max_header_count,
+            max_path_length=self.max_request_line_size,
         )
 
 
@@ -421,6 +426,7 @@ class Connection:
         self._read_scope: trio.CancelScope | None = None  # the reader's current wait
         self._head_started: float | None = None  # when the current partial request head began
         self._idle_goaway_sent = False
+        self._idle_since: float | None = None  # when the last request finished
         self._pipeline_waiting = False  # HTTP/1.1: next request held back until output drains
         if ctx.shutting_down:
             proto.start_shutdown()
@@ -495,35 +501,44 @@ class Connection:
         if not data:
             self._peer_done = True
         self._dispatch(proto.next_events())
-        if not self.streams:
-            self._update_idle_deadline()  # a request head may have just begun
+        self._update_idle_deadline()  # a request head may have just begun, or ended
         self.wake_sender()
 
     def _idle_deadline(self) -> float:
-        """When a connection with no request in progress gives up on the client.
+        """When the reader gives up waiting on the client.
 
-        HTTP/1.1: ``keep_alive_timeout`` while nothing is buffered, but once a
-        request head has started, ``header_timeout`` counted from its first
-        byte (a slowloris client trickling bytes never extends it). HTTP/2:
-        ``h2_idle_timeout`` while no stream is open.
+        * A request head (HTTP/1.1) or header block (HTTP/2) has begun and is
+          not complete: ``header_timeout`` from its first byte. A slowloris
+          client trickling bytes never extends it.
+        * Otherwise, while a request is in progress: no deadline here (body
+          and write progress have their own).
+        * Otherwise the connection is idle: ``keep_alive_timeout`` (HTTP/1.1)
+          or ``h2_idle_timeout`` (HTTP/2), counted from when it became idle;
+          PINGs and other control frames do not make it busy.
         """
-        if self.streams or self.proto.buffered_input:
-            self._head_started = None
-            return math.inf
         now = trio.current_time()
-        if self.proto.multiplexed:
-            return now + self.ctx.h2_idle_timeout
         if self.proto.partial_request:
             if self._head_started is None:
                 self._head_started = now
             return self._head_started + self.ctx.header_timeout
         self._head_started = None
-        return now + self.ctx.keep_alive_timeout
+        if self.streams or self.proto.buffered_input:
+            self._idle_since = None
+            return math.inf
+        if self._idle_since is None:
+            self._idle_since = now
+        if self.proto.multiplexed:
+            return self._idle_since + self.ctx.h2_idle_timeout
+        return self._idle_since + self.ctx.keep_alive_timeout
 
     def _idle_expired(self) -> bool:
         """The idle deadline passed; True if the reader should stop reading."""
-        if self._head_started is not None and isinstance(self.proto, HTTP1Connection):
-            self._bad_request(self.proto.timeout_request_head())
+        if self._head_started is not None:
+            if isinstance(self.proto, HTTP1Connection):
+                self._bad_request(self.proto.timeout_request_head())
+            elif isinstance(self.proto, HTTP2Connection):
+                self.proto.fail(ENHANCE_YOUR_CALM, "header block not completed in time")
+                self._dispatch(self.proto.next_events())
             self.wake_sender()
             return True
         if not self.proto.multiplexed:
@@ -533,8 +548,10 @@ class Connection:
             # No answer to our GOAWAY's PING in a whole idle period: give up.
             self.abort()
             return True
-        # HTTP/2: the two-step GOAWAY needs the client's PING ACK, so keep reading.
+        # HTTP/2: the two-step GOAWAY needs the client's PING ACK, so keep
+        # reading, and give the client one more idle period to answer it.
         self._idle_goaway_sent = True
+        self._idle_since = trio.current_time()
         self.start_shutdown()
         return False
 
@@ -542,7 +559,9 @@ class Connection:
         # The reader may already be waiting when the connection turns idle or
         # busy: move its deadline rather than waiting for its next read.
         if self._read_scope is not None:
-            self._read_scope.deadline = self._idle_deadline()
+            deadline = self._idle_deadline()
+            if self._read_scope.deadline != deadline:
+                self._read_scope.deadline = deadline
 
     def _reading_paused(self) -> bool:
         if self.proto.output_size + self._in_flight > OUTPUT_HIGH_WATER:

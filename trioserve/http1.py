@@ -100,6 +100,7 @@ class HTTP1Connection:
         self._active = False  # a request has been handed out and its response not ended
         self._response_started = False
         self._continue_withheld = False  # client expects 100 Continue and has not had it
+        self._head_checked = False  # the current request head passed _raw_head_problem
         self._head_request = False
         self._body_received = 0
         self._draining = 0  # >0: discarding the rest of an unread body; bytes discarded + 1
@@ -177,6 +178,13 @@ class HTTP1Connection:
                 # Connection: close / HTTP/1.0: that request was the last one;
                 # whatever follows is ignored (RFC 9112 §9.6), not an error.
                 return events
+            if not self._head_checked and self._h11.their_state is h11.IDLE and not self._active:
+                complete, problem = _raw_head_problem(self._h11.trailing_data[0])
+                if problem is not None:
+                    events.append(self._reject(400, problem))
+                    return events
+                # Incomplete: h11 asks for more data (or refuses an oversized head).
+                self._head_checked = complete
             try:
                 h11_event = self._h11.next_event()
             except h11.RemoteProtocolError as exc:
@@ -275,6 +283,10 @@ class HTTP1Connection:
                 settings = value
             elif name == b"connection":
                 connection_tokens.update(token.strip().lower() for token in value.split(b","))
+        if sum(1 for name, _ in headers if name == b"host") > 1:
+            # RFC 9112 §3.2: more than one Host is a 400 (which one would we route by?)
+            events.append(self._reject(400, "more than one Host header"))
+            return False
         if chunked and content_length is not None:
             # RFC 9112 §6.3: a sender MUST NOT send both; a server MAY reject.
             # Accepting would let a front proxy and us disagree on where the
@@ -479,8 +491,43 @@ class HTTP1Connection:
     def _start_next_cycle(self) -> None:
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
+            self._head_checked = False
         else:
             self._closed = True
+
+
+def _raw_head_problem(raw: bytes) -> tuple[bool, str | None]:
+    """What is wrong with a raw request head that h11 would quietly accept.
+
+    h11 follows RFC 9112's lenient options: it merges identical duplicate or
+    list-form Content-Length values, accepts bare LF line endings and unfolds
+    obs-fold lines. Each is harmless alone, but a front proxy that reads the
+    same bytes differently is how request smuggling starts, so trioserve
+    refuses them (RFC 9112 §2.2, §5.2, §6.3 allow rejecting all three).
+    Returns (whether the head is complete, what is wrong with it or None).
+    """
+    raw = raw.lstrip(b"\r\n")  # empty lines before a request line are allowed
+    end = raw.find(b"\r\n\r\n")
+    bare = raw.find(b"\n\n")
+    if bare >= 0 and (end < 0 or bare < end):
+        return True, "bare LF line ending"
+    if end < 0:
+        return False, None
+    head = raw[:end]
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+        return True, "bare LF or CR in the request head"
+    lines = head.split(b"\r\n")[1:]
+    lengths = 0
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            return True, "obsolete line folding"
+        if line[:15].lower() == b"content-length:":
+            lengths += 1
+            if lengths > 1:
+                return True, "more than one Content-Length"
+            if b"," in line:
+                return True, "list-form Content-Length"
+    return True, None
 
 
 def _valid_settings(value: bytes) -> bool:

@@ -70,6 +70,16 @@ MAX_STREAM_ID = 2**31 - 1
 # Opaque data of the PING that times the two-step graceful GOAWAY.
 SHUTDOWN_PING = b"trio-bye"
 
+# Abuse budgets (CVE-2023-44487 Rapid Reset, CVE-2025-8671 MadeYouReset,
+# CVE-2019-9512/9515/9518 control-frame floods). Each is a count that grows
+# with useful work, so long-lived, busy connections never run out, while a
+# peer that only resets streams or only sends control frames soon does, and
+# gets GOAWAY(ENHANCE_YOUR_CALM).
+RESET_BUDGET = 100  # streams reset (by the peer, by h2, or refused) beyond those completed
+CONTROL_BUDGET = 10_000  # PING/SETTINGS/PRIORITY/WINDOW_UPDATE/empty DATA frames...
+CONTROL_PER_STREAM = 100  # ...plus this many per completed stream...
+CONTROL_BYTES_PER_FRAME = 1024  # ...plus one per this many response bytes sent
+
 
 @dataclass(slots=True)
 class _Outbound:
@@ -92,6 +102,8 @@ class HTTP2Connection:
       max_frame_size: largest frame we accept (SETTINGS_MAX_FRAME_SIZE).
       max_header_list_size: SETTINGS_MAX_HEADER_LIST_SIZE we announce and enforce.
       max_body_size: request body bytes allowed per stream, 0 for no limit.
+      max_header_count: header fields allowed per request (431 beyond).
+      max_path_length: longest :path accepted (414 beyond).
     """
 
     multiplexed = True
@@ -104,6 +116,8 @@ class HTTP2Connection:
         max_frame_size: int = 16 * 1024,
         max_header_list_size: int = 64 * 1024,
         max_body_size: int = 0,
+        max_header_count: int = 100,
+        max_path_length: int = 8 * 1024,
     ) -> None:
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config=config)
@@ -139,6 +153,15 @@ class HTTP2Connection:
         self._uncredited: dict[int, int] = {}  # body bytes that never used a window
         self._rejected: set[int] = set()  # streams answered without the app (413, 501)
         self._goaway_stage = 0  # 1: GOAWAY(2^31-1) + PING sent; 2: final GOAWAY sent
+        self._max_header_count = max_header_count
+        self._max_path_length = max_path_length
+        self._preface_left = len(PREFACE)  # the client preface precedes the first frame
+        self._frame_left = 0  # payload bytes of the current frame still to come
+        self._frame_head = b""  # a frame header split across reads
+        self._resets = 0
+        self._completed = 0
+        self._control_frames = 0
+        self._bytes_sent = 0
         self._last_stream_id = MAX_STREAM_ID
         self._peer_closed = False  # EOF, error, or GOAWAY from the peer
 
@@ -199,7 +222,10 @@ class HTTP2Connection:
 
     @property
     def partial_request(self) -> bool:
-        return False  # header-block deadlines are the HTTP/2 layer's own business
+        """Is a header block (HEADERS without END_HEADERS) waiting for its CONTINUATIONs?"""
+        # h2 keeps the unfinished block in its frame buffer; it has no public
+        # view of it. Without one we only lose the header-block deadline.
+        return bool(getattr(self._h2.incoming_buffer, "_headers_buffer", None))
 
     @property
     def has_queued_streams(self) -> bool:
@@ -213,6 +239,14 @@ class HTTP2Connection:
         if not data:
             self._abandon_all()
             self._events.append(ConnectionClosed(abort=True))
+            return
+        if self._peer_closed and not self._outbound:
+            return  # after a fatal error: nothing more is read
+        oversized = self._scan_frame_lengths(data)
+        if oversized is not None:
+            self.fail(
+                h2.errors.ErrorCodes.FRAME_SIZE_ERROR, f"frame of {oversized} bytes announced"
+            )
             return
         try:
             h2_events = self._h2.receive_data(data)
@@ -230,7 +264,59 @@ class HTTP2Connection:
             # Events for a rejected stream can only come in the batch that
             # carried its HEADERS, or while our answer to it is still queued.
             self._rejected.intersection_update(self._outbound)
+        if self._resets > RESET_BUDGET + self._completed:
+            self.fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many streams reset")
+        elif self._control_frames > (
+            CONTROL_BUDGET
+            + CONTROL_PER_STREAM * self._completed
+            + self._bytes_sent // CONTROL_BYTES_PER_FRAME
+        ):
+            self.fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many control frames")
         self._pull_control()
+
+    def _scan_frame_lengths(self, data: bytes | bytearray) -> int | None:
+        """Find an over-long frame from its 9-byte header, before its payload is buffered.
+
+        h2 checks a frame's length only once the whole frame has arrived, so a
+        peer announcing 16 MiB could make us hold 16 MiB first. Returns the
+        announced length of the first frame over our SETTINGS_MAX_FRAME_SIZE.
+        """
+        limit = self._h2.max_inbound_frame_size
+        size = len(data)
+        position = 0
+        if self._preface_left:
+            skipped = min(self._preface_left, size)
+            self._preface_left -= skipped
+            position = skipped
+        if self._frame_left:
+            skipped = min(self._frame_left, size - position)
+            self._frame_left -= skipped
+            position += skipped
+        while position < size:
+            head = self._frame_head + bytes(data[position : position + 9 - len(self._frame_head)])
+            position += 9 - len(self._frame_head) if len(head) == 9 else size - position
+            if len(head) < 9:
+                self._frame_head = head
+                return None
+            self._frame_head = b""
+            length = int.from_bytes(head[:3], "big")
+            if length > limit:
+                return length
+            skipped = min(length, size - position)
+            position += skipped
+            self._frame_left = length - skipped
+        return None
+
+    def fail(self, code: int, reason: str) -> None:
+        """End the connection at once: GOAWAY(code), every stream abandoned."""
+        try:
+            name = h2.errors.ErrorCodes(code).name
+        except ValueError:
+            name = str(code)
+        self._events.append(BadRequest(400, f"HTTP/2 protocol error: {reason} (GOAWAY {name})"))
+        self._events.append(ConnectionClosed(abort=True, error_code=int(code)))
+        self._abandon_all()
+        self._send_goaway(self._h2.highest_inbound_stream_id, int(code))
 
     def next_events(self) -> list[Event]:
         events, self._events = self._events, []
@@ -241,6 +327,8 @@ class HTTP2Connection:
         if isinstance(event, h2.events.DataReceived):
             sid = event.stream_id
             data = event.data
+            if not event.flow_controlled_length and event.stream_ended is None:
+                self._control_frames += 1  # empty DATA carries nothing (CVE-2019-9518)
             padding = event.flow_controlled_length - len(data)
             if padding:
                 self._h2.acknowledge_received_data(padding, sid)
@@ -266,9 +354,22 @@ class HTTP2Connection:
             else:
                 emit(BodyEnded(event.stream_id))
         elif isinstance(event, h2.events.StreamReset):
+            # remote_reset False: h2 reset the stream itself for a peer error
+            # (MadeYouReset); both kinds spend the reset budget.
+            self._resets += 1
             self._rejected.discard(event.stream_id)
             self._forget(event.stream_id)
             emit(StreamReset(event.stream_id, int(event.error_code or 0)))
+        elif isinstance(
+            event,
+            h2.events.PingReceived
+            | h2.events.RemoteSettingsChanged
+            | h2.events.PriorityUpdated
+            | h2.events.UnknownFrameReceived,
+        ):
+            self._control_frames += 1
+            if isinstance(event, h2.events.RemoteSettingsChanged) and self._ready:
+                emit(WindowOpened())  # a new initial window may let queued data go
         elif isinstance(event, h2.events.PingAckReceived):
             if event.ping_data == SHUTDOWN_PING and self._goaway_stage == 1:
                 # One round trip after GOAWAY(2^31-1): every stream the client
@@ -276,7 +377,8 @@ class HTTP2Connection:
                 self._goaway_stage = 2
                 self._last_stream_id = self._h2.highest_inbound_stream_id
                 self._send_goaway(self._last_stream_id)
-        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._control_frames += 1
             if self._ready:
                 emit(WindowOpened())
         elif isinstance(event, h2.events.ConnectionTerminated):
@@ -322,6 +424,12 @@ class HTTP2Connection:
         if method is None or target is None or scheme is None:
             # h2 validated the pseudo-headers; only CONNECT (no :path) lands here.
             self._reject(sid, 501, "CONNECT is not supported", end_stream)
+            return
+        if len(target) > self._max_path_length:
+            self._reject(sid, 414, "request target too long", end_stream)
+            return
+        if len(headers) > self._max_header_count:
+            self._reject(sid, 431, "too many header fields", end_stream)
             return
         if self._max_body_size and (content_length or 0) > self._max_body_size:
             self._reject(sid, 413, "request body too large", end_stream)
@@ -415,6 +523,8 @@ class HTTP2Connection:
 
     def reset_stream(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         """Abandon ``stream_id``: drop its queued output and send RST_STREAM."""
+        if error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
+            self._resets += 1  # refusals spend the reset budget too (Rapid Reset)
         self._forget(stream_id)
         try:
             self._h2.reset_stream(stream_id, error_code)
@@ -540,6 +650,7 @@ class HTTP2Connection:
             else:
                 out.chunks[0] = chunk[n:]
             out.size -= n
+            self._bytes_sent += n
             finished = out.end and not out.size
             conn.send_data(sid, chunk[:n], end_stream=finished)
             if finished:
@@ -556,6 +667,7 @@ class HTTP2Connection:
 
     def _stream_complete(self, stream_id: int) -> None:
         """END_STREAM is framed; if the request body is still coming, stop it (RFC 9113 §8.1)."""
+        self._completed += 1
         remote_open = stream_id in self._remote_open
         self._forget(stream_id)
         if remote_open:

@@ -99,23 +99,34 @@ def _parse_ip(text: str) -> Address | None:
 _PAIR = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)\s*')
 
 
-def _parse_forwarded(value: str) -> list[dict[str, str]]:
-    """Parse a Forwarded header into its elements (one dict per hop); [] if malformed."""
+def _parse_forwarded(value: str) -> tuple[list[dict[str, str]], bool]:
+    """The trustworthy tail of a Forwarded header: one dict per hop, rightmost last.
+
+    Each proxy appends its own element, so a malformed element can only come
+    from further left (the client, or a proxy we cannot vouch for): parsing
+    stops there and only the well-formed elements to its right are returned,
+    with True for "stopped at a malformed element".
+    """
     elements: list[dict[str, str]] = []
-    for element_text in value.split(","):
+    for element_text in reversed(value.split(",")):
         element: dict[str, str] = {}
         for pair in element_text.split(";"):
             if not pair.strip():
                 continue
             match = _PAIR.fullmatch(pair)
             if match is None:
-                return []
+                elements.reverse()
+                return elements, True
             key, raw = match.group(1).lower(), match.group(2)
             if raw.startswith('"'):
                 raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
             element[key] = raw
+        if not element:
+            elements.reverse()
+            return elements, True
         elements.append(element)
-    return elements
+    elements.reverse()
+    return elements, False
 
 
 def _split_node(node: str) -> tuple[str, str | None]:
@@ -152,9 +163,15 @@ def apply_forwarded(environ: MutableMapping[str, Any], allow: AllowList) -> None
     port: str | None = None
     proto = host = forwarded_port = None
     forwarded = environ.get("HTTP_FORWARDED")
-    elements = _parse_forwarded(forwarded) if forwarded else []
-    if elements:
-        index = _pick_client([element.get("for", "") for element in elements], allow)
+    if forwarded is not None:
+        elements, truncated = _parse_forwarded(forwarded)
+        nodes = [element.get("for", "") for element in elements]
+        index = _pick_client(nodes, allow) if elements else -1
+        if index < 0 or (truncated and allow.trusts(_split_node(nodes[index])[0])):
+            # The client's hop is in the unparsable part, yet the proxy speaks
+            # Forwarded (so an X-Forwarded-For beside it may be the client's
+            # own). Believe nothing.
+            return
         chosen = elements[index]
         if "for" in chosen:
             client, port = _split_node(chosen["for"])

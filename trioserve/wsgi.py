@@ -420,6 +420,9 @@ def call_app(
     propagate (after ``close()``); the trio side decides between a 500 and a
     reset depending on whether the headers went out.
     """
+    # Reset while this thread was being handed the request (after the thread
+    # slot was won)? Then the app must not run at all: Rapid Reset defence.
+    trio.from_thread.check_cancelled()
     wsgi_input = InputStream(port, initial_body, body_complete)
     environ = build_environ(request, info, wsgi_input)
     responder = _Responder(port)
