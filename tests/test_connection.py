@@ -313,6 +313,9 @@ async def test_chunked_body_over_the_limit_is_413_and_the_app_is_cancelled() -> 
         await client.stream.send_all(
             b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
+        # The app must be running before the limit is crossed: a request
+        # refused before its thread starts never reaches the app at all.
+        await probe.wait_started()
         for _ in range(20):
             await client.stream.send_all(b"64\r\n" + b"x" * 100 + b"\r\n")
         data = await read_until_closed(client)

@@ -477,23 +477,25 @@ class Connection:
     # ---- reader ---------------------------------------------------------------
 
     async def _reader_task(self) -> None:
+        # One cancel scope for many reads: its deadline is moved as the
+        # connection turns busy or idle (_update_idle_deadline), which is much
+        # cheaper than a new scope per read.
         while not self._peer_done:
-            if self._reading_paused():
-                await self._wait_reader_wakeup()
-                continue
             with trio.CancelScope(deadline=self._idle_deadline()) as idle:
                 self._read_scope = idle
                 try:
-                    data = await self.stream.receive_some(READ_SIZE)
+                    while not self._peer_done:
+                        if self._reading_paused():
+                            await self._wait_reader_wakeup()
+                            continue
+                        self._receive(await self.stream.receive_some(READ_SIZE))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._connection_lost()
                     return
-            self._read_scope = None
-            if idle.cancelled_caught:
-                if self._idle_expired():
-                    return
-                continue
-            self._receive(data)
+                finally:
+                    self._read_scope = None
+            if idle.cancelled_caught and self._idle_expired():
+                return
 
     def _receive(self, data: bytes | bytearray) -> None:
         proto = self.proto
@@ -502,7 +504,8 @@ class Connection:
             self._peer_done = True
         self._dispatch(proto.next_events())
         self._update_idle_deadline()  # a request head may have just begun, or ended
-        self.wake_sender()
+        if proto.output_size or proto.has_queued_streams or proto.closing:
+            self.wake_sender()
 
     def _idle_deadline(self) -> float:
         """When the reader gives up waiting on the client.
@@ -659,9 +662,7 @@ class Connection:
         self.streams[event.stream_id] = stream
         self._update_idle_deadline()
         assert self._nursery is not None
-        self._nursery.start_soon(
-            stream.run, name=f"stream {event.stream_id} from {self.info.client_addr}"
-        )
+        self._nursery.start_soon(stream.run)
 
     def _bad_request(self, event: BadRequest) -> None:
         client = self.info.client_addr or "unix socket"
@@ -756,23 +757,40 @@ class Connection:
         self.wake_sender()
         self._wake_reader()
 
-    async def _send_with_deadline(self, data: bytes) -> bool:
-        """Write ``data``; give up (False) if the peer stops reading for ``write_timeout``."""
+    async def _send_with_deadline(self, data: bytes, scope: trio.CancelScope) -> None:
+        """Write ``data``, each piece due within ``write_timeout`` of the last one."""
+        timeout = self.ctx.write_timeout
+        if len(data) <= WRITE_CHUNK:
+            scope.deadline = trio.current_time() + timeout
+            await self.stream.send_all(data)
+            return
         view = memoryview(data)
         while view:
-            piece = view[:WRITE_CHUNK]
-            with trio.move_on_after(self.ctx.write_timeout) as timer:
-                await self.stream.send_all(piece)
-            if timer.cancelled_caught:
-                LOGGER.info(
-                    "Dropping %s: it read nothing for %.0fs",
-                    self.info.client_addr or "a unix socket client",
-                    self.ctx.write_timeout,
-                )
-                self._connection_lost()
-                return False
-            view = view[len(piece) :]
-        return True
+            scope.deadline = trio.current_time() + timeout
+            await self.stream.send_all(view[:WRITE_CHUNK])
+            view = view[WRITE_CHUNK:]
+
+    async def _send_loop(self, write_scope: trio.CancelScope) -> None:
+        while True:
+            data = self.proto.data_to_send()
+            if data:
+                self._in_flight = len(data)
+                await self._send_with_deadline(data, write_scope)
+                self._in_flight = 0
+                self._output_drained.set()
+                self._output_drained = trio.Event()
+                self._wake_reader()
+                if self._pipeline_waiting:
+                    self._start_next_request()
+                continue
+            if self.proto.closing and not self.streams and not self.proto.has_queued_streams:
+                # Done: no app still running and no response still waiting
+                # for flow-control window (it goes out once the peer opens it).
+                self._clean_close = True
+                return
+            write_scope.deadline = math.inf
+            await self._output_wanted.wait()
+            self._output_wanted = trio.Event()
 
     def _start_next_request(self) -> None:
         """HTTP/1.1: take the next pipelined request, unless the peer is behind on reading.
@@ -792,26 +810,17 @@ class Connection:
 
     async def _sender_task(self) -> None:
         try:
-            while True:
-                data = self.proto.data_to_send()
-                if data:
-                    self._in_flight = len(data)
-                    if not await self._send_with_deadline(data):
-                        break
-                    self._in_flight = 0
-                    self._output_drained.set()
-                    self._output_drained = trio.Event()
-                    self._wake_reader()
-                    if self._pipeline_waiting:
-                        self._start_next_request()
-                    continue
-                if self.proto.closing and not self.streams and not self.proto.has_queued_streams:
-                    # Done: no app still running and no response still waiting
-                    # for flow-control window (it goes out once the peer opens it).
-                    self._clean_close = True
-                    break
-                await self._output_wanted.wait()
-                self._output_wanted = trio.Event()
+            # One cancel scope for every write: its deadline is set while a
+            # write is under way (write_timeout) and lifted while idle.
+            with trio.CancelScope() as write_scope:
+                await self._send_loop(write_scope)
+            if write_scope.cancelled_caught:
+                LOGGER.info(
+                    "Dropping %s: it read nothing for %.0fs",
+                    self.info.client_addr or "a unix socket client",
+                    self.ctx.write_timeout,
+                )
+                self._connection_lost()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # Streams get cancelled; the nursery still waits for their threads.
             self._connection_lost()

@@ -70,13 +70,20 @@ MAX_STREAM_ID = 2**31 - 1
 # Opaque data of the PING that times the two-step graceful GOAWAY.
 SHUTDOWN_PING = b"trio-bye"
 
+# Frame types and flags read by the frame-header scan (RFC 9113 §6).
+FRAME_DATA = 0x0
+FRAME_HEADERS = 0x1
+FRAME_CONTINUATION = 0x9
+FLAG_END_STREAM = 0x1
+
 # Abuse budgets (CVE-2023-44487 Rapid Reset, CVE-2025-8671 MadeYouReset,
 # CVE-2019-9512/9515/9518 control-frame floods). Each is a count that grows
 # with useful work, so long-lived, busy connections never run out, while a
 # peer that only resets streams or only sends control frames soon does, and
 # gets GOAWAY(ENHANCE_YOUR_CALM).
 RESET_BUDGET = 100  # streams reset (by the peer, by h2, or refused) beyond those completed
-CONTROL_BUDGET = 10_000  # PING/SETTINGS/PRIORITY/WINDOW_UPDATE/empty DATA frames...
+CONTROL_BUDGET = 10_000  # frames that carry no request data (PING, SETTINGS, PRIORITY,
+# WINDOW_UPDATE, RST_STREAM, unknown types, empty DATA, DATA for closed streams)...
 CONTROL_PER_STREAM = 100  # ...plus this many per completed stream...
 CONTROL_BYTES_PER_FRAME = 1024  # ...plus one per this many response bytes sent
 
@@ -242,7 +249,7 @@ class HTTP2Connection:
             return
         if self._peer_closed and not self._outbound:
             return  # after a fatal error: nothing more is read
-        oversized = self._scan_frame_lengths(data)
+        oversized = self._scan_frame_headers(data)
         if oversized is not None:
             self.fail(
                 h2.errors.ErrorCodes.FRAME_SIZE_ERROR, f"frame of {oversized} bytes announced"
@@ -274,12 +281,17 @@ class HTTP2Connection:
             self.fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many control frames")
         self._pull_control()
 
-    def _scan_frame_lengths(self, data: bytes | bytearray) -> int | None:
-        """Find an over-long frame from its 9-byte header, before its payload is buffered.
+    def _scan_frame_headers(self, data: bytes | bytearray) -> int | None:
+        """Read each frame's 9-byte header before h2 buffers the frame.
 
-        h2 checks a frame's length only once the whole frame has arrived, so a
-        peer announcing 16 MiB could make us hold 16 MiB first. Returns the
-        announced length of the first frame over our SETTINGS_MAX_FRAME_SIZE.
+        Two jobs. h2 checks a frame's length only once the whole frame has
+        arrived, so a peer announcing 16 MiB could make us hold 16 MiB first:
+        return the announced length of the first frame over our
+        SETTINGS_MAX_FRAME_SIZE. And count the frames that carry no request
+        data against the control-frame budget here, because h2 answers or
+        drops several kinds without an event we would see (PING and SETTINGS
+        ACKs, and frames on closed streams, each of which earns an
+        RST_STREAM: the CVE-2019-9514 reflection).
         """
         limit = self._h2.max_inbound_frame_size
         size = len(data)
@@ -302,6 +314,16 @@ class HTTP2Connection:
             length = int.from_bytes(head[:3], "big")
             if length > limit:
                 return length
+            frame_type = head[3]
+            if frame_type == FRAME_DATA:
+                stream_id = int.from_bytes(head[5:9], "big") & 0x7FFF_FFFF
+                if (not length and not head[4] & FLAG_END_STREAM) or (
+                    stream_id not in self._remote_open
+                    and stream_id <= self._h2.highest_inbound_stream_id
+                ):
+                    self._control_frames += 1  # empty, or for a closed stream
+            elif frame_type not in (FRAME_HEADERS, FRAME_CONTINUATION):
+                self._control_frames += 1
             skipped = min(length, size - position)
             position += skipped
             self._frame_left = length - skipped
@@ -327,8 +349,6 @@ class HTTP2Connection:
         if isinstance(event, h2.events.DataReceived):
             sid = event.stream_id
             data = event.data
-            if not event.flow_controlled_length and event.stream_ended is None:
-                self._control_frames += 1  # empty DATA carries nothing (CVE-2019-9518)
             padding = event.flow_controlled_length - len(data)
             if padding:
                 self._h2.acknowledge_received_data(padding, sid)
@@ -360,15 +380,8 @@ class HTTP2Connection:
             self._rejected.discard(event.stream_id)
             self._forget(event.stream_id)
             emit(StreamReset(event.stream_id, int(event.error_code or 0)))
-        elif isinstance(
-            event,
-            h2.events.PingReceived
-            | h2.events.RemoteSettingsChanged
-            | h2.events.PriorityUpdated
-            | h2.events.UnknownFrameReceived,
-        ):
-            self._control_frames += 1
-            if isinstance(event, h2.events.RemoteSettingsChanged) and self._ready:
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if self._ready:
                 emit(WindowOpened())  # a new initial window may let queued data go
         elif isinstance(event, h2.events.PingAckReceived):
             if event.ping_data == SHUTDOWN_PING and self._goaway_stage == 1:
@@ -378,7 +391,6 @@ class HTTP2Connection:
                 self._last_stream_id = self._h2.highest_inbound_stream_id
                 self._send_goaway(self._last_stream_id)
         elif isinstance(event, h2.events.WindowUpdated):
-            self._control_frames += 1
             if self._ready:
                 emit(WindowOpened())
         elif isinstance(event, h2.events.ConnectionTerminated):
