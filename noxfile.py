@@ -24,6 +24,21 @@ def lint(session: nox.Session) -> None:
     session.run("mypy", "--strict", "trioserve")
 
 
+@nox.session(python="3.11")
+def soak(session: nox.Session) -> None:
+    """Opt-in, longer hostile-client run (not in CI): the attack tests, then the fuzzers
+    with 50 times the examples; loopback and in-memory only, bounded, about 15 minutes."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/test_attacks.py", *session.posargs)
+    session.run(
+        "pytest",
+        "tests/test_fuzz.py",
+        "--timeout=1800",
+        *session.posargs,
+        env={"TRIOSERVE_FUZZ_SCALE": "50"},
+    )
+
+
 @nox.session(python=False)
 def bench(session: nox.Session) -> None:
     """Side-by-side benchmark against the peers (bench/run.py; not run by default, not in CI).

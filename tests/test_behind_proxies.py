@@ -351,6 +351,9 @@ X_FORWARDED = (
     "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
     "proxy_set_header X-Forwarded-Proto $scheme;",
     "proxy_set_header X-Forwarded-Host $host;",
+    # trioserve prefers Forwarded when both arrive, so a proxy that sets only
+    # X-Forwarded-* must drop a client's own Forwarded (an empty value: not sent).
+    'proxy_set_header Forwarded "";',
 )
 
 # RFC 7239: an IPv6 node must be quoted and bracketed, an IPv4 one may be a bare token.
@@ -796,8 +799,9 @@ async def test_nginx_x_forwarded(
 ) -> None:
     """nginx adds X-Forwarded-For/-Proto/-Host; trioserve (trusting 127.0.0.1 and unix peers
     by default) applies them. A client's own X-Forwarded-For is appended to by nginx, and the
-    spoofed part left of the real client is ignored; -Proto and -Host are overwritten. Both
-    clients' requests travel over one keep-alive upstream connection."""
+    spoofed part left of the real client is ignored; -Proto and -Host are overwritten, and a
+    client's own Forwarded is dropped by the README's config. Both clients' requests travel
+    over one keep-alive upstream connection."""
     echo = EnvironEcho()
     forwarding = [line for line in X_FORWARDED if "Proto" not in line]
     forwarding.append(f"proxy_set_header X-Forwarded-Proto {proto};")
@@ -810,6 +814,7 @@ async def test_nginx_x_forwarded(
                 ("X-Forwarded-For", "6.6.6.6"),
                 ("X-Forwarded-Proto", "gopher"),
                 ("X-Forwarded-Host", "evil.example"),
+                ("Forwarded", "for=6.6.6.7;proto=gopher;host=evil.example"),
             ]
             async with Client.connect(proxy.port, source=CLIENT) as client:
                 spoofed = (await client.get("/", spoof)).json()
@@ -827,6 +832,7 @@ async def test_nginx_x_forwarded(
     assert another["REMOTE_ADDR"] == OTHER_CLIENT
     assert spoofed["HTTP_X_FORWARDED_FOR"] == f"6.6.6.6, {CLIENT}"  # appended to, not replaced
     assert plain["HTTP_X_FORWARDED_FOR"] == CLIENT
+    assert spoofed["HTTP_FORWARDED"] is None
     assert spoofed["HTTP_HOST"] == spoofed["SERVER_NAME"] == "app.example.com"
     assert another["HTTP_HOST"] == another["SERVER_NAME"] == "www.example.com"
 

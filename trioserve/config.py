@@ -50,6 +50,15 @@ class Config:
         40,
         "worker threads for running the app (concurrent app calls per process)",
     )
+    max_threads_per_connection: int = _option(
+        # One HTTP/2 connection may run up to h2-max-concurrent-streams apps at
+        # once; with a share, a single client (a zero-window attacker, say)
+        # cannot hold every thread while others queue. Off by default: behind
+        # a load balancer that multiplexes many users over one HTTP/2
+        # connection, a share would cap the whole site's concurrency.
+        0,
+        "app threads one HTTP/2 connection may hold at once; 0 means no share (all of --threads)",
+    )
     root_path: str = _option(
         "", "SCRIPT_NAME: the URL prefix the app is mounted under (e.g. /api)", metavar="PATH"
     )
@@ -101,6 +110,18 @@ class Config:
         # waitress uses the same 1 GiB: big uploads work, unbounded ones do not. 0 = no limit.
         1 * GiB,
         "largest request body accepted, in bytes (413 beyond); 0 means no limit",
+        metavar="BYTES",
+    )
+    body_prebuffer: int = _option(
+        # A client trickling its body (R.U.D.Y.) holds an app thread for as
+        # long as it likes without ever stalling; waiting for the body in trio
+        # costs a task, not a thread. Capped at 64 KiB (and at one HTTP/2
+        # stream window), past which the app reads as the body streams in.
+        # Off by default, as in gunicorn: apps see a request as soon as its
+        # head is in, and full-duplex streaming apps keep working.
+        0,
+        "request body bytes read before the app gets a thread (all of a smaller body;"
+        " at most 64 KiB); 0 starts the app at once",
         metavar="BYTES",
     )
     max_header_size: int = _option(
@@ -239,10 +260,14 @@ class Config:
             value = getattr(self, name)
             _check(value > 0, f"{name.replace('_', '-')} must be positive, not {value}")
         _check(self.max_request_body_size >= 0, "max-request-body-size cannot be negative")
+        _check(self.body_prebuffer >= 0, "body-prebuffer cannot be negative")
         _check(self.max_header_size >= 1024, "max-header-size must be at least 1024")
         _check(self.max_request_line_size >= 64, "max-request-line-size must be at least 64")
         _check(self.max_header_count >= 1, "max-header-count must be at least 1")
         _check(self.backlog >= 1, "backlog must be at least 1")
+        _check(
+            self.max_threads_per_connection >= 0, "max-threads-per-connection cannot be negative"
+        )
         _check(self.workers >= 1, f"workers must be at least 1, not {self.workers}")
         _check(self.max_requests >= 0, "max-requests cannot be negative")
         _check(self.max_requests_jitter >= 0, "max-requests-jitter cannot be negative")

@@ -122,6 +122,7 @@ class ServerProtocol(Protocol):
     @property
     def has_queued_streams(self) -> bool: ...
     def stream_output_size(self, stream_id: int) -> int: ...
+    def stream_blocked(self, stream_id: int) -> bool: ...
     def receive_data(self, data: bytes | bytearray) -> None: ...
     def next_events(self) -> list[Event]: ...
     def data_to_send(self) -> bytes: ...
@@ -146,6 +147,7 @@ class ServerContext:
 
     app: WSGIApp
     limiter: trio.CapacityLimiter
+    connection_threads: int = 0  # HTTP/2: app threads one connection may hold; 0: all
     keep_alive_timeout: float = 5.0
     tls_handshake_timeout: float = 10.0
     header_timeout: float = 10.0
@@ -157,6 +159,7 @@ class ServerContext:
     proxy_protocol: bool = False
     max_connections: int = 0  # 0: no limit
     max_requests_in_flight: int = 0  # 0: no limit
+    body_prebuffer: int = 0  # request body bytes awaited before the app starts
     requests_in_flight: int = 0
     requests_served: int = 0
     max_requests: int = 0  # this worker stops gracefully after serving so many; 0: never
@@ -413,6 +416,9 @@ class Connection:
         self.ctx = ctx
         self.app = ctx.app
         self.limiter = ctx.limiter
+        # HTTP/2 streams take a slot of this connection's share before a thread.
+        self.thread_share: trio.CapacityLimiter | None = None
+        self.streams_draining = 0  # streams whose app finished, their response still queued
         self.info = info
         self.streams: dict[int, RequestStream] = {}
         self._nursery: trio.Nursery | None = None
@@ -423,6 +429,8 @@ class Connection:
         self._peer_done = False  # EOF or GOAWAY seen: read no more
         self._clean_close = False  # the sender finished normally: close politely
         self._linger = False  # unread request data may follow: drain before closing
+        self._aborted = False  # fatal protocol error: send what is queued (GOAWAY), then close
+        self._reader_done = False
         self._read_scope: trio.CancelScope | None = None  # the reader's current wait
         self._head_started: float | None = None  # when the current partial request head began
         self._idle_goaway_sent = False
@@ -465,7 +473,11 @@ class Connection:
         moment, as nginx's lingering_close does.
         """
         with trio.move_on_after(CLOSE_TIMEOUT):
-            if self._linger and isinstance(self.stream, trio.abc.HalfCloseableStream):
+            if (
+                self._linger
+                and self._reader_done
+                and isinstance(self.stream, trio.abc.HalfCloseableStream)
+            ):
                 try:
                     await self.stream.send_eof()
                     while await self.stream.receive_some(READ_SIZE):
@@ -477,6 +489,12 @@ class Connection:
     # ---- reader ---------------------------------------------------------------
 
     async def _reader_task(self) -> None:
+        try:
+            await self._read_loop()
+        finally:
+            self._reader_done = True
+
+    async def _read_loop(self) -> None:
         # One cancel scope for many reads: its deadline is moved as the
         # connection turns busy or idle (_update_idle_deadline), which is much
         # cheaper than a new scope per read.
@@ -632,6 +650,7 @@ class Connection:
                 # still sends WINDOW_UPDATEs for the streams it lets finish.
                 if event.abort:
                     self._peer_done = True
+                    self._aborted = True
                     for stream in self.streams.values():
                         stream.reset_by_peer = True
                         stream.cancel_scope.cancel()
@@ -640,7 +659,8 @@ class Connection:
 
     def _start_stream(self, event: RequestReceived) -> None:
         proto = self.proto
-        if proto.multiplexed and len(self.streams) >= self.ctx.h2_max_concurrent_streams:
+        live_apps = len(self.streams) - self.streams_draining
+        if proto.multiplexed and live_apps >= self.ctx.h2_max_concurrent_streams:
             # Live app invocations (reset ones still running included) are
             # bounded per connection: refuse, the client may retry (RFC 9113 §8.7).
             proto.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
@@ -697,6 +717,15 @@ class Connection:
 
     def wake_sender(self) -> None:
         self._output_wanted.set()
+
+    def stream_thread_share(self) -> trio.CapacityLimiter | None:
+        """HTTP/2: the limiter bounding this connection's share of the app threads.
+
+        None for HTTP/1.1, which runs one request at a time anyway.
+        """
+        if self.thread_share is None and self.proto.multiplexed and self.ctx.connection_threads:
+            self.thread_share = trio.CapacityLimiter(self.ctx.connection_threads)
+        return self.thread_share
 
     def stream_writable(self, stream_id: int) -> bool:
         """May ``stream_id``'s app thread queue more response data right now?"""
@@ -783,6 +812,12 @@ class Connection:
                 if self._pipeline_waiting:
                     self._start_next_request()
                 continue
+            if self._aborted:
+                # Our last words (GOAWAY) are out. Close the socket now rather
+                # than when the cancelled apps' threads return, which can take
+                # until their next read or write.
+                await self._close_politely()
+                return
             if self.proto.closing and not self.streams and not self.proto.has_queued_streams:
                 # Done: no app still running and no response still waiting
                 # for flow-control window (it goes out once the peer opens it).

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from http import HTTPStatus
 from typing import cast
 
@@ -158,6 +159,10 @@ class HTTP1Connection:
     def stream_output_size(self, stream_id: int) -> int:
         """Bytes queued for the socket on behalf of ``stream_id`` (all of them, in HTTP/1.1)."""
         return self._outbound_size
+
+    def stream_blocked(self, stream_id: int) -> bool:
+        """HTTP/1.1 has no flow-control window: output waits only for the socket."""
+        return False
 
     # ---- bytes in, events out ---------------------------------------------
 
@@ -496,14 +501,21 @@ class HTTP1Connection:
             self._closed = True
 
 
+# RFC 9110 §5.5: field values are visible characters, spaces and tabs (obs-text
+# aside). h11 lets other control characters through; a proxy may strip or split
+# on them, so they are refused. CR and LF are checked separately.
+_CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _raw_head_problem(raw: bytes) -> tuple[bool, str | None]:
     """What is wrong with a raw request head that h11 would quietly accept.
 
     h11 follows RFC 9112's lenient options: it merges identical duplicate or
-    list-form Content-Length values, accepts bare LF line endings and unfolds
-    obs-fold lines. Each is harmless alone, but a front proxy that reads the
-    same bytes differently is how request smuggling starts, so trioserve
-    refuses them (RFC 9112 §2.2, §5.2, §6.3 allow rejecting all three).
+    list-form Content-Length values, accepts bare LF line endings, unfolds
+    obs-fold lines and lets control characters through in field values. Each
+    is harmless alone, but a front proxy that reads the same bytes differently
+    is how request smuggling starts, so trioserve refuses them (RFC 9112 §2.2,
+    §5.2, §6.3 and RFC 9110 §5.5 allow rejecting them).
     Returns (whether the head is complete, what is wrong with it or None).
     """
     raw = raw.lstrip(b"\r\n")  # empty lines before a request line are allowed
@@ -516,6 +528,8 @@ def _raw_head_problem(raw: bytes) -> tuple[bool, str | None]:
     head = raw[:end]
     if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
         return True, "bare LF or CR in the request head"
+    if _CONTROL_CHARACTER.search(head):
+        return True, "control character in the request head"
     lines = head.split(b"\r\n")[1:]
     lengths = 0
     for line in lines:

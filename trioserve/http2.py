@@ -75,6 +75,7 @@ FRAME_DATA = 0x0
 FRAME_HEADERS = 0x1
 FRAME_CONTINUATION = 0x9
 FLAG_END_STREAM = 0x1
+FLAG_END_HEADERS = 0x4
 
 # Abuse budgets (CVE-2023-44487 Rapid Reset, CVE-2025-8671 MadeYouReset,
 # CVE-2019-9512/9515/9518 control-frame floods). Each is a count that grows
@@ -168,6 +169,7 @@ class HTTP2Connection:
         self._resets = 0
         self._completed = 0
         self._control_frames = 0
+        self._in_header_block = False  # HEADERS seen, END_HEADERS not yet (header deadline)
         self._bytes_sent = 0
         self._last_stream_id = MAX_STREAM_ID
         self._peer_closed = False  # EOF, error, or GOAWAY from the peer
@@ -223,6 +225,11 @@ class HTTP2Connection:
         out = self._outbound.get(stream_id)
         return out.size if out is not None else 0
 
+    def stream_blocked(self, stream_id: int) -> bool:
+        """Is more queued for ``stream_id`` than its flow-control window lets out now?"""
+        out = self._outbound.get(stream_id)
+        return out is not None and out.size > self._h2.local_flow_control_window(stream_id)
+
     @property
     def buffered_input(self) -> int:
         return 0
@@ -230,9 +237,7 @@ class HTTP2Connection:
     @property
     def partial_request(self) -> bool:
         """Is a header block (HEADERS without END_HEADERS) waiting for its CONTINUATIONs?"""
-        # h2 keeps the unfinished block in its frame buffer; it has no public
-        # view of it. Without one we only lose the header-block deadline.
-        return bool(getattr(self._h2.incoming_buffer, "_headers_buffer", None))
+        return self._in_header_block
 
     @property
     def has_queued_streams(self) -> bool:
@@ -315,14 +320,16 @@ class HTTP2Connection:
             if length > limit:
                 return length
             frame_type = head[3]
-            if frame_type == FRAME_DATA:
+            if frame_type in (FRAME_HEADERS, FRAME_CONTINUATION):
+                self._in_header_block = not head[4] & FLAG_END_HEADERS
+            elif frame_type == FRAME_DATA:
                 stream_id = int.from_bytes(head[5:9], "big") & 0x7FFF_FFFF
                 if (not length and not head[4] & FLAG_END_STREAM) or (
                     stream_id not in self._remote_open
                     and stream_id <= self._h2.highest_inbound_stream_id
                 ):
                     self._control_frames += 1  # empty, or for a closed stream
-            elif frame_type not in (FRAME_HEADERS, FRAME_CONTINUATION):
+            else:
                 self._control_frames += 1
             skipped = min(length, size - position)
             position += skipped

@@ -204,6 +204,7 @@ def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
     return ServerContext(
         app=app,
         limiter=trio.CapacityLimiter(config.threads),
+        connection_threads=config.max_threads_per_connection,
         keep_alive_timeout=config.keep_alive_timeout,
         tls_handshake_timeout=config.tls_handshake_timeout,
         header_timeout=config.header_timeout,
@@ -215,6 +216,7 @@ def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
         proxy_protocol=config.proxy_protocol,
         max_connections=config.max_connections,
         max_requests_in_flight=config.max_requests_in_flight,
+        body_prebuffer=config.body_prebuffer,
         root_path=config.root_path.rstrip("/"),
         server_header=config.server_header.encode("latin-1") or None,
         max_header_size=config.max_header_size,

@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import h11
@@ -79,6 +80,12 @@ class _BodyBuffer:
         self._changed = trio.Event()
 
 
+# The most request body awaited before the app gets a thread (--body-prebuffer): the
+# HTTP/1.1 reader stops reading at BODY_HIGH_WATER (64 KiB), so waiting for more
+# could never end.
+MAX_BODY_PREBUFFER = 64 * 1024
+
+
 class RequestStream:
     """One request/response exchange on a connection (see module docstring)."""
 
@@ -123,20 +130,47 @@ class RequestStream:
             data = self.take_body_nowait()
             if data is not None:
                 return data
-            with trio.move_on_after(self.conn.ctx.body_timeout) as timer:
-                await self.body.wait()
-            if timer.cancelled_caught:
-                # The client stopped sending mid-body: the app's read must not hang.
-                LOGGER.info(
-                    "408 request body stalled for %.0fs: %s %s from %s",
-                    self.conn.ctx.body_timeout,
-                    self.request.method.decode("latin-1"),
-                    self.request.target.decode("latin-1"),
-                    self.conn.info.client_addr or "unix socket",
-                )
-                self.error_status = 408
-                self.cancel_scope.cancel()
-                await trio.lowlevel.checkpoint()  # raises Cancelled into the app thread
+            await self._wait_body_progress()
+
+    async def _wait_body_progress(self) -> None:
+        """Wait for more request body; 408 and cancel if none comes for ``body_timeout``."""
+        with trio.move_on_after(self.conn.ctx.body_timeout) as timer:
+            await self.body.wait()
+        if timer.cancelled_caught:
+            # The client stopped sending mid-body: the app's read must not hang.
+            LOGGER.info(
+                "408 request body stalled for %.0fs: %s %s from %s",
+                self.conn.ctx.body_timeout,
+                self.request.method.decode("latin-1"),
+                self.request.target.decode("latin-1"),
+                self.conn.info.client_addr or "unix socket",
+            )
+            self.error_status = 408
+            self.cancel_scope.cancel()
+            await trio.lowlevel.checkpoint()  # raises Cancelled (into the app thread, if any)
+
+    async def _wait_for_body_start(self) -> None:
+        """Hold the request back from the app until its body, or a first part of it, is here.
+
+        An app reading ``wsgi.input`` holds a thread for as long as the client
+        takes to send the body; a client trickling a byte at a time (R.U.D.Y.)
+        never stalls long enough for ``body_timeout``, so a few of them could
+        pin every thread. Waiting here costs a task and at most
+        ``--body-prebuffer`` bytes, not a thread. A client that sent
+        ``Expect: 100-continue`` is not waited for: it sends nothing until the
+        app reads.
+        """
+        body = self.body
+        ctx = self.conn.ctx
+        if body.ended or self.request.expects_continue or not ctx.body_prebuffer:
+            return
+        wanted = min(ctx.body_prebuffer, MAX_BODY_PREBUFFER)
+        if self.conn.proto.multiplexed:
+            # Credit comes back only as the app reads: never wait for more
+            # than one stream window.
+            wanted = min(wanted, ctx.h2_initial_window_size)
+        while not body.ended and body.size < wanted:
+            await self._wait_body_progress()
 
     def send_nowait(self, head: ResponseHead | None, data: bytes) -> bool:
         """Queue ``head`` (first call) and ``data``; False if the thread should wait."""
@@ -165,11 +199,28 @@ class RequestStream:
         Progress of other streams does not count.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        await self._wait_for_output(self.conn.stream_writable)
+
+    async def _wait_sent(self) -> None:
+        """HTTP/2: hold the stream open until its finished response has gone out.
+
+        Only for a response that is waiting for window: the rest goes out with
+        the sender's next write, under the connection's write timeout.
+
+        A response the app returned whole can still be queued for
+        flow-control window; the same stall rule as :meth:`wait_writable`
+        applies to it, so a client that never opens its window cannot pin
+        the queued bytes forever.
+        """
+        proto = self.conn.proto
+        await self._wait_for_output(lambda sid: not proto.stream_output_size(sid))
+
+    async def _wait_for_output(self, ready: Callable[[int], bool]) -> None:
         conn = self.conn
         timeout = conn.ctx.write_timeout
         queued = conn.proto.stream_output_size(self.stream_id)
         deadline = trio.current_time() + timeout
-        while not conn.stream_writable(self.stream_id):
+        while not ready(self.stream_id):
             with trio.move_on_at(deadline):
                 await conn.wait_output_drained()
             now_queued = conn.proto.stream_output_size(self.stream_id)
@@ -197,7 +248,16 @@ class RequestStream:
         try:
             if self.error_status is None:  # refused up front (503) otherwise
                 with self.cancel_scope:
+                    await self._wait_for_body_start()
                     await self._run_app()
+                    if conn.proto.stream_blocked(self.stream_id):
+                        # The app is done: the stream no longer counts against
+                        # the concurrent-stream limit while its data waits.
+                        conn.streams_draining += 1
+                        try:
+                            await self._wait_sent()
+                        finally:
+                            conn.streams_draining -= 1
         finally:
             self._finish()
             conn.stream_done(self)
@@ -207,17 +267,13 @@ class RequestStream:
         initial = self.body.take() if self.body.size else b""
         if initial:
             conn.body_consumed(self.stream_id, len(initial))
+        share = conn.stream_thread_share()
         try:
-            result = await trio.to_thread.run_sync(
-                call_app,
-                conn.app,
-                self.request,
-                conn.info,
-                self,
-                initial,
-                self.body.ended,
-                limiter=conn.limiter,
-            )
+            if share is None:
+                result = await self._call_app(initial)
+            else:
+                async with share:
+                    result = await self._call_app(initial)
         except Exception:
             LOGGER.exception(
                 "Error in the application handling %s %s",
@@ -230,6 +286,19 @@ class RequestStream:
                 self._abort("the application failed after the response started")
             return
         self._complete(result)
+
+    async def _call_app(self, initial: bytes) -> AppResult:
+        conn = self.conn
+        return await trio.to_thread.run_sync(
+            call_app,
+            conn.app,
+            self.request,
+            conn.info,
+            self,
+            initial,
+            self.body.ended,
+            limiter=conn.limiter,
+        )
 
     def _complete(self, result: AppResult) -> None:
         """Send what the app thread left for us and end the response."""
