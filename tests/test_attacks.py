@@ -432,17 +432,14 @@ async def first_of(*waits: Callable[[], Awaitable[object]]) -> None:
 
 
 # trio counts a worker thread as active until the task that started it resumes, but
-# releases its limiter token a moment earlier, so the next thread can start in between:
-# the sampled count may exceed the limiter by the hand-offs under way. The strict bound
-# is on app invocations live at once (max_live).
-HANDOFF_SLACK = 2
-
-
+# releases its limiter token a moment earlier (in the callback that reports the result),
+# so tasks waiting for the limiter start their threads in between: when a whole wave of
+# streams is reset at once, the sampled count can briefly reach twice the limiter. The
+# strict bound is on app invocations live at once (max_live, counted by the app); the
+# thread count only shows the limiter holds at all (unbounded, it would reach 100).
 def assert_thread_bounds(app: LiveApps, bound: int) -> None:
     assert app.max_live <= bound, f"{app.max_live} app invocations live at once (bound {bound})"
-    assert app.max_threads <= bound + HANDOFF_SLACK, (
-        f"{app.max_threads} worker threads busy (bound {bound})"
-    )
+    assert app.max_threads <= 2 * bound, f"{app.max_threads} worker threads busy (bound {bound})"
 
 
 async def no_threads_left() -> None:
