@@ -68,6 +68,7 @@ from .http1 import HTTP1Connection
 from .http2 import PREFACE, HTTP2Connection
 from .proxy import AllowList, ProxyHeader, ProxyHeaderError, parse_proxy_header
 from .stream import RequestStream
+from .wakeup import Wakeup
 from .wsgi import ConnectionInfo, ResponseHead, WSGIApp
 
 LOGGER = logging.getLogger("trioserve.error")
@@ -422,9 +423,9 @@ class Connection:
         self.info = info
         self.streams: dict[int, RequestStream] = {}
         self._nursery: trio.Nursery | None = None
-        self._output_wanted = trio.Event()
-        self._output_drained = trio.Event()
-        self._reader_wakeup = trio.Event()
+        self._output_wanted = Wakeup()  # the sender sleeps on it
+        self._output_drained: trio.Event | None = None  # made only when a stream waits
+        self._reader_wakeup = Wakeup()  # the reader sleeps on it while paused
         self._in_flight = 0  # bytes handed to send_all and not yet sent
         self._peer_done = False  # EOF or GOAWAY seen: read no more
         self._clean_close = False  # the sender finished normally: close politely
@@ -597,7 +598,6 @@ class Connection:
 
     async def _wait_reader_wakeup(self) -> None:
         await self._reader_wakeup.wait()
-        self._reader_wakeup = trio.Event()
 
     def _wake_reader(self) -> None:
         self._reader_wakeup.set()
@@ -732,6 +732,8 @@ class Connection:
         return self.proto.stream_output_size(stream_id) < STREAM_HIGH_WATER
 
     async def wait_output_drained(self) -> None:
+        if self._output_drained is None:
+            self._output_drained = trio.Event()
         await self._output_drained.wait()
 
     def send_response(self, stream_id: int, head: ResponseHead) -> None:
@@ -806,8 +808,10 @@ class Connection:
                 self._in_flight = len(data)
                 await self._send_with_deadline(data, write_scope)
                 self._in_flight = 0
-                self._output_drained.set()
-                self._output_drained = trio.Event()
+                drained = self._output_drained
+                if drained is not None:
+                    self._output_drained = None
+                    drained.set()
                 self._wake_reader()
                 if self._pipeline_waiting:
                     self._start_next_request()
@@ -825,7 +829,6 @@ class Connection:
                 return
             write_scope.deadline = math.inf
             await self._output_wanted.wait()
-            self._output_wanted = trio.Event()
 
     def _start_next_request(self) -> None:
         """HTTP/1.1: take the next pipelined request, unless the peer is behind on reading.

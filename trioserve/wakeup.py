@@ -1,0 +1,47 @@
+"""A reusable wake-up call for one waiting task.
+
+The connection's reader and sender each sleep until another task has work for
+them. A ``trio.Event`` does that, but it cannot be reset, so every wake-up
+would allocate a new Event and its ParkingLot (about 700 bytes, several per
+request and per idle connection). :class:`Wakeup` keeps one object for the
+connection's lifetime and has the same "a call made while nobody waits is
+kept for the next wait" meaning.
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class Wakeup:
+    """Wake one waiting task; a :meth:`set` with no waiter is remembered."""
+
+    __slots__ = ("_abort_fn", "_pending", "_waiter")
+
+    def __init__(self) -> None:
+        self._pending = False
+        self._waiter: trio.lowlevel.Task | None = None
+        self._abort_fn = self._abort  # bound once: no allocation per wait
+
+    def set(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
+        else:
+            self._pending = True
+
+    async def wait(self) -> None:
+        """Return once :meth:`set` has been called since the last wait (a checkpoint)."""
+        if self._pending:
+            self._pending = False
+            await trio.lowlevel.checkpoint()
+            return
+        if self._waiter is not None:
+            raise trio.BusyResourceError("another task is already waiting on this Wakeup")
+        self._waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_fn)
+
+    def _abort(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
