@@ -35,6 +35,7 @@ import importlib
 import importlib.util
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -50,6 +51,7 @@ import trioserve.connection
 import trioserve.http1
 import trioserve.http2
 import trioserve.stream
+from examples import hello
 from trioserve import cli, serve_wsgi
 from trioserve.config import Config, options
 from trioserve.configfile import load_config_file
@@ -550,3 +552,38 @@ def test_readme_section_links_resolve() -> None:
     assert links
     missing = sorted(set(links) - anchors)
     assert not missing, f"links to no heading: {missing}"
+
+
+@pytest.mark.external
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed; .ci/run installs it")
+async def test_http2_and_tls_walkthrough_works(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The README's HTTP/2 and TLS steps: trustme's CLI makes the files it names, curl
+    trusting certs/client.pem gets HTTP/2 over TLS, and h2c with prior knowledge works on
+    a plain port (ports are 0 here instead of the README's fixed ones)."""
+    text = section("HTTP/2 and TLS")
+    assert "python -m trustme -d certs" in text
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    await trio.run_process([sys.executable, "-m", "trustme", "-d", str(certs)], capture_stdout=True)
+    for name in ("server.pem", "server.key", "client.pem"):
+        assert f"certs/{name}" in text
+        assert (certs / name).is_file(), name
+    with trio.fail_after(30):
+        tls = await serve_wsgi(
+            hello.app,
+            nursery,
+            bind="127.0.0.1:0",
+            certfile=str(certs / "server.pem"),
+            keyfile=str(certs / "server.key"),
+        )
+        plain = await serve_wsgi(hello.app, nursery, bind="127.0.0.1:0")
+        for flags, url in (
+            (["--http2", "--cacert", str(certs / "client.pem")], f"https://localhost:{tls.port}/"),
+            (["--http2-prior-knowledge"], f"http://127.0.0.1:{plain.port}/"),
+        ):
+            result = await trio.run_process(
+                ["curl", "-sS", *flags, "-w", "\\n%{http_version}", url], capture_stdout=True
+            )
+            body, _, version = result.stdout.decode().rpartition("\n")
+            assert version == "2", (url, result.stdout)
+            assert body.startswith("Hello"), body
