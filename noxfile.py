@@ -26,8 +26,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def soak(session: nox.Session) -> None:
-    """Opt-in, longer hostile-client run (not in CI): the attack tests, then the fuzzers
-    with 50 times the examples; loopback and in-memory only, bounded, about 15 minutes."""
+    """Opt-in, longer hostile-client run (not in CI): the attack tests, the fuzzers with 50
+    times the examples, then tests/test_soak.py (good and hostile clients against one
+    server for TRIOSERVE_SOAK_SECONDS, default 120: memory flat, no thread leak; -s shows
+    its numbers); loopback and in-memory only, bounded, about 15 minutes plus the soak."""
     session.install("-e", ".[test]")
     session.run("pytest", "tests/test_attacks.py", *session.posargs)
     session.run(
@@ -36,6 +38,14 @@ def soak(session: nox.Session) -> None:
         "--timeout=1800",
         *session.posargs,
         env={"TRIOSERVE_FUZZ_SCALE": "50"},
+    )
+    session.run(
+        "pytest",
+        "tests/test_soak.py",
+        "-s",
+        "--timeout=900",
+        *session.posargs,
+        env={"TRIOSERVE_SOAK": "1"},
     )
 
 

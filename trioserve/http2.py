@@ -260,6 +260,12 @@ class HTTP2Connection:
                 h2.errors.ErrorCodes.FRAME_SIZE_ERROR, f"frame of {oversized} bytes announced"
             )
             return
+        if self._over_control_budget():
+            # Checked before h2 parses this read too: a flood packs thousands
+            # of frames into one read, and parsing them all holds up every
+            # other connection for a noticeable moment.
+            self.fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many control frames")
+            return
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -278,13 +284,16 @@ class HTTP2Connection:
             self._rejected.intersection_update(self._outbound)
         if self._resets > RESET_BUDGET + self._completed:
             self.fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many streams reset")
-        elif self._control_frames > (
+        elif self._over_control_budget():
+            self.fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many control frames")
+        self._pull_control()
+
+    def _over_control_budget(self) -> bool:
+        return self._control_frames > (
             CONTROL_BUDGET
             + CONTROL_PER_STREAM * self._completed
             + self._bytes_sent // CONTROL_BYTES_PER_FRAME
-        ):
-            self.fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many control frames")
-        self._pull_control()
+        )
 
     def _scan_frame_headers(self, data: bytes | bytearray) -> int | None:
         """Read each frame's 9-byte header before h2 buffers the frame.
