@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterator
+from pathlib import Path
 
 from flask import Flask, Response, jsonify, request, send_file, stream_with_context
 
@@ -32,6 +33,7 @@ INDEX_PAGE = """<!doctype html>
   <li><a href="/stream?n=10">/stream?n=10</a>: a streamed response, one line at a time</li>
   <li><a href="/upload">/upload</a>: a multipart file upload</li>
   <li><a href="/send-file">/send-file</a>: a file sent with flask.send_file</li>
+  <li><a href="/send-file/disk">/send-file/disk</a>: this module, from disk</li>
 </ul>
 """
 
@@ -85,6 +87,15 @@ def upload() -> str | Response | tuple[Response, int]:
     return jsonify(filename=upload.filename, size=size, sha256=digest.hexdigest())
 
 
+THIS_FILE = Path(__file__)
+
+
 @app.get("/send-file")
 def send_sample_file() -> Response:
     return send_file(io.BytesIO(SAMPLE_FILE), mimetype="text/plain", download_name="hello.txt")
+
+
+@app.get("/send-file/disk")
+def send_this_module() -> Response:
+    """A file on disk: over plain HTTP/1.1, trioserve sends it with os.sendfile."""
+    return send_file(THIS_FILE, mimetype="text/x-python")

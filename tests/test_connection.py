@@ -427,6 +427,25 @@ async def test_idle_keep_alive_connection_is_closed(autojump_clock: trio.testing
         assert 5 <= trio.current_time() - start < 6
 
 
+async def test_a_new_connection_that_sends_nothing_is_closed_after_keep_alive_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One keep-alive period in all, though the server first waits to tell an HTTP/2
+    preface from HTTP/1.1 (it used to idle a second period after that wait)."""
+    async with open_test_client(apps.hello, keep_alive_timeout=5) as client:
+        start = trio.current_time()
+        assert await client.stream.receive_some() == b""
+        assert 5 <= trio.current_time() - start < 6
+
+
+async def test_a_request_sent_just_before_keep_alive_timeout_is_served(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_test_client(apps.hello, keep_alive_timeout=5) as client:
+        await trio.sleep(4.9)
+        assert (await client.get("/")).status == 200
+
+
 async def test_connection_with_a_live_request_is_not_idle(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -24,7 +24,8 @@ import httpx
 import pytest
 import trio
 
-from examples.flask_app import SAMPLE_FILE, app
+from examples.flask_app import SAMPLE_FILE, THIS_FILE, app
+from tests.test_static import SendfileSpy
 from trioserve import serve_wsgi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,14 +202,35 @@ async def test_upload_without_file_field(served: Callable[[], Any]) -> None:
     assert "file" in response.json()["error"]
 
 
-async def test_send_file(served: Callable[[], Any]) -> None:
+async def test_send_file(
+    served: Callable[[], Any], protocol: Protocol, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = SendfileSpy()
+    monkeypatch.setattr(os, "sendfile", spy)
     async with served() as server:
         response = await server.call("GET", "/send-file")
+    assert spy.bytes == 0  # an in-memory file has no descriptor: sent block by block
     assert response.status_code == 200
     assert response.content == SAMPLE_FILE
     assert response.headers["content-type"] == "text/plain; charset=utf-8"
     assert response.headers["content-length"] == str(len(SAMPLE_FILE))
     assert "hello.txt" in response.headers["content-disposition"]
+
+
+async def test_send_file_from_disk(
+    served: Callable[[], Any], protocol: Protocol, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """werkzeug hands a file on disk to wsgi.file_wrapper: plain HTTP/1.1 sends it by
+    os.sendfile, TLS and HTTP/2 block by block; the bytes are the same."""
+    spy = SendfileSpy()
+    monkeypatch.setattr(os, "sendfile", spy)
+    expected = THIS_FILE.read_bytes()
+    async with served() as server:
+        response = await server.call("GET", "/send-file/disk")
+    assert response.status_code == 200
+    assert response.content == expected
+    assert response.headers["content-length"] == str(len(expected))
+    assert spy.bytes == (0 if protocol.tls or protocol.http2 else len(expected))
 
 
 async def test_send_file_range(served: Callable[[], Any]) -> None:

@@ -31,6 +31,7 @@ import pytest
 import trio
 
 from examples import django_app, falcon_app, httpbin_app
+from tests.test_static import SendfileSpy
 from trioserve import serve_wsgi
 
 TIMEOUT = 30  # seconds, per test: a hang fails instead of blocking the suite
@@ -222,10 +223,22 @@ async def test_django_csrf_form(serve: ServeFn) -> None:
     ids=["on-disk", "in-memory"],
 )
 async def test_django_file_response(
-    serve: ServeFn, path: str, expected: bytes, content_type: str, filename: str
+    serve: ServeFn,
+    protocol: Protocol,
+    path: str,
+    expected: bytes,
+    content_type: str,
+    filename: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    spy = SendfileSpy()
+    monkeypatch.setattr(os, "sendfile", spy)
     async with serve(DJANGO) as server:
         response = await server.call("GET", path)
+    # Django hands a FileResponse's file to wsgi.file_wrapper: a file on disk goes by
+    # sendfile over plain HTTP/1.1; an in-memory one (no descriptor) block by block.
+    on_disk_plain = path == "/file/" and not (protocol.tls or protocol.http2)
+    assert spy.bytes == (len(expected) if on_disk_plain else 0)
     assert response.status_code == 200
     assert response.content == expected
     assert response.headers["content-type"] == content_type

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import socket
 import ssl
 import time
@@ -58,6 +59,7 @@ from .events import (
     BodyReceived,
     ConnectionClosed,
     Event,
+    FileSegment,
     Headers,
     RequestReceived,
     StreamReset,
@@ -94,6 +96,11 @@ PIPELINE_HIGH_WATER = 64 * 1024
 # write_timeout: the timeout bounds a pause in progress, not a whole response.
 WRITE_CHUNK = 256 * 1024
 
+# os.sendfile: at most this much per call, with a checkpoint between calls so
+# one large file cannot hold up the other connections.
+SENDFILE_CHUNK = 4 * 1024 * 1024
+HAVE_SENDFILE = hasattr(os, "sendfile")
+
 # GOAWAY code for a peer that abuses the protocol (RFC 9113 §7).
 ENHANCE_YOUR_CALM = 0xB
 
@@ -123,6 +130,8 @@ class ServerProtocol(Protocol):
     @property
     def has_queued_streams(self) -> bool: ...
     def stream_output_size(self, stream_id: int) -> int: ...
+    def send_file(self, stream_id: int, segment: FileSegment) -> None: ...
+    def file_to_send(self) -> FileSegment | None: ...
     def stream_blocked(self, stream_id: int) -> bool: ...
     def receive_data(self, data: bytes | bytearray) -> None: ...
     def next_events(self) -> list[Event]: ...
@@ -358,8 +367,8 @@ async def serve_connection(
                     with trio.fail_after(ctx.tls_handshake_timeout):
                         await stream.do_handshake()
                     alpn = stream.selected_alpn_protocol()
-                else:
-                    await _sniff_preface(stream, initial, ctx.keep_alive_timeout)
+                elif not await _sniff_preface(stream, initial, ctx.keep_alive_timeout):
+                    return  # silent for a whole keep-alive period: an idle connection
             finally:
                 ctx.opening.discard(opening)
         if opening.cancelled_caught and (tls or not initial):
@@ -392,14 +401,19 @@ async def serve_connection(
         await trio.aclose_forcefully(stream)
 
 
-async def _sniff_preface(stream: trio.abc.Stream, data: bytearray, timeout: float) -> None:
-    """Read into ``data`` until it either is, or cannot be, the HTTP/2 preface."""
-    with trio.move_on_after(timeout):
+async def _sniff_preface(stream: trio.abc.Stream, data: bytearray, timeout: float) -> bool:
+    """Read into ``data`` until it either is, or cannot be, the HTTP/2 preface.
+
+    False if the client sent nothing at all for ``timeout``: it is then closed
+    as an idle connection, rather than handed to HTTP/1.1 to idle once more.
+    """
+    with trio.move_on_after(timeout) as waited:
         while len(data) < len(PREFACE) and PREFACE.startswith(data):
             chunk = await stream.receive_some(READ_SIZE)
             if not chunk:
                 break
             data += chunk
+    return bool(data) or not waited.cancelled_caught
 
 
 class Connection:
@@ -801,12 +815,59 @@ class Connection:
             await self.stream.send_all(view[:WRITE_CHUNK])
             view = view[WRITE_CHUNK:]
 
+    async def _sendfile(self, segment: FileSegment, scope: trio.CancelScope) -> None:
+        """Send ``segment`` from its file with ``os.sendfile`` (plain-TCP HTTP/1.1 only)."""
+        assert isinstance(self.stream, trio.SocketStream)
+        sock = self.stream.socket
+        out_fd = sock.fileno()
+        timeout = self.ctx.write_timeout
+        offset, remaining = segment.offset, segment.length
+        while remaining:
+            scope.deadline = trio.current_time() + timeout
+            try:
+                sent = os.sendfile(out_fd, segment.fd, offset, min(remaining, SENDFILE_CHUNK))
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"sendfile failed: {exc}") from exc
+            if not sent:
+                # The file shrank since its length was announced: the response
+                # can only be cut short, by closing the connection.
+                LOGGER.warning(
+                    "File ended %d bytes early while sending it to %s",
+                    remaining,
+                    self.info.client_addr or "a unix socket client",
+                )
+                raise trio.BrokenResourceError("file ended early")
+            offset += sent
+            remaining -= sent
+            await trio.lowlevel.checkpoint()  # a big file must not hold up other connections
+        segment.sent = True
+
+    async def _send_pending(self, write_scope: trio.CancelScope) -> bool:
+        """Write what the protocol has queued, bytes or a file; False if nothing was."""
+        data = self.proto.data_to_send()
+        if data:
+            self._in_flight = len(data)
+            await self._send_with_deadline(data, write_scope)
+            return True
+        segment = self.proto.file_to_send()
+        if segment is not None:
+            self._in_flight = segment.length
+            await self._sendfile(segment, write_scope)
+            return True
+        return False
+
+    def can_sendfile(self) -> bool:
+        """May responses on this connection be sent with ``os.sendfile``?"""
+        return (
+            HAVE_SENDFILE and not self.proto.multiplexed and type(self.stream) is trio.SocketStream
+        )
+
     async def _send_loop(self, write_scope: trio.CancelScope) -> None:
         while True:
-            data = self.proto.data_to_send()
-            if data:
-                self._in_flight = len(data)
-                await self._send_with_deadline(data, write_scope)
+            if await self._send_pending(write_scope):
                 self._in_flight = 0
                 drained = self._output_drained
                 if drained is not None:

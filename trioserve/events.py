@@ -120,3 +120,21 @@ Event = (
     | UpgradeToH2
     | ConnectionClosed
 )
+
+
+@dataclass(slots=True, eq=False)
+class FileSegment:
+    """Response body bytes to send straight from a file: ``length`` bytes from ``offset``.
+
+    Queued by the HTTP/1.1 layer in place of the bytes themselves (h11 passes
+    it through, counting ``len()`` against Content-Length); the driver sends
+    it with ``os.sendfile`` and sets ``sent``.
+    """
+
+    fd: int
+    offset: int
+    length: int
+    sent: bool = False
+
+    def __len__(self) -> int:
+        return self.length

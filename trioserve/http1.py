@@ -35,6 +35,7 @@ from .events import (
     BodyReceived,
     ConnectionClosed,
     Event,
+    FileSegment,
     Headers,
     RequestReceived,
     StreamReset,
@@ -95,8 +96,9 @@ class HTTP1Connection:
         self._max_header_count = max_header_count
         self._max_body_size = max_body_size
         self._allow_h2c_upgrade = allow_h2c_upgrade
-        self._outbound: list[bytes] = []
+        self._outbound: list[bytes | FileSegment] = []
         self._outbound_size = 0
+        self._files_queued = 0  # FileSegments in _outbound
         self._stream_id = 0  # id of the current (or last) request
         self._active = False  # a request has been handed out and its response not ended
         self._response_started = False
@@ -404,6 +406,20 @@ class HTTP1Connection:
         if data and not self._head_request:
             self._write(h11.Data(data=data))
 
+    def send_file(self, stream_id: int, segment: FileSegment) -> None:
+        """Queue a file's bytes for ``os.sendfile`` (counted against Content-Length by h11)."""
+        if self._head_request:
+            segment.sent = True  # nothing to send for HEAD
+            return
+        # h11 passes the Data payload through untouched and only needs its
+        # len() (its documented way to support sendfile), hence the cast.
+        parts = self._h11.send_with_data_passthrough(h11.Data(data=cast(bytes, segment)))
+        for part in cast(list[bytes | FileSegment], parts or []):
+            if isinstance(part, FileSegment):
+                self._files_queued += 1
+            self._outbound.append(part)
+            self._outbound_size += len(part)
+
     def end_stream(self, stream_id: int) -> None:
         """End the response. Raises h11.LocalProtocolError if it is shorter than declared."""
         self._write(h11.EndOfMessage())
@@ -439,13 +455,39 @@ class HTTP1Connection:
         self._no_keep_alive = True
 
     def data_to_send(self) -> bytes:
-        """Everything queued for the socket, coalesced into one write."""
-        if not self._outbound:
+        """Everything queued for the socket, coalesced into one write.
+
+        Stops at a queued file: :meth:`file_to_send` hands that over next.
+        """
+        outbound = self._outbound
+        if not outbound:
             return b""
-        data = self._outbound[0] if len(self._outbound) == 1 else b"".join(self._outbound)
-        self._outbound.clear()
+        if self._files_queued:
+            count = 0
+            while count < len(outbound) and not isinstance(outbound[count], FileSegment):
+                count += 1
+            parts = cast(list[bytes], outbound[:count])
+            del outbound[:count]
+            data = b"".join(parts)
+            self._outbound_size -= len(data)
+            return data
+        if len(outbound) == 1:
+            data = cast(bytes, outbound[0])
+        else:
+            data = b"".join(cast(list[bytes], outbound))
+        outbound.clear()
         self._outbound_size = 0
         return data
+
+    def file_to_send(self) -> FileSegment | None:
+        """The file to send next with ``os.sendfile``, once the bytes before it are out."""
+        if self._files_queued and self._outbound and isinstance(self._outbound[0], FileSegment):
+            segment = self._outbound.pop(0)
+            assert isinstance(segment, FileSegment)
+            self._files_queued -= 1
+            self._outbound_size -= segment.length
+            return segment
+        return None
 
     def send_failed(self) -> None:
         """The socket write failed: nothing more can be sent."""

@@ -42,6 +42,7 @@ from .events import (
     BodyReceived,
     ConnectionClosed,
     Event,
+    FileSegment,
     Headers,
     RequestReceived,
     StreamReset,
@@ -224,6 +225,13 @@ class HTTP2Connection:
         """Response bytes queued for ``stream_id`` that are not yet framed."""
         out = self._outbound.get(stream_id)
         return out.size if out is not None else 0
+
+    def file_to_send(self) -> FileSegment | None:
+        """Files go out with ``os.sendfile`` over HTTP/1.1 only: never one here."""
+        return None
+
+    def send_file(self, stream_id: int, segment: FileSegment) -> None:
+        raise NotImplementedError("HTTP/2 frames file data like any other body")
 
     def stream_blocked(self, stream_id: int) -> bool:
         """Is more queued for ``stream_id`` than its flow-control window lets out now?"""

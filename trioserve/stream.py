@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
-from .events import RequestReceived
+from .events import FileSegment, RequestReceived
 from .wsgi import AppResult, ResponseHead, StreamCancelled, call_app
 
 if TYPE_CHECKING:
@@ -107,6 +107,9 @@ class RequestStream:
         self.bytes_sent = 0
         self.started_at = time.time()
         self._continue_sent = False
+        self.can_sendfile = conn.can_sendfile()  # read by the app thread (wsgi.call_app)
+        self._file: FileSegment | None = None  # a response body going out by sendfile
+        self._file_close: Callable[[], object] | None = None
 
     # ---- called from the app thread through trio.from_thread ---------------
 
@@ -250,6 +253,8 @@ class RequestStream:
                 with self.cancel_scope:
                     await self._wait_for_body_start()
                     await self._run_app()
+                    if self._file is not None:
+                        await self._wait_file_sent(self._file)
                     if conn.proto.stream_blocked(self.stream_id):
                         # The app is done: the stream no longer counts against
                         # the concurrent-stream limit while its data waits.
@@ -259,8 +264,20 @@ class RequestStream:
                         finally:
                             conn.streams_draining -= 1
         finally:
+            if self._file_close is not None:
+                close, self._file_close = self._file_close, None
+                close()  # the app's iterable (wsgi.file_wrapper): closes the file
             self._finish()
             conn.stream_done(self)
+
+    async def _wait_file_sent(self, segment: FileSegment) -> None:
+        """Hold the stream (and its file open) until the sender has sent the file.
+
+        The sender's write timeout covers a client that stops reading; losing
+        the connection cancels this wait.
+        """
+        while not segment.sent:
+            await self.conn.wait_output_drained()
 
     async def _run_app(self) -> None:
         conn = self.conn
@@ -285,6 +302,8 @@ class RequestStream:
             else:
                 self._abort("the application failed after the response started")
             return
+        if result.file is not None:
+            self._file_close = result.close
         self._complete(result)
 
     async def _call_app(self, initial: bytes) -> AppResult:
@@ -319,6 +338,11 @@ class RequestStream:
                     if head.status not in _NO_BODY_STATUSES:
                         proto.send_body(self.stream_id, chunk)
                         self.bytes_sent += len(chunk)
+                if result.file is not None and head.status not in _NO_BODY_STATUSES:
+                    proto.send_file(self.stream_id, result.file)
+                    self.bytes_sent += result.file.length
+                    if not result.file.sent:  # (a HEAD response sends none of it)
+                        self._file = result.file
             proto.end_stream(self.stream_id)
         except h11.LocalProtocolError as exc:
             self._abort(f"invalid response: {exc}")

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -44,7 +46,7 @@ from urllib.parse import unquote_to_bytes
 
 import trio
 
-from .events import Headers, RequestReceived
+from .events import FileSegment, Headers, RequestReceived
 from .proxy import AllowList, apply_forwarded
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
@@ -85,6 +87,8 @@ class StreamPort(Protocol):
     async def wait_body(self) -> bytes: ...
     def send_nowait(self, head: ResponseHead | None, data: bytes) -> bool: ...
     async def wait_writable(self) -> None: ...
+    @property
+    def can_sendfile(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -98,6 +102,10 @@ class AppResult:
 
     head: ResponseHead | None
     body: list[bytes] = field(default_factory=list)
+    # A file to send with os.sendfile instead of ``body``; its iterable's
+    # close() is then the trio side's to call, once the file has gone out.
+    file: FileSegment | None = None
+    close: Callable[[], object] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,7 +435,14 @@ def call_app(
     environ = build_environ(request, info, wsgi_input)
     responder = _Responder(port)
     iterable = app(environ, responder.start_response)
+    handed_over = False  # the iterable's close() went to the trio side with a file
     try:
+        if type(iterable) is FileWrapper and not responder.headers_sent and port.can_sendfile:
+            head = responder.final_head()
+            segment = _file_segment(iterable.filelike, head)
+            if segment is not None:
+                handed_over = True
+                return AppResult(head, file=segment, close=getattr(iterable, "close", None))
         if type(iterable) in (list, tuple) and not responder.headers_sent:
             # Fast path: the whole response is in memory; hand it back in the
             # return value instead of one hop per chunk.
@@ -447,9 +462,34 @@ def call_app(
         return AppResult(responder.final_head())
     finally:
         close = getattr(iterable, "close", None)
-        if close is not None:
+        if close is not None and not handed_over:
             close()
         environ["wsgi.errors"].flush()
+
+
+def _file_segment(filelike: Any, head: ResponseHead) -> FileSegment | None:
+    """The part of ``filelike`` the response sends, if ``os.sendfile`` can send it.
+
+    Only for a regular file, a response with a Content-Length, and a file that
+    still holds that many bytes from its current position; anything else goes
+    through the ordinary block-by-block path.
+    """
+    lengths = [value for name, value in head.headers if name.lower() == b"content-length"]
+    if len(lengths) != 1 or not lengths[0].isdigit():
+        return None
+    length = int(lengths[0])
+    try:
+        fd = filelike.fileno()
+        # trioserve.static.FileRange has no tell(): its read position is .position
+        offset = filelike.tell() if hasattr(filelike, "tell") else filelike.position
+        info = os.fstat(fd)
+    except (AttributeError, OSError, ValueError):
+        return None
+    if type(fd) is not int or type(offset) is not int or not stat.S_ISREG(info.st_mode):
+        return None
+    if info.st_size - offset < length:
+        return None
+    return FileSegment(fd, offset, length)
 
 
 def _check_chunks(body: list[bytes]) -> None:
