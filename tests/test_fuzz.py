@@ -29,6 +29,7 @@ from typing import Any
 import h11
 import hpack
 import hypothesis
+import pytest
 import trio
 import trio.testing
 from hyperframe.exceptions import HyperframeError
@@ -568,6 +569,8 @@ async def _serve_garbage(chunks: list[bytes], config: Config) -> list[logging.Lo
     return errors.records
 
 
+# Random request methods reach the (validator-wrapped) app, which warns about them.
+@pytest.mark.filterwarnings("ignore::wsgiref.validate.WSGIWarning")
 @settings(
     max_examples=150 * SCALE,
     deadline=None,

@@ -37,6 +37,7 @@ from wsgiref.validate import validator
 import h11
 import pytest
 import trio
+import trio.testing
 from h2.settings import SettingCodes
 
 from tests.apps import hello
@@ -1355,3 +1356,64 @@ async def test_files_go_out_with_sendfile_on_plain_http1(
         assert spy.calls == 0
     else:
         assert spy.bytes == BIG + (last - first + 1)
+
+
+class CountingFile:
+    """A real file (so sendfile applies) that counts its close() calls."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("rb")
+        self.closes = 0
+        self.closed = trio.Event()
+        self.token = trio.lowlevel.current_trio_token()
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        return self.file.read(size)
+
+    def close(self) -> None:
+        self.closes += 1
+        self.file.close()
+        if self._in_trio():  # the sendfile path closes it from the stream's task
+            self.closed.set()
+        else:
+            trio.from_thread.run_sync(self.closed.set, trio_token=self.token)
+
+    @staticmethod
+    def _in_trio() -> bool:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            return False
+        return True
+
+
+async def test_client_gone_mid_sendfile_closes_the_file_once(
+    serve: Any, big_file: tuple[Path, bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that reads the head of a 32 MiB sendfile response and disconnects: the
+    connection ends, the file's close() runs exactly once, and no thread is left."""
+    spy = SendfileSpy()
+    monkeypatch.setattr(os, "sendfile", spy)
+    root, _, _ = big_file
+    opened = CountingFile(root / "big.bin")
+
+    def app(environ: Environ, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Length", str(BIG))])
+        return environ["wsgi.file_wrapper"](opened)
+
+    with trio.fail_after(SLOW_TIMEOUT):
+        server = await serve(app)
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+        await trio.aclose_forcefully(stream)
+        await opened.closed.wait()
+        await trio.testing.wait_all_threads_completed()
+    assert opened.closes == 1
+    assert 0 < spy.bytes < BIG
