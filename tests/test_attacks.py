@@ -1214,7 +1214,8 @@ async def test_slow_body_clients_do_not_hold_up_a_good_client(
 ) -> None:
     """R.U.D.Y.: 16 clients each POST a 10 KB body a byte every 10 s (body_timeout 60 s
     is never reached). With 8 threads, a good client must still be answered promptly:
-    with --body-prebuffer the apps wait for their bodies without holding a thread."""
+    with the defaults, once half the threads are taken the other uploads wait for their
+    bodies (--body-prebuffer) without holding a thread."""
 
     def reader(environ: Environ, start_response: Any) -> list[bytes]:
         size = 0
@@ -1240,9 +1241,7 @@ async def test_slow_body_clients_do_not_hold_up_a_good_client(
                 await stream.send(b"x")
 
     async with (
-        open_test_server(
-            validator(app), threads=8, body_timeout=60, body_prebuffer=65536
-        ) as server,
+        open_test_server(validator(app), threads=8, body_timeout=60) as server,
         server.connect(http2=True) as good_connection,
         trio.open_nursery() as nursery,
     ):
@@ -1264,39 +1263,58 @@ def _body_reader(environ: Environ, start_response: Any) -> list[bytes]:
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
-async def test_body_prebuffer_holds_the_app_back_until_the_body_is_in(
-    http2: bool, autojump_clock: trio.testing.MockClock
+async def test_body_prebuffer_holds_the_app_back_while_threads_are_scarce(
+    http2: bool, patient_clock: trio.testing.MockClock
 ) -> None:
-    """With --body-prebuffer, a body smaller than it is read whole before the app is
-    called; a body that stalls on the way ends in 408 (body_timeout) without the app
-    ever getting a thread."""
-    probe = AppProbe(validator(_body_reader))
+    """With threads to spare, the app starts before its body is in (it can read it as
+    it streams). Once half the threads are busy, a body smaller than --body-prebuffer is
+    read whole before the app is called, and a body that stalls on the way ends in 408
+    (body_timeout) without the app ever getting a thread."""
+    gate = Gate()
+
+    def app(environ: Environ, start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/park":
+            Gate.wait(gate)
+            start_response("204 No Content", [])
+            return []
+        return _body_reader(environ, start_response)
+
+    probe = AppProbe(validator(app))
     async with (
-        open_test_server(probe, body_prebuffer=65536, body_timeout=60) as server,
+        open_test_server(probe, threads=2, body_timeout=60) as server,
         server.connect(http2=http2) as client,
+        server.connect(http2=http2) as parked_client,
     ):
+        early = await client.open_stream(
+            "POST", "/early", headers=[("Content-Length", "2")], end=False
+        )
+        await early.send(b"0")
+        await probe.wait_started()  # two free threads: started before its body is in
+        await early.send(b"1", end=True)
+        assert (await early.read_response()).body == b"01"
+
+        parked = await parked_client.open_stream("GET", "/park")
+        await gate.wait_parked(1)  # one of two threads busy: threads are scarce now
         stream = await client.open_stream(
             "POST", "/whole", headers=[("Content-Length", "10")], end=False
         )
         for piece in (b"01234", b"5678"):
             await stream.send(piece)
             await trio.sleep(30)  # under body_timeout: progress, not a stall
-            assert not probe.records  # still waiting for the body, no thread taken
+            assert len(probe.records) == 2  # /early and /park: no thread taken
         await stream.send(b"9", end=True)
         response = await stream.read_response()
         assert response.status == 200
         assert response.body == b"0123456789"
-    async with (
-        open_test_server(probe, body_prebuffer=65536, body_timeout=60) as server,
-        server.connect(http2=http2) as client,
-    ):
-        stream = await client.open_stream(
+
+        stalled = await client.open_stream(
             "POST", "/stalled", headers=[("Content-Length", "10")], end=False
         )
-        await stream.send(b"01234")
-        response = await stream.read_response()
-        assert response.status == 408
-    assert [record.path for record in probe.records] == ["/whole"]
+        await stalled.send(b"01234")
+        assert (await stalled.read_response()).status == 408
+        gate.open()
+        assert (await parked.read_response()).status == 204
+    assert [record.path for record in probe.records] == ["/early", "/park", "/whole"]
 
 
 # =====================================================================================

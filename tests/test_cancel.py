@@ -531,7 +531,8 @@ async def test_reset_while_the_app_reads_the_body(
     probe = AppProbe(w.app)
     threads = 2 if http2 else 1
     with trio.fail_after(TIMEOUT):
-        async with open_test_server(probe, threads=threads) as server:
+        # body_prebuffer=0: the app must run before its body is in, however few threads are free
+        async with open_test_server(probe, threads=threads, body_prebuffer=0) as server:
             async with server.connect(http2=http2, record_frames=http2) as client, w.releasing():
                 bystander = None
                 if http2:
@@ -579,7 +580,8 @@ async def test_reset_while_the_app_streams_its_response(
     probe = AppProbe(w.app)
     threads = 2 if http2 else 1
     with trio.fail_after(TIMEOUT):
-        async with open_test_server(probe, threads=threads) as server:
+        # body_prebuffer=0: the app must run before its body is in, however few threads are free
+        async with open_test_server(probe, threads=threads, body_prebuffer=0) as server:
             async with server.connect(http2=http2, record_frames=http2) as client, w.releasing():
                 # The victim is streaming (headers and data received) before the
                 # bystander starts.
@@ -795,7 +797,8 @@ async def test_client_gone_cancels_every_request_in_flight(
     probe = AppProbe(w.app)
     threads = 3 if http2 else 1
     with trio.fail_after(TIMEOUT):
-        async with open_test_server(probe, threads=threads) as server:
+        # body_prebuffer=0: the app must run before its body is in, however few threads are free
+        async with open_test_server(probe, threads=threads, body_prebuffer=0) as server:
             async with server.connect(http2=http2) as client, w.releasing():
                 streaming = await client.open_stream("GET", "/forever/a")
                 await streaming.receive_headers()
@@ -1058,6 +1061,7 @@ async def test_unread_body_of_a_reset_stream_is_credited_back(
                 probe,
                 http2=True,
                 threads=1,
+                body_prebuffer=0,  # the app must run before its body is in
                 h2_initial_window_size=window,
                 h2_max_concurrent_streams=streams,
                 record_frames=True,

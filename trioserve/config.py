@@ -114,14 +114,14 @@ class Config:
     )
     body_prebuffer: int = _option(
         # A client trickling its body (R.U.D.Y.) holds an app thread for as
-        # long as it likes without ever stalling; waiting for the body in trio
-        # costs a task, not a thread. Capped at 64 KiB (and at one HTTP/2
-        # stream window), past which the app reads as the body streams in.
-        # Off by default, as in gunicorn: apps see a request as soon as its
-        # head is in, and full-duplex streaming apps keep working.
-        0,
-        "request body bytes read before the app gets a thread (all of a smaller body;"
-        " at most 64 KiB); 0 starts the app at once",
+        # long as it likes without ever stalling. Once half the threads are
+        # busy, requests whose body is still arriving wait for it in trio (a
+        # task, not a thread); with threads to spare, apps start at once and
+        # can read a body as it streams in. Capped at 64 KiB (and at one
+        # HTTP/2 stream window).
+        64 * KiB,
+        "when half the app threads are busy, a request waits (without a thread) until this"
+        " much of its body, or all of it, has arrived; at most 64 KiB; 0 never waits",
         metavar="BYTES",
     )
     max_header_size: int = _option(

@@ -169,7 +169,7 @@ class ServerContext:
     proxy_protocol: bool = False
     max_connections: int = 0  # 0: no limit
     max_requests_in_flight: int = 0  # 0: no limit
-    body_prebuffer: int = 0  # request body bytes awaited before the app starts
+    body_prebuffer: int = 0  # body bytes awaited before the app, once threads are scarce
     requests_in_flight: int = 0
     requests_served: int = 0
     max_requests: int = 0  # this worker stops gracefully after serving so many; 0: never

@@ -153,15 +153,18 @@ class RequestStream:
             await trio.lowlevel.checkpoint()  # raises Cancelled (into the app thread, if any)
 
     async def _wait_for_body_start(self) -> None:
-        """Hold the request back from the app until its body, or a first part of it, is here.
+        """While app threads are scarce, hold a request back until its body has come in.
 
         An app reading ``wsgi.input`` holds a thread for as long as the client
         takes to send the body; a client trickling a byte at a time (R.U.D.Y.)
         never stalls long enough for ``body_timeout``, so a few of them could
-        pin every thread. Waiting here costs a task and at most
-        ``--body-prebuffer`` bytes, not a thread. A client that sent
-        ``Expect: 100-continue`` is not waited for: it sends nothing until the
-        app reads.
+        pin every thread. So once half the threads are busy, a request whose
+        body is still arriving waits here, costing a task and at most
+        ``--body-prebuffer`` bytes instead of a thread, until that much of the
+        body (or all of it) is in. With threads to spare the app starts at
+        once, so it can read a body as it streams in. A client that sent
+        ``Expect: 100-continue`` is never held: it sends nothing until the app
+        reads.
         """
         body = self.body
         ctx = self.conn.ctx
@@ -172,7 +175,12 @@ class RequestStream:
             # Credit comes back only as the app reads: never wait for more
             # than one stream window.
             wanted = min(wanted, ctx.h2_initial_window_size)
-        while not body.ended and body.size < wanted:
+        limiter = self.conn.limiter
+        while (
+            not body.ended
+            and body.size < wanted
+            and limiter.available_tokens <= limiter.total_tokens // 2
+        ):
             await self._wait_body_progress()
 
     def send_nowait(self, head: ResponseHead | None, data: bytes) -> bool:
