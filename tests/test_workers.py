@@ -17,7 +17,9 @@ they outlived it.
 
 from __future__ import annotations
 
+import atexit
 import collections
+import contextlib
 import dataclasses
 import os
 import re
@@ -151,6 +153,20 @@ async def _stop(cli: RunningCLI) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+# Supervisors started by supervising() and not yet cleaned up. If the test run itself
+# is cut short (pytest-timeout interrupting a hung test can end the session before
+# trio's cleanup runs), what is left would outlive the run: the atexit hook kills it.
+_LEFT_RUNNING: set[RunningCLI] = set()
+
+
+@atexit.register
+def _kill_left_running() -> None:  # pragma: no cover - only after an aborted run
+    for cli in _LEFT_RUNNING:
+        for pid in {cli.process.pid, *started_pids(cli)}:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
 @asynccontextmanager
 async def supervising(
     *args: str, cwd: Path, listeners: int = 1, ready: int = 2
@@ -165,6 +181,7 @@ async def supervising(
         stderr=subprocess.PIPE,
     )
     cli = RunningCLI(process)
+    _LEFT_RUNNING.add(cli)
     try:
         async with trio.open_nursery() as nursery:
             assert process.stdout is not None
@@ -190,6 +207,8 @@ async def supervising(
             for pipe in (process.stdout, process.stderr):
                 if pipe is not None:
                     await pipe.aclose()
+        if cli.process.returncode is not None:
+            _LEFT_RUNNING.discard(cli)
         print("--- server stderr ---", *cli.stderr, "--- server stdout ---", *cli.stdout, sep="\n")
 
 
