@@ -20,7 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -147,11 +147,24 @@ class RunningCLI:
         return self.addresses[0]
 
 
+async def kill(cli: RunningCLI) -> None:
+    """The default end of :func:`serving`: kill the process and wait for it."""
+    if cli.process.returncode is None:
+        cli.process.kill()
+    with trio.move_on_after(TIMEOUT):
+        await cli.process.wait()
+
+
 @asynccontextmanager
 async def serving(
-    *args: str, command: Sequence[str] = MODULE, cwd: Path = ROOT, listeners: int = 1
+    *args: str,
+    command: Sequence[str] = MODULE,
+    cwd: Path = ROOT,
+    listeners: int = 1,
+    stop: Callable[[RunningCLI], Awaitable[None]] = kill,
 ) -> AsyncIterator[RunningCLI]:
-    """Start the command, wait for its ``Listening on`` line(s), and always kill it at the end."""
+    """Start the command, wait for its ``Listening on`` line(s), and always ``stop`` it
+    at the end (by default: kill it)."""
     process = await trio.lowlevel.open_process(
         [*command, *args],
         cwd=cwd,
@@ -173,10 +186,8 @@ async def serving(
                     cli.addresses.append(match.group(1))
                 yield cli
             finally:
-                if process.returncode is None:
-                    process.kill()
-                with trio.CancelScope(shield=True), trio.move_on_after(TIMEOUT):
-                    await process.wait()
+                with trio.CancelScope(shield=True):
+                    await stop(cli)
                 nursery.cancel_scope.cancel()
     finally:
         if process.returncode is None:  # pragma: no cover - only if waiting above timed out

@@ -25,7 +25,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -38,10 +37,10 @@ from tests.test_cli import (
     ROOT,
     TIMEOUT,
     RunningCLI,
-    _env,
     assert_one_line_error,
     connect,
     run_cli,
+    serving,
 )
 from trioserve import workers
 from trioserve.cli import build_parser, config_from_args
@@ -167,49 +166,31 @@ def _kill_left_running() -> None:  # pragma: no cover - only after an aborted ru
                 os.kill(pid, signal.SIGKILL)
 
 
+async def _stop_and_wait_for_workers(cli: RunningCLI) -> None:
+    await _stop(cli)
+    # The workers hold stderr too: its end means they are all gone.
+    with trio.move_on_after(TIMEOUT):
+        await cli._eof["stderr"].wait()
+
+
 @asynccontextmanager
 async def supervising(
     *args: str, cwd: Path, listeners: int = 1, ready: int = 2
 ) -> AsyncIterator[RunningCLI]:
     """Start ``python -m trioserve ARGS``, wait for its addresses and ``ready`` workers."""
-    process = await trio.lowlevel.open_process(
-        [*MODULE, *args],
-        cwd=cwd,
-        env=_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    cli = RunningCLI(process)
-    _LEFT_RUNNING.add(cli)
+    started: RunningCLI | None = None
     try:
-        async with trio.open_nursery() as nursery:
-            assert process.stdout is not None
-            assert process.stderr is not None
-            nursery.start_soon(cli._pump, "stdout", process.stdout)
-            nursery.start_soon(cli._pump, "stderr", process.stderr)
-            try:
-                for line in range(1, listeners + 1):
-                    match = await cli.wait_for_line(r"Listening on (\S+)", nth=line)
-                    cli.addresses.append(match.group(1))
-                if ready:
-                    await wait_ready(cli, ready)
-                yield cli
-            finally:
-                with trio.CancelScope(shield=True):
-                    await _stop(cli)
-                    # The workers hold stderr too: its end means they are all gone.
-                    with trio.move_on_after(TIMEOUT):
-                        await cli._eof["stderr"].wait()
-                nursery.cancel_scope.cancel()
+        async with serving(
+            *args, cwd=cwd, listeners=listeners, stop=_stop_and_wait_for_workers
+        ) as cli:
+            started = cli
+            _LEFT_RUNNING.add(cli)
+            if ready:
+                await wait_ready(cli, ready)
+            yield cli
     finally:
-        with trio.CancelScope(shield=True):
-            for pipe in (process.stdout, process.stderr):
-                if pipe is not None:
-                    await pipe.aclose()
-        if cli.process.returncode is not None:
-            _LEFT_RUNNING.discard(cli)
-        print("--- server stderr ---", *cli.stderr, "--- server stdout ---", *cli.stdout, sep="\n")
+        if started is not None and started.process.returncode is not None:
+            _LEFT_RUNNING.discard(started)
 
 
 # ---------------------------------------------------------------------------
