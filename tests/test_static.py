@@ -44,6 +44,7 @@ from tests.apps import hello
 from tests.test_cli import assert_one_line_error, run_cli, serving
 from tests.test_cli import request as cli_request
 from tests.test_interop import curl, curl_mode, header_values, needs
+from trioserve.events import FileSegment
 from trioserve.server import Server, serve_wsgi
 from trioserve.static import CONTENT_TYPES, FileRange, StaticFiles
 from trioserve.testing import AppProbe, TestResponse, TestStream, open_test_client
@@ -1417,3 +1418,23 @@ async def test_client_gone_mid_sendfile_closes_the_file_once(
         await trio.testing.wait_all_threads_completed()
     assert opened.closes == 1
     assert 0 < spy.bytes < BIG
+
+
+def test_a_file_in_use_by_the_sender_is_closed_only_when_it_lets_go() -> None:
+    """The request's task may end (reset, shutdown) while the sender is in the middle
+    of its file: the descriptor must then stay open until the sender lets go (its number
+    could otherwise be reused by another file), and be closed exactly once."""
+    closes: list[str] = []
+    segment = FileSegment(fd=-1, offset=0, length=10, close_file=lambda: closes.append("x"))
+    segment.in_use = True  # the sender is inside os.sendfile
+    segment.release()  # the request's task ends meanwhile
+    assert closes == []
+    assert segment.abandoned  # the sender will not start it again
+    segment.let_go()
+    assert closes == ["x"]
+    segment.release()
+    segment.let_go()
+    assert closes == ["x"]
+    idle = FileSegment(fd=-1, offset=0, length=10, close_file=lambda: closes.append("y"))
+    idle.release()  # not in the sender's hands: closed at once
+    assert closes == ["x", "y"]

@@ -819,6 +819,17 @@ class Connection:
         """Send ``segment`` from its file with ``os.sendfile`` (plain-TCP HTTP/1.1 only)."""
         assert isinstance(self.stream, trio.SocketStream)
         sock = self.stream.socket
+        if segment.abandoned:  # its request ended first: the descriptor may be closed
+            raise trio.BrokenResourceError("the response was abandoned")
+        segment.in_use = True
+        try:
+            await self._sendfile_loop(segment, sock, scope)
+        finally:
+            segment.let_go()  # closes the file if its request ended meanwhile
+
+    async def _sendfile_loop(
+        self, segment: FileSegment, sock: trio.socket.SocketType, scope: trio.CancelScope
+    ) -> None:
         out_fd = sock.fileno()
         timeout = self.ctx.write_timeout
         offset, remaining = segment.offset, segment.length

@@ -12,6 +12,7 @@ is ever live at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 Headers = list[tuple[bytes, bytes]]
@@ -129,12 +130,34 @@ class FileSegment:
     Queued by the HTTP/1.1 layer in place of the bytes themselves (h11 passes
     it through, counting ``len()`` against Content-Length); the driver sends
     it with ``os.sendfile`` and sets ``sent``.
+
+    The descriptor belongs to the app's iterable, closed by ``close_file``.
+    Its request's task calls that when it ends, unless the sender is in the
+    middle of the file (``in_use``): then the sender does, when it lets go.
+    Once ``abandoned``, the sender never touches the descriptor again (its
+    number may already belong to another file).
     """
 
     fd: int
     offset: int
     length: int
     sent: bool = False
+    in_use: bool = False
+    abandoned: bool = False
+    close_file: Callable[[], object] | None = None
+
+    def let_go(self) -> None:
+        """The sender is done with the file (sent or not); close it if its request has ended."""
+        self.in_use = False
+        if self.abandoned:
+            self.release()
+
+    def release(self) -> None:
+        """Close the file (once), unless the sender still uses it; see above."""
+        self.abandoned = True
+        if not self.in_use and self.close_file is not None:
+            close, self.close_file = self.close_file, None
+            close()
 
     def __len__(self) -> int:
         return self.length

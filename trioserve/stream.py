@@ -109,7 +109,6 @@ class RequestStream:
         self._continue_sent = False
         self.can_sendfile = conn.can_sendfile()  # read by the app thread (wsgi.call_app)
         self._file: FileSegment | None = None  # a response body going out by sendfile
-        self._file_close: Callable[[], object] | None = None
 
     # ---- called from the app thread through trio.from_thread ---------------
 
@@ -261,7 +260,7 @@ class RequestStream:
                 with self.cancel_scope:
                     await self._wait_for_body_start()
                     await self._run_app()
-                    if self._file is not None:
+                    if self._file is not None and not self._file.sent:
                         await self._wait_file_sent(self._file)
                     if conn.proto.stream_blocked(self.stream_id):
                         # The app is done: the stream no longer counts against
@@ -272,9 +271,8 @@ class RequestStream:
                         finally:
                             conn.streams_draining -= 1
         finally:
-            if self._file_close is not None:
-                close, self._file_close = self._file_close, None
-                close()  # the app's iterable (wsgi.file_wrapper): closes the file
+            if self._file is not None:
+                self._file.release()  # the app's iterable (wsgi.file_wrapper) closes the file
             self._finish()
             conn.stream_done(self)
 
@@ -311,7 +309,8 @@ class RequestStream:
                 self._abort("the application failed after the response started")
             return
         if result.file is not None:
-            self._file_close = result.close
+            result.file.close_file = result.close
+            self._file = result.file
         self._complete(result)
 
     async def _call_app(self, initial: bytes) -> AppResult:
@@ -346,11 +345,12 @@ class RequestStream:
                     if head.status not in _NO_BODY_STATUSES:
                         proto.send_body(self.stream_id, chunk)
                         self.bytes_sent += len(chunk)
-                if result.file is not None and head.status not in _NO_BODY_STATUSES:
-                    proto.send_file(self.stream_id, result.file)
-                    self.bytes_sent += result.file.length
-                    if not result.file.sent:  # (a HEAD response sends none of it)
-                        self._file = result.file
+                if result.file is not None:
+                    if head.status in _NO_BODY_STATUSES:
+                        result.file.sent = True  # nothing of it to send
+                    else:
+                        proto.send_file(self.stream_id, result.file)  # (HEAD: marked sent)
+                        self.bytes_sent += result.file.length
             proto.end_stream(self.stream_id)
         except h11.LocalProtocolError as exc:
             self._abort(f"invalid response: {exc}")
