@@ -899,3 +899,51 @@ def test_output_size_tracks_queued_bytes() -> None:
     assert server.stream_output_size(1) == len(expected)
     assert server.data_to_send() == expected
     assert server.output_size == 0
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "authority"),
+    [
+        (b"http://example.com/a/b?c=d", b"/a/b?c=d", b"example.com"),
+        (b"HTTPS://example.com:8443", b"/", b"example.com:8443"),
+        (b"http://example.com?q=1", b"/?q=1", b"example.com"),
+    ],
+)
+def test_absolute_form_target_gives_the_path_and_replaces_host(
+    target: bytes, path: bytes, authority: bytes
+) -> None:
+    """RFC 9112 §3.2.2: the app sees the path; the target's host wins over Host."""
+    server = HTTP1Connection()
+    events = feed(server, b"GET " + target + b" HTTP/1.1\r\nHost: other.example\r\n\r\n")
+    request = events[0]
+    assert isinstance(request, RequestReceived)
+    assert (request.target, request.authority) == (path, authority)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "status"),
+    [
+        (b"GET", b"!", 400),
+        (b"GET", b"*", 400),  # asterisk-form is for OPTIONS only
+        (b"GET", b"example.com/a", 400),
+        (b"GET", b"ftp://example.com/a", 400),
+        (b"GET", b"http:///a", 400),  # no host
+        (b"GET", b"http://user@example.com/", 400),  # userinfo: deprecated, and a spoofing aid
+        (b"CONNECT", b"example.com:443", 501),
+    ],
+)
+def test_request_target_without_a_path_is_refused(
+    method: bytes, target: bytes, status: int
+) -> None:
+    server = HTTP1Connection()
+    events = feed(server, method + b" " + target + b" HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert [(type(e), getattr(e, "status", None)) for e in events] == [(BadRequest, status)]
+    assert server.data_to_send().startswith(b"HTTP/1.1 %d " % status)
+    assert server.closing
+
+
+def test_options_asterisk_is_accepted() -> None:
+    server = HTTP1Connection()
+    events = feed(server, b"OPTIONS * HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert isinstance(events[0], RequestReceived)
+    assert events[0].target == b"*"

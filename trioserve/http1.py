@@ -294,6 +294,10 @@ class HTTP1Connection:
             # RFC 9112 §3.2: more than one Host is a 400 (which one would we route by?)
             events.append(self._reject(400, "more than one Host header"))
             return False
+        target, authority, problem = _split_target(request.method, bytes(request.target))
+        if problem is not None:
+            events.append(self._reject(501 if request.method == b"CONNECT" else 400, problem))
+            return False
         if chunked and content_length is not None:
             # RFC 9112 §6.3: a sender MUST NOT send both; a server MAY reject.
             # Accepting would let a front proxy and us disagree on where the
@@ -313,9 +317,10 @@ class HTTP1Connection:
         event = RequestReceived(
             stream_id=self._stream_id,
             method=bytes(request.method),
-            target=bytes(request.target),
+            target=target,
             headers=headers,
             http_version=request.http_version.decode("ascii"),
+            authority=authority,
             end_stream=not has_body,
             expects_continue=expects_continue and has_body,
             content_length=content_length,
@@ -546,6 +551,33 @@ class HTTP1Connection:
 # RFC 9110 §5.5: field values are visible characters, spaces and tabs (obs-text
 # aside). h11 lets other control characters through; a proxy may strip or split
 # on them, so they are refused. CR and LF are checked separately.
+# RFC 9112 §3.2.2 absolute-form: scheme "://" authority, then path and query.
+_ABSOLUTE_FORM = re.compile(rb"(?i:https?)://([^/?#@]+)([/?][^#]*)?")
+
+
+def _split_target(method: bytes, target: bytes) -> tuple[bytes, bytes | None, str | None]:
+    """The origin-form target, the authority of an absolute-form one, and any problem.
+
+    RFC 9112 §3.2: a server takes origin-form (``/path?query``), ``*`` for
+    OPTIONS, and absolute-form (``http://host/path``, whose host replaces the
+    Host field, §3.2.2). A WSGI app cannot answer CONNECT's authority-form, and
+    anything else has no PATH_INFO to give it.
+    """
+    if target[:1] == b"/":
+        return target, None, None
+    if target == b"*" and method == b"OPTIONS":
+        return target, None, None
+    if method == b"CONNECT":
+        return target, None, "CONNECT is not supported"
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        return target, None, "invalid request target"
+    path = match[2] or b"/"
+    if path[:1] == b"?":
+        path = b"/" + path
+    return path, match[1], None
+
+
 _CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
