@@ -1095,7 +1095,7 @@ async def test_zero_window_streams_are_reset_after_write_timeout(
 
 
 async def test_a_zero_window_client_cannot_take_every_thread(
-    autojump_clock: trio.testing.MockClock,
+    patient_clock: trio.testing.MockClock,
 ) -> None:
     app = LiveApps()
     settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}

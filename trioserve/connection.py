@@ -69,7 +69,7 @@ from .events import (
 from .http1 import HTTP1Connection
 from .http2 import PREFACE, HTTP2Connection
 from .proxy import AllowList, ProxyHeader, ProxyHeaderError, parse_proxy_header
-from .stream import RequestStream
+from .stream import STREAM_HIGH_WATER, RequestStream
 from .wakeup import Wakeup
 from .wsgi import ConnectionInfo, ResponseHead, WSGIApp
 
@@ -78,10 +78,6 @@ LOGGER = logging.getLogger("trioserve.error")
 # Bytes asked for per socket read: large enough that a fast upload needs few
 # reads, small enough to bound what one read can add to memory.
 READ_SIZE = 64 * 1024
-
-# A stream may queue this much response data before its app thread waits for
-# the socket to drain (per stream; HTTP/1.1 counts the whole connection).
-STREAM_HIGH_WATER = 256 * 1024
 
 # Stop reading from a peer that leaves this much of our output unread: it is
 # either slow or flooding us with requests for replies it never collects.
@@ -437,6 +433,7 @@ class Connection:
         self.info = info
         self.streams: dict[int, RequestStream] = {}
         self._nursery: trio.Nursery | None = None
+        self.trio_token = trio.lowlevel.current_trio_token()  # app threads push chunks through it
         self._output_wanted = Wakeup()  # the sender sleeps on it
         self._output_drained: trio.Event | None = None  # made only when a stream waits
         self._reader_wakeup = Wakeup()  # the reader sleeps on it while paused
@@ -728,6 +725,11 @@ class Connection:
             self._receive(event.trailing)
 
     # ---- services for RequestStream ------------------------------------------
+
+    @property
+    def cancelled(self) -> bool:
+        """The whole connection is being torn down (abort, lost socket, hard stop)."""
+        return self._nursery is not None and self._nursery.cancel_scope.cancel_called
 
     def wake_sender(self) -> None:
         self._output_wanted.set()

@@ -4,16 +4,18 @@ A :class:`RequestStream` is created by the connection's reader when a request
 head arrives and lives until its response has ended (or the stream was reset).
 Its task, :meth:`RequestStream.run`, waits for a slot on the app-thread
 limiter, runs the app in a worker thread, and sends whatever the thread leaves
-for it. Everything the thread asks for goes through the ``*_nowait`` and
-``wait_*`` methods here (the :class:`~trioserve.wsgi.StreamPort` protocol).
+for it. Everything the thread asks for goes through ``push``,
+``take_body_nowait`` and the ``wait_*`` methods here (the
+:class:`~trioserve.wsgi.StreamPort` protocol).
 
 Rules:
 
 1. The task runs inside :attr:`RequestStream.cancel_scope`, registered with the
    connection by stream id. Cancelling it is how a reset, a disconnect or a
-   shutdown reaches the app: the thread's next hop raises ``trio.Cancelled``.
-2. Once cancelled, nothing more is sent for the stream: the ``*_nowait``
-   methods check for cancellation before touching the protocol.
+   shutdown reaches the app: the thread's next read or write raises
+   ``trio.Cancelled``.
+2. Once cancelled, nothing more is sent for the stream: ``take_body_nowait``
+   and ``take_pushed`` check for cancellation before touching the protocol.
 3. Every stream ends exactly one way: a complete response, an error response
    (500, or the status a bad request earned), or a reset. ``run`` makes sure of
    it in its ``finally`` block, so a stream is never left half-open.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -80,6 +83,11 @@ class _BodyBuffer:
         self._changed = trio.Event()
 
 
+# A stream may queue this much response data before its app thread waits for
+# the socket to drain (per stream; HTTP/1.1 counts the whole connection),
+# counting chunks it pushed that trio has not yet taken (push()).
+STREAM_HIGH_WATER = 256 * 1024
+
 # The most request body awaited before the app gets a thread (--body-prebuffer): the
 # HTTP/1.1 reader stops reading at BODY_HIGH_WATER (64 KiB), so waiting for more
 # could never end.
@@ -109,6 +117,13 @@ class RequestStream:
         self._continue_sent = False
         self.can_sendfile = conn.can_sendfile()  # read by the app thread (wsgi.call_app)
         self._file: FileSegment | None = None  # a response body going out by sendfile
+        # Response chunks pushed by the app thread, not yet taken by trio (push()).
+        self._push_lock = threading.Lock()
+        self._pushed: list[tuple[ResponseHead | None, bytes]] = []
+        self._pushed_size = 0
+        self._take_scheduled = False
+        self._queued = 0  # the stream's queued output, as of the last take
+        self._trio_token = conn.trio_token
 
     # ---- called from the app thread through trio.from_thread ---------------
 
@@ -182,23 +197,65 @@ class RequestStream:
         ):
             await self._wait_body_progress()
 
-    def send_nowait(self, head: ResponseHead | None, data: bytes) -> bool:
-        """Queue ``head`` (first call) and ``data``; False if the thread should wait."""
-        if trio.current_effective_deadline() == -math.inf:
-            raise StreamCancelled
+    def push(self, head: ResponseHead | None, data: bytes) -> bool:
+        """App thread: hand over ``head`` (first call) and ``data`` without waiting.
+
+        The one method here that runs in the app thread itself. The chunk goes
+        on a list that the trio side drains from a ``run_sync_soon`` callback
+        (:meth:`take_pushed`), so a streaming app makes no round trip per chunk:
+        transmission goes on while the app produces its next block, as PEP 3333
+        allows. Returns False when the thread should wait (:meth:`wait_writable`)
+        before pushing more: what it has pushed and the trio side has not taken
+        yet, plus the stream's queue as of the last take, reach
+        ``STREAM_HIGH_WATER``. So a stream holds no more response data than when
+        every chunk was a round trip.
+        """
+        with self._push_lock:
+            self._pushed.append((head, data))
+            self._pushed_size += len(data)
+            schedule = not self._take_scheduled
+            self._take_scheduled = True
+            keep_going = self._pushed_size + self._queued < STREAM_HIGH_WATER
+        if schedule:
+            self._trio_token.run_sync_soon(self.take_pushed)
+        return keep_going
+
+    def take_pushed(self) -> None:
+        """Trio side: queue what the app thread pushed, in order, and wake the sender.
+
+        Runs as a ``run_sync_soon`` callback (outside any task), and also from
+        the stream's task before it looks at the response state, so nothing
+        pushed is ever left behind. Must not raise: an error here would be the
+        run loop's. Once the stream is cancelled, pushed data is dropped (rule 2).
+        """
+        with self._push_lock:
+            pushed = self._pushed
+            if not pushed:
+                self._take_scheduled = False
+                return
+            self._pushed = []
+            self._pushed_size = 0
+            self._take_scheduled = False
+        if self.cancel_scope.cancel_called or self.response_ended or self.conn.cancelled:
+            return
         proto = self.conn.proto
         try:
-            if head is not None:
-                self._start_response(head)
-            if data:
-                proto.send_body(self.stream_id, data)
-                self.bytes_sent += len(data)
+            for head, data in pushed:
+                if head is not None:
+                    self._start_response(head)
+                if data:
+                    proto.send_body(self.stream_id, data)
+                    self.bytes_sent += len(data)
         except h11.LocalProtocolError as exc:
             # The app broke HTTP framing (e.g. more bytes than its Content-Length).
             self._abort(f"invalid response: {exc}")
-            raise StreamCancelled from None
+            return
+        except Exception:  # a bug of ours: end this stream, not the server
+            LOGGER.exception("Internal error queueing a response body")
+            self._abort("internal error")
+            return
         self.conn.wake_sender()
-        return self.conn.stream_writable(self.stream_id)
+        self._queued = proto.stream_output_size(self.stream_id)
 
     async def wait_writable(self) -> None:
         """Block the app thread until its queued output drains below the high-water mark.
@@ -208,8 +265,10 @@ class RequestStream:
         app is cancelled: a stalled client must not hold a thread forever.
         Progress of other streams does not count.
         """
+        self.take_pushed()
         await trio.lowlevel.checkpoint_if_cancelled()
         await self._wait_for_output(self.conn.stream_writable)
+        self._queued = self.conn.proto.stream_output_size(self.stream_id)
 
     async def _wait_sent(self) -> None:
         """HTTP/2: hold the stream open until its finished response has gone out.
@@ -292,11 +351,14 @@ class RequestStream:
             conn.body_consumed(self.stream_id, len(initial))
         share = conn.stream_thread_share()
         try:
-            if share is None:
-                result = await self._call_app(initial)
-            else:
-                async with share:
+            try:
+                if share is None:
                     result = await self._call_app(initial)
+                else:
+                    async with share:
+                        result = await self._call_app(initial)
+            finally:
+                self.take_pushed()  # whatever the thread pushed before it returned
         except Exception:
             LOGGER.exception(
                 "Error in the application handling %s %s",

@@ -1,17 +1,20 @@
 """The thread side of the WSGI bridge (PEP 3333).
 
 Everything in this module runs in a worker thread started by
-``trio.to_thread.run_sync``. It touches trio only through ``trio.from_thread``,
-and only through the :class:`StreamPort` protocol that the trio side
-(:class:`trioserve.stream.RequestStream`) implements. That is the one seam
-between the app's blocking world and the event loop.
+``trio.to_thread.run_sync``. It reaches trio only through the
+:class:`StreamPort` protocol that the trio side
+(:class:`trioserve.stream.RequestStream`) implements, with ``trio.from_thread``
+or the trio token's ``run_sync_soon``. That is the one seam between the app's
+blocking world and the event loop.
 
-How a hop works, and why it is cheap: most calls use ``from_thread.run_sync``
-on a ``*_nowait`` method, which runs synchronously inside the request's own
-trio task and returns at once. Only when the thread really has to wait (no body
-data yet, or too much response data queued) does it fall back to
-``from_thread.run`` on a ``wait_*`` coroutine. A list or tuple response makes
-no hop at all: it is returned whole from :func:`call_app`.
+What a hop costs, and how it is avoided: a round trip into trio and back
+(``from_thread.run_sync``/``run``) costs the thread tens of microseconds of
+handoff. So a list or tuple response makes no hop at all (it is returned whole
+from :func:`call_app`), a streamed response *pushes* each chunk without waiting
+(:meth:`StreamPort.push`: the trio side takes it from a ``run_sync_soon``
+callback) and only waits, with ``from_thread.run``, once too much of its output
+is still queued, and the request body is fetched a whole buffered batch per
+round trip (``take_body_nowait``, then ``wait_body`` only if nothing is there).
 
 Cancellation: when the request's trio task is cancelled (client reset or
 disconnect, server shutdown), the next hop raises :class:`trio.Cancelled` in the
@@ -85,7 +88,7 @@ class StreamPort(Protocol):
 
     def take_body_nowait(self) -> bytes | None: ...
     async def wait_body(self) -> bytes: ...
-    def send_nowait(self, head: ResponseHead | None, data: bytes) -> bool: ...
+    def push(self, head: ResponseHead | None, data: bytes) -> bool: ...
     async def wait_writable(self) -> None: ...
     @property
     def can_sendfile(self) -> bool: ...
@@ -400,12 +403,9 @@ class _Responder:
         if head is None and not self.headers_sent:
             raise RuntimeError("the application returned body data before calling start_response()")
         trio.from_thread.check_cancelled()
-        try:
-            writable = trio.from_thread.run_sync(self._port.send_nowait, head, data)
-        except StreamCancelled:
-            _raise_cancelled()
+        keep_going = self._port.push(head, data)
         self.headers_sent = True
-        if not writable:
+        if not keep_going:
             trio.from_thread.run(self._port.wait_writable)
 
     def final_head(self) -> ResponseHead:
