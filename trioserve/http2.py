@@ -25,6 +25,7 @@ After a stream is reset nothing more is sent for it: its queue is dropped.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -34,6 +35,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from h2.connection import ConnectionState
+from h2.stream import StreamState
 from hyperframe.frame import GoAwayFrame
 
 from .events import (
@@ -83,6 +86,11 @@ FLAG_END_HEADERS = 0x4
 # with useful work, so long-lived, busy connections never run out, while a
 # peer that only resets streams or only sends control frames soon does, and
 # gets GOAWAY(ENHANCE_YOUR_CALM).
+# A DATA frame header (RFC 9113 §4.1): 24-bit length, type, flags, stream id.
+_DATA_FRAME_HEADER = struct.Struct(">HBBBL")
+_SENDING_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
+_OPEN_CONNECTION_STATES = frozenset({ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN})
+
 RESET_BUDGET = 100  # streams reset (by the peer, by h2, or refused) beyond those completed
 CONTROL_BUDGET = 10_000  # frames that carry no request data (PING, SETTINGS, PRIORITY,
 # WINDOW_UPDATE, RST_STREAM, unknown types, empty DATA, DATA for closed streams)...
@@ -153,7 +161,10 @@ class HTTP2Connection:
         self.max_concurrent_streams = max_concurrent_streams
         self._connection_window = min(MAX_WINDOW, initial_window_size * max_concurrent_streams)
         self._max_body_size = max_body_size
-        self._control = bytearray()  # frames h2 produced outside data_to_send()
+        # Bytes for the socket, in order: frames h2 produced, our own GOAWAYs and
+        # DATA frames; joined once per data_to_send().
+        self._control: list[bytes | memoryview] = []
+        self._control_size = 0
         self._events: list[Event] = []
         self._outbound: dict[int, _Outbound] = {}
         self._ready: dict[int, None] = {}  # streams with something to frame, in round-robin order
@@ -190,7 +201,7 @@ class HTTP2Connection:
         ``request`` becomes stream 1, half-closed: its body came over HTTP/1.1.
         ``preamble`` (the ``101 Switching Protocols`` bytes) goes out first.
         """
-        self._control += preamble
+        self._queue(preamble)
         self._h2.initiate_upgrade_connection(settings_header)
         self._open_connection_window()
         self._outbound[1] = _Outbound(head_only=request.method == b"HEAD")
@@ -219,7 +230,7 @@ class HTTP2Connection:
     @property
     def output_size(self) -> int:
         """Control-frame bytes queued for the socket (response data is counted per stream)."""
-        return len(self._control)
+        return self._control_size
 
     def stream_output_size(self, stream_id: int) -> int:
         """Response bytes queued for ``stream_id`` that are not yet framed."""
@@ -602,7 +613,7 @@ class HTTP2Connection:
         # and refuse to send the in-flight responses a graceful GOAWAY is for.
         self._pull_control()
         frame = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=error_code)
-        self._control += frame.serialize()
+        self._queue(frame.serialize())
 
     def send_failed(self) -> None:
         self._abandon_all()
@@ -620,8 +631,11 @@ class HTTP2Connection:
             self._frame_ready_streams()
         if not self._control:
             return self._h2.data_to_send()
-        data = bytes(self._control) + self._h2.data_to_send()
-        self._control.clear()
+        self._pull_control()
+        parts = self._control
+        data = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
+        self._control = []
+        self._control_size = 0
         return data
 
     # ---- internals ---------------------------------------------------------
@@ -638,10 +652,15 @@ class HTTP2Connection:
     def _pull_control(self) -> None:
         data = self._h2.data_to_send()
         if data:
-            self._control += data
+            self._queue(data)
+
+    def _queue(self, data: bytes | memoryview) -> None:
+        self._control.append(data)
+        self._control_size += len(data)
 
     def _frame_ready_streams(self) -> None:
         """Round-robin: one frame per ready stream per round, within windows and budget."""
+        self._pull_control()  # what h2 framed so far goes before the DATA framed here
         budget = MAX_BATCH
         max_frame = self._h2.max_outbound_frame_size
         while self._ready and budget > 0:
@@ -671,6 +690,7 @@ class HTTP2Connection:
         if out.headers is not None:
             finished = out.end and not out.size
             conn.send_headers(sid, out.headers, end_stream=finished)
+            self._pull_control()
             out.headers = None
             if finished:
                 self._stream_complete(sid)
@@ -688,18 +708,49 @@ class HTTP2Connection:
             out.size -= n
             self._bytes_sent += n
             finished = out.end and not out.size
-            conn.send_data(sid, chunk[:n], end_stream=finished)
             if finished:
+                conn.send_data(sid, chunk[:n], end_stream=True)
+                self._pull_control()
                 self._stream_complete(sid)
-            elif not out.size:
-                del self._ready[sid]
+            else:
+                self._send_data_frame(sid, chunk[:n])
+                if not out.size:
+                    del self._ready[sid]
             return budget - n, True
         if out.end:
             conn.end_stream(sid)
+            self._pull_control()
             self._stream_complete(sid)
             return budget, True
         del self._ready[sid]
         return budget, False
+
+    def _send_data_frame(self, sid: int, data: memoryview) -> None:
+        """Frame a DATA frame without END_STREAM ourselves; h2 keeps the flow-control books.
+
+        h2's send_data costs about 12 µs a frame (two state machines, a frame
+        object, three copies): most of the CPU of a large HTTP/2 download. A
+        DATA frame that does not end its stream changes no state in either
+        machine, only the two send windows, so we write its 9-byte header
+        here and debit the windows exactly as h2 would. Anything unusual (a
+        stream or connection that is not plainly open) goes through h2, which
+        raises what it should.
+        """
+        conn = self._h2
+        stream = conn.streams.get(sid)
+        if (
+            stream is None
+            or stream.state_machine.state not in _SENDING_STATES
+            or conn.state_machine.state not in _OPEN_CONNECTION_STATES
+        ):
+            conn.send_data(sid, data)
+            self._pull_control()
+            return
+        size = len(data)
+        self._queue(_DATA_FRAME_HEADER.pack(size >> 8, size & 0xFF, FRAME_DATA, 0, sid))
+        self._queue(data)
+        conn.outbound_flow_control_window -= size
+        stream.outbound_flow_control_window -= size
 
     def _stream_complete(self, stream_id: int) -> None:
         """END_STREAM is framed; if the request body is still coming, stop it (RFC 9113 §8.1)."""
