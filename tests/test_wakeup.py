@@ -60,3 +60,28 @@ async def test_only_one_task_may_wait() -> None:
         with pytest.raises(trio.BusyResourceError):
             await wakeup.wait()
         wakeup.set()
+
+
+async def test_sets_before_the_woken_task_runs_are_one_wake_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The sender is woken by a response, then again by the end of its stream, before it
+    runs: one wake-up. A pending second one would cost it an extra empty round."""
+    wakeup = Wakeup()
+    wakes: list[float] = []
+
+    async def sleeper() -> None:
+        while True:
+            await wakeup.wait()
+            wakes.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sleeper)
+        await trio.testing.wait_all_tasks_blocked()
+        wakeup.set()
+        wakeup.set()  # the sleeper is rescheduled but has not run yet
+        await trio.sleep(1)
+        wakeup.set()  # it is waiting again: a new wake-up
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert wakes == [0, 1]

@@ -801,7 +801,11 @@ class Connection:
             self.ctx.access_log(stream)
         self._start_next_request()
         self._update_idle_deadline()
-        self.wake_sender()
+        proto = self.proto
+        if proto.output_size or proto.has_queued_streams or proto.closing or self._aborted:
+            # Something to send, or the sender may now close the connection. A
+            # keep-alive response already went out with the sender's last wake.
+            self.wake_sender()
         self._wake_reader()
 
     async def _send_with_deadline(self, data: bytes, scope: trio.CancelScope) -> None:

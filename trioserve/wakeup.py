@@ -16,19 +16,23 @@ import trio
 class Wakeup:
     """Wake one waiting task; a :meth:`set` with no waiter is remembered."""
 
-    __slots__ = ("_abort_fn", "_pending", "_waiter")
+    __slots__ = ("_abort_fn", "_pending", "_waiter", "_woken")
 
     def __init__(self) -> None:
         self._pending = False
         self._waiter: trio.lowlevel.Task | None = None
+        # The waiter was rescheduled and has not run yet: a further set() is
+        # the same wake-up (it will look at the state when it runs anyway).
+        self._woken = False
         self._abort_fn = self._abort  # bound once: no allocation per wait
 
     def set(self) -> None:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
+            self._woken = True
             trio.lowlevel.reschedule(waiter)
-        else:
+        elif not self._woken:
             self._pending = True
 
     async def wait(self) -> None:
@@ -40,7 +44,10 @@ class Wakeup:
         if self._waiter is not None:
             raise trio.BusyResourceError("another task is already waiting on this Wakeup")
         self._waiter = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort_fn)
+        try:
+            await trio.lowlevel.wait_task_rescheduled(self._abort_fn)
+        finally:
+            self._woken = False
 
     def _abort(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._waiter = None
