@@ -180,6 +180,10 @@ class HTTP1Connection:
         events: list[Event] = []
         if self._closed:
             return events
+        if not self._active and not self._peer_eof and not self._h11.trailing_data[0]:
+            # Between requests with nothing buffered (the common case after a
+            # response): there is nothing to parse.
+            return events
         while True:
             if self._h11.their_state is h11.MUST_CLOSE:
                 # Connection: close / HTTP/1.0: that request was the last one;
@@ -548,9 +552,6 @@ class HTTP1Connection:
             self._closed = True
 
 
-# RFC 9110 §5.5: field values are visible characters, spaces and tabs (obs-text
-# aside). h11 lets other control characters through; a proxy may strip or split
-# on them, so they are refused. CR and LF are checked separately.
 # RFC 9112 §3.2.2 absolute-form: scheme "://" authority, then path and query.
 _ABSOLUTE_FORM = re.compile(rb"(?i:https?)://([^/?#@]+)([/?][^#]*)?")
 
@@ -578,6 +579,9 @@ def _split_target(method: bytes, target: bytes) -> tuple[bytes, bytes | None, st
     return path, match[1], None
 
 
+# RFC 9110 §5.5: field values are visible characters, spaces and tabs (obs-text
+# aside). h11 lets other control characters through; a proxy may strip or split
+# on them, so they are refused. CR and LF are checked separately.
 _CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
