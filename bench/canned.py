@@ -7,11 +7,21 @@ Only bodiless requests (GET/HEAD) are understood, which is all the hello and
 idle-connection scenarios send.
 
     python bench/canned.py -b 127.0.0.1:8000
+    python bench/canned.py -b 127.0.0.1:8000 --shaped
+
+``--shaped`` answers the same way but through trioserve's task shape, still with
+no parsing and no WSGI: a nursery per connection running a reader task, a
+sender task and a task per request, whose response comes back from a worker
+thread (``trio.to_thread.run_sync`` under a ``CapacityLimiter``). What that
+costs is the floor trioserve's design puts under any HTTP/1.1 request, and its
+idle connections show the floor of its memory per connection. (Every response
+is the same bytes, so tasks finishing out of order cannot be seen.)
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 
 import trio
@@ -47,20 +57,95 @@ async def handle(stream: trio.SocketStream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def main(host: str, port: int) -> None:
+# --shaped: trioserve's threads (its default --threads) and its write timeout.
+LIMITER_TOKENS = 40
+WRITE_TIMEOUT = 30.0
+
+
+def _answer() -> bytes:
+    return RESPONSE
+
+
+class ShapedConnection:
+    """Reader, sender and a task per request, as trioserve.connection runs them."""
+
+    def __init__(self, stream: trio.SocketStream, limiter: trio.CapacityLimiter) -> None:
+        self.stream = stream
+        self.limiter = limiter
+        self.output: list[bytes] = []
+        self.output_wanted = trio.Event()
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.reader, nursery)
+                nursery.start_soon(self.sender, nursery)
+        finally:
+            await trio.aclose_forcefully(self.stream)
+
+    async def reader(self, nursery: trio.Nursery) -> None:
+        tail = b""
+        with trio.CancelScope():  # trioserve's idle-timeout scope, one per reader
+            while True:
+                try:
+                    data = await self.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    data = b""
+                if not data:
+                    nursery.cancel_scope.cancel()
+                    return
+                buffer = tail + data
+                for _ in range(buffer.count(TERMINATOR)):
+                    nursery.start_soon(self.request)
+                tail = buffer[-3:]
+
+    async def request(self) -> None:
+        with trio.CancelScope():  # a request's own scope, for resets and disconnects
+            response = await trio.to_thread.run_sync(_answer, limiter=self.limiter)
+            self.output.append(response)
+            self.output_wanted.set()
+
+    async def sender(self, nursery: trio.Nursery) -> None:
+        with trio.CancelScope() as write_scope:  # trioserve's write-timeout scope
+            while True:
+                await self.output_wanted.wait()
+                self.output_wanted = trio.Event()
+                data = b"".join(self.output)
+                self.output.clear()
+                write_scope.deadline = trio.current_time() + WRITE_TIMEOUT
+                try:
+                    await self.stream.send_all(data)
+                except trio.BrokenResourceError:
+                    nursery.cancel_scope.cancel()
+                    return
+                write_scope.deadline = math.inf
+
+
+async def main(host: str, port: int, shaped: bool = False) -> None:
     listeners = await trio.open_tcp_listeners(port, host=host, backlog=2048)
-    await trio.serve_listeners(handle, listeners)
+    if not shaped:
+        await trio.serve_listeners(handle, listeners)
+        return
+    limiter = trio.CapacityLimiter(LIMITER_TOKENS)
+
+    async def handle_shaped(stream: trio.SocketStream) -> None:
+        await ShapedConnection(stream, limiter).run()
+
+    await trio.serve_listeners(handle_shaped, listeners)
 
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-b", "--bind", default="127.0.0.1:8000", metavar="HOST:PORT")
+    parser.add_argument(
+        "--shaped", action="store_true", help="answer through trioserve's task shape"
+    )
     args = parser.parse_args()
     host, _, port = args.bind.rpartition(":")
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
-        trio.run(main, host, int(port))
+        trio.run(main, host, int(port), args.shaped)
     except KeyboardInterrupt:
         pass
 

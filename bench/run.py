@@ -84,6 +84,7 @@ ALL_SERVERS = [
     "hypercorn-asyncio",
     "granian",
     "canned",
+    "canned-shaped",
 ]
 H2_SERVERS = ["trioserve", "gunicorn", "hypercorn-trio", "hypercorn-asyncio", "granian"]
 TRANSFER_SERVERS = [
@@ -295,12 +296,13 @@ def server_command(
             # backlog / workers = 1024); connection 1025 waits for a slot.
             argv += ["--backpressure", "2048", "--http1-header-read-timeout", "60000"]
         return [*argv, f"bench.apps:{app}"], env
-    if server == "canned":
+    if server in ("canned", "canned-shaped"):
         if mode != "h1" or app != "hello":
             raise NotApplicable("n/a (answers bodiless HTTP/1.1 requests only)")
         if workers != 1:
             raise NotApplicable("n/a")
-        return [str(VENV_PY), str(BENCH / "canned.py"), "-b", address], env
+        argv = [str(VENV_PY), str(BENCH / "canned.py"), "-b", address]
+        return [*argv, "--shaped"] if server == "canned-shaped" else argv, env
     raise BenchError(f"unknown server {server}")
 
 
