@@ -441,6 +441,7 @@ def test_hop_by_hop_headers_are_dropped() -> None:
             (b"Transfer-Encoding", b"chunked"),
             (b"Upgrade", b"websocket"),
             (b"Proxy-Connection", b"keep-alive"),
+            (b"TE", b"trailers"),  # request-only in HTTP/2
             (b"X-Kept", b"yes"),
             (b"Content-Length", b"2"),
         ],

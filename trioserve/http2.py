@@ -58,8 +58,9 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Connection-specific header fields are forbidden in HTTP/2 (RFC 9113 §8.2.2);
 # WSGI apps written for HTTP/1.1 may still set them, so they are dropped
 # rather than letting h2 refuse the whole response.
+# TE is one too in a response (only a request may carry "TE: trailers").
 _HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
 )
 
 # How much response data one data_to_send() call frames at most. Bounds the
@@ -136,7 +137,16 @@ class HTTP2Connection:
         max_header_count: int = 100,
         max_path_length: int = 8 * 1024,
     ) -> None:
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        # Outbound headers are ours to get right (send_response lowercases
+        # names and drops connection-specific fields; trioserve.wsgi validated
+        # names and values): h2 checking them again costs a chain of generators
+        # per response. Inbound headers are still validated by h2.
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self._h2 = h2.connection.H2Connection(config=config)
         settings = h2.settings.SettingCodes
         initial_values = {
