@@ -77,8 +77,9 @@ from tests.test_flow import Gate, settle
 from tests.test_http2 import raw_frame
 from tests.test_server import fetch, fetch_once, read_response
 from trioserve import serve_wsgi
-from trioserve.connection import OUTPUT_HIGH_WATER, READ_SIZE, STREAM_HIGH_WATER
+from trioserve.connection import OUTPUT_HIGH_WATER, READ_SIZE
 from trioserve.http2 import PREFACE
+from trioserve.stream import STREAM_HIGH_WATER
 from trioserve.testing import (
     DEFAULT_PIPE_CAPACITY,
     AppProbe,

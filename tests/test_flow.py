@@ -26,8 +26,9 @@ cannot be combined with threads. Every test has an absolute ``fail_after``
 instead, so a hang fails the test.
 
 Numbers measured when these tests were written (defaults: 64 KiB READ_SIZE and
-BODY_HIGH_WATER, 256 KiB STREAM_HIGH_WATER, 1 MiB OUTPUT_HIGH_WATER, 256 KiB
-HTTP/2 stream window and pipe) are quoted next to each bound.
+BODY_HIGH_WATER, 256 KiB STREAM_HIGH_WATER, 1 MiB HTTP1_HIGH_WATER and
+OUTPUT_HIGH_WATER, 256 KiB HTTP/2 stream window and pipe) are quoted next to each
+bound.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ from trioserve.connection import (
     ENHANCE_YOUR_CALM,
     OUTPUT_HIGH_WATER,
     READ_SIZE,
-    STREAM_HIGH_WATER,
 )
 from trioserve.http2 import CONTROL_BUDGET, CONTROL_PER_STREAM, MAX_BATCH
+from trioserve.stream import HTTP1_HIGH_WATER, STREAM_HIGH_WATER
 from trioserve.testing import (
     DEFAULT_PIPE_CAPACITY,
     FrameInfo,
@@ -506,8 +507,8 @@ async def test_download_blocks_the_app_while_the_client_does_not_read(mode: str)
     """An app streaming a large response is blocked while the client reads nothing.
 
     http1: the client stops reading the socket. Produced at most: the pipe +
-    the batch the sender is writing + STREAM_HIGH_WATER queued (+ a chunk each).
-    Measured: 512 KiB.
+    the batch the sender is writing + HTTP1_HIGH_WATER queued (+ a chunk each).
+    Measured: 2 MiB.
     http2-window: the client withholds WINDOW_UPDATEs (pause_reading) but keeps
     reading the socket: the client's 64 KiB window + STREAM_HIGH_WATER queued.
     Measured: 320 KiB.
@@ -521,7 +522,7 @@ async def test_download_blocks_the_app_while_the_client_does_not_read(mode: str)
     app = streaming_app(chunks, DOWNLOAD_CHUNKS, produced)
     http2 = mode != "http1"
     if mode == "http1":
-        bound = DEFAULT_PIPE_CAPACITY + 2 * (STREAM_HIGH_WATER + CHUNK)
+        bound = DEFAULT_PIPE_CAPACITY + 2 * (HTTP1_HIGH_WATER + CHUNK)
     elif mode == "http2-window":
         bound = H2_DEFAULT_WINDOW + STREAM_HIGH_WATER + 2 * CHUNK
     else:
@@ -817,7 +818,7 @@ async def test_http1_pipelined_requests_stop_being_answered_while_output_is_unre
 
     400 requests for 64 KiB each (25 MiB of responses). Until the client reads,
     the server may only get ahead by about what fits in the pipe, the sender's
-    batch and OUTPUT_HIGH_WATER (+ STREAM_HIGH_WATER for a streamed response).
+    batch and OUTPUT_HIGH_WATER (+ HTTP1_HIGH_WATER for a streamed response).
     Measured: 8 answered with a streamed response; with a list response the
     next pipelined request is held back while output is over OUTPUT_HIGH_WATER.
     """
@@ -837,7 +838,7 @@ async def test_http1_pipelined_requests_stop_being_answered_while_output_is_unre
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return iter([body[: len(body) // 2], body[len(body) // 2 :]])
 
-    bound_bytes = DEFAULT_PIPE_CAPACITY + OUTPUT_HIGH_WATER + STREAM_HIGH_WATER + 2 * RESPONSE_SIZE
+    bound_bytes = DEFAULT_PIPE_CAPACITY + OUTPUT_HIGH_WATER + HTTP1_HIGH_WATER + 2 * RESPONSE_SIZE
     requests = b"".join(f"GET /{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for i in range(PIPELINED))
     with trio.fail_after(TIMEOUT):
         # validator() wraps every response in an iterator, which would hide the

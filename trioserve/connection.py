@@ -69,7 +69,7 @@ from .events import (
 from .http1 import HTTP1Connection
 from .http2 import PREFACE, HTTP2Connection
 from .proxy import AllowList, ProxyHeader, ProxyHeaderError, parse_proxy_header
-from .stream import STREAM_HIGH_WATER, RequestStream
+from .stream import RequestStream
 from .wakeup import Wakeup
 from .wsgi import ConnectionInfo, ResponseHead, WSGIApp
 
@@ -742,10 +742,6 @@ class Connection:
         if self.thread_share is None and self.proto.multiplexed and self.ctx.connection_threads:
             self.thread_share = trio.CapacityLimiter(self.ctx.connection_threads)
         return self.thread_share
-
-    def stream_writable(self, stream_id: int) -> bool:
-        """May ``stream_id``'s app thread queue more response data right now?"""
-        return self.proto.stream_output_size(stream_id) < STREAM_HIGH_WATER
 
     async def wait_output_drained(self) -> None:
         if self._output_drained is None:
