@@ -51,6 +51,7 @@ from h2.settings import SettingCodes
 from tests.apps import hello as apps_hello
 from trioserve.connection import (
     BODY_HIGH_WATER,
+    BODY_READ_AHEAD,
     ENHANCE_YOUR_CALM,
     OUTPUT_HIGH_WATER,
     READ_SIZE,
@@ -359,6 +360,58 @@ async def test_upload_blocks_the_client_while_the_app_does_not_read(
                     assert send_window(client, stream.stream_id) <= 0
                 await settle()
                 assert sent == blocked_at  # a steady state: nothing moves any more
+                gate.open()
+            response = await stream.read_response()
+    assert response.status == 200
+    assert response.text == f"{len(body)} {digest_of(body)}"
+
+
+async def test_http1_reads_further_ahead_once_the_app_reads_the_body() -> None:
+    """HTTP/1.1: once the app has read from wsgi.input, the reader buffers up to
+    BODY_READ_AHEAD (not BODY_HIGH_WATER) ahead of it, so each batch the app takes
+    is bigger; memory stays bounded by that. Measured: 400 KiB."""
+    body = payload(4 * MiB)
+    gate = Gate()
+
+    def app(environ: Environ, start_response: Any) -> list[bytes]:
+        wsgi_input = environ["wsgi.input"]
+        first = wsgi_input.read(1)
+        gate.wait()  # one byte read, then nothing until the test says so
+        digest, total = hashlib.sha256(first), len(first)
+        while chunk := wsgi_input.read(65536):
+            digest.update(chunk)
+            total += len(chunk)
+        out = f"{total} {digest.hexdigest()}".encode()
+        start_response(
+            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))]
+        )
+        return [out]
+
+    low = BODY_HIGH_WATER + READ_SIZE + UPLOAD_PIPE  # the most before the app reads
+    bound = READ_SIZE + BODY_READ_AHEAD + READ_SIZE + UPLOAD_PIPE
+    sent = 0
+    with trio.fail_after(TIMEOUT):
+        async with open_test_client(validator(app), pipe_capacity=UPLOAD_PIPE) as client:
+            stream = await client.open_stream(
+                "POST", "/", headers=[("Content-Length", str(len(body)))], end=False
+            )
+
+            async def upload() -> None:
+                nonlocal sent
+                for start in range(0, len(body), PIECE):
+                    await stream.send(body[start : start + PIECE])
+                    sent += PIECE
+                await stream.end()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(upload)
+                await gate.wait_parked()
+                await settle()
+                blocked_at = sent
+                print(f"upload blocked after {blocked_at} bytes (bound {bound})")
+                assert low < blocked_at <= bound
+                await settle()
+                assert sent == blocked_at
                 gate.open()
             response = await stream.read_response()
     assert response.status == 200

@@ -87,6 +87,11 @@ OUTPUT_HIGH_WATER = 1024 * 1024
 # or this much pipelined input waits for its turn.
 BODY_HIGH_WATER = 64 * 1024
 PIPELINE_HIGH_WATER = 64 * 1024
+# ...but once the app reads the body, read this far ahead of it: each batch it
+# takes is a thread handoff, so bigger batches make uploads about 1.5x faster.
+# Only requests that hold a thread get it, which bounds the extra memory by
+# --threads rather than by the connection count.
+BODY_READ_AHEAD = 256 * 1024
 
 # Writes are cut into pieces of at most this size, each with its own
 # write_timeout: the timeout bounds a pause in progress, not a whole response.
@@ -603,7 +608,8 @@ class Connection:
             if self.proto.buffered_input > PIPELINE_HIGH_WATER:
                 return True
             for stream in self.streams.values():
-                if stream.body.size >= BODY_HIGH_WATER:
+                limit = BODY_READ_AHEAD if stream.reading_body else BODY_HIGH_WATER
+                if stream.body.size >= limit:
                     return True
         return False
 

@@ -96,8 +96,8 @@ STREAM_HIGH_WATER = 256 * 1024
 HTTP1_HIGH_WATER = 1024 * 1024
 
 # The most request body awaited before the app gets a thread (--body-prebuffer): the
-# HTTP/1.1 reader stops reading at BODY_HIGH_WATER (64 KiB), so waiting for more
-# could never end.
+# HTTP/1.1 reader stops reading at BODY_HIGH_WATER (64 KiB) until the app reads,
+# so waiting for more could never end.
 MAX_BODY_PREBUFFER = 64 * 1024
 
 
@@ -116,6 +116,7 @@ class RequestStream:
         self.response_started = False
         self.response_ended = False
         self.reset_by_peer = False
+        self.reading_body = False  # the app has asked for body data (HTTP/1.1 reads ahead)
         self.error_status: int | None = None  # set when a bad request cancels us
         self.counted = False  # counts against ServerContext.requests_in_flight
         self.status = 0
@@ -139,6 +140,7 @@ class RequestStream:
         """Buffered body bytes, b"" at the end, or None if the thread must wait."""
         if trio.current_effective_deadline() == -math.inf:
             raise StreamCancelled
+        self.reading_body = True
         body = self.body
         if body.size:
             data = body.take()
