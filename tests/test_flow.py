@@ -38,7 +38,7 @@ import hashlib
 import random
 import threading
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.validate import validator
 
@@ -330,40 +330,53 @@ async def test_upload_blocks_the_client_while_the_app_does_not_read(
     else:
         bound = READ_SIZE + BODY_HIGH_WATER + READ_SIZE + UPLOAD_PIPE
         options = {}
-    sent = 0
     with trio.fail_after(TIMEOUT):
         async with open_test_client(
             validator(app), http2=http2, pipe_capacity=UPLOAD_PIPE, **options
         ) as client:
-            stream = await client.open_stream(
-                "POST", "/", headers=[("Content-Length", str(len(body)))], end=False
-            )
 
-            async def upload() -> None:
-                nonlocal sent
-                for start in range(0, len(body), PIECE):
-                    await stream.send(body[start : start + PIECE])
-                    sent += PIECE
-                await stream.end()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(upload)
-                await gate.wait_parked()
-                await settle()
-                blocked_at = sent
+            def check(stream_id: int, blocked_at: int) -> None:
                 print(f"upload blocked after {blocked_at} bytes (bound {bound})")
                 assert PIECE <= blocked_at <= bound
                 if http2:
                     # Blocked by flow control, not by the pipe. (Below 0 when the
                     # client sent at the default 65535 before a smaller window
                     # arrived: RFC 9113 §6.9.2 allows that.)
-                    assert send_window(client, stream.stream_id) <= 0
-                await settle()
-                assert sent == blocked_at  # a steady state: nothing moves any more
-                gate.open()
-            response = await stream.read_response()
+                    assert send_window(client, stream_id) <= 0
+
+            response = await blocked_upload(client, body, gate, check)
     assert response.status == 200
     assert response.text == f"{len(body)} {digest_of(body)}"
+
+
+async def blocked_upload(
+    client: TestClient, body: bytes, gate: Gate, check: Callable[[int, int], None]
+) -> Any:
+    """POST ``body`` in PIECEs to an app parked at ``gate``. Once the upload is stuck,
+    ``check(stream_id, bytes sent)``, make sure it stays stuck, open the gate and
+    return the response."""
+    sent = [0]
+    stream = await client.open_stream(
+        "POST", "/", headers=[("Content-Length", str(len(body)))], end=False
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_in_pieces, stream, body, sent)
+        await gate.wait_parked()
+        await settle()
+        blocked_at = sent[0]
+        check(stream.stream_id, blocked_at)
+        await settle()
+        assert sent[0] == blocked_at  # a steady state: nothing moves any more
+        gate.open()
+    return await stream.read_response()
+
+
+async def send_in_pieces(stream: Any, body: bytes, sent: list[int]) -> None:
+    """Send ``body`` in PIECEs, counting in ``sent[0]`` the bytes the client got out."""
+    for start in range(0, len(body), PIECE):
+        await stream.send(body[start : start + PIECE])
+        sent[0] += PIECE
+    await stream.end()
 
 
 async def test_http1_reads_further_ahead_once_the_app_reads_the_body() -> None:
@@ -389,31 +402,14 @@ async def test_http1_reads_further_ahead_once_the_app_reads_the_body() -> None:
 
     low = BODY_HIGH_WATER + READ_SIZE + UPLOAD_PIPE  # the most before the app reads
     bound = READ_SIZE + BODY_READ_AHEAD + READ_SIZE + UPLOAD_PIPE
-    sent = 0
+
+    def check(stream_id: int, blocked_at: int) -> None:
+        print(f"upload blocked after {blocked_at} bytes (bound {bound})")
+        assert low < blocked_at <= bound
+
     with trio.fail_after(TIMEOUT):
         async with open_test_client(validator(app), pipe_capacity=UPLOAD_PIPE) as client:
-            stream = await client.open_stream(
-                "POST", "/", headers=[("Content-Length", str(len(body)))], end=False
-            )
-
-            async def upload() -> None:
-                nonlocal sent
-                for start in range(0, len(body), PIECE):
-                    await stream.send(body[start : start + PIECE])
-                    sent += PIECE
-                await stream.end()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(upload)
-                await gate.wait_parked()
-                await settle()
-                blocked_at = sent
-                print(f"upload blocked after {blocked_at} bytes (bound {bound})")
-                assert low < blocked_at <= bound
-                await settle()
-                assert sent == blocked_at
-                gate.open()
-            response = await stream.read_response()
+            response = await blocked_upload(client, body, gate, check)
     assert response.status == 200
     assert response.text == f"{len(body)} {digest_of(body)}"
 
@@ -447,28 +443,20 @@ async def test_http2_credit_is_returned_as_the_app_reads() -> None:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [out]
 
-    sent = 0
+    sent = [0]
     with trio.fail_after(TIMEOUT):
         async with open_test_client(validator(app), http2=True) as client:
             stream = await client.open_stream("POST", "/", end=False)
-
-            async def upload() -> None:
-                nonlocal sent
-                for start in range(0, len(body), PIECE):
-                    await stream.send(body[start : start + PIECE])
-                    sent += PIECE
-                await stream.end()
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(upload)
+                nursery.start_soon(send_in_pieces, stream, body, sent)
                 await first.wait_parked()
                 await settle()
-                before = sent
+                before = sent[0]
                 assert before <= SERVER_WINDOW + READ_SIZE
                 first.open()
                 await second.wait_parked()
                 await settle()
-                after = sent
+                after = sent[0]
                 print(f"credit: blocked at {before}, then at {after} after one read")
                 # The app's one read took everything buffered (up to a window):
                 # that credit let the client send about one more window.
