@@ -244,6 +244,9 @@ class RequestStream:
                 self._take_scheduled = False
                 return
             self._pushed = []
+            # Count what is being taken as queued until the exact figure below:
+            # a push() in between must not see these bytes counted nowhere.
+            self._queued += self._pushed_size
             self._pushed_size = 0
             self._take_scheduled = False
         if self.cancel_scope.cancel_called or self.response_ended or self.conn.cancelled:
