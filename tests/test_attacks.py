@@ -958,15 +958,19 @@ async def test_hpack_bomb_is_refused_with_bounded_memory(frames: int, short_ling
     [
         ([(f"x-field-{i}", "1") for i in range(150)], "/many", 431),
         ([], "/" + "a" * 9000, 414),
+        ([], "!", 400),
+        ([], "example.com/a", 400),
+        ([], "*", 400),  # "*" is for OPTIONS only
     ],
-    ids=["too-many-header-fields", "path-too-long"],
+    ids=["too-many-header-fields", "path-too-long", "path-bang", "path-no-slash", "path-star"],
 )
 async def test_http2_header_bombs_are_refused_on_their_stream(
     headers: list[tuple[str, str]], path: str, status: int
 ) -> None:
     """More header fields than max_header_count (100): 431; a :path longer than
-    max_request_line_size (8 KiB): 414. Answered without the app, on that stream only:
-    the connection goes on serving."""
+    max_request_line_size (8 KiB): 414; a :path that is not an absolute path (RFC 9113
+    §8.3.1): 400. Answered without the app, on that stream only: the connection goes
+    on serving."""
     app = LiveApps()
     with trio.fail_after(TIMEOUT):
         async with open_test_server(app) as server, server.connect(http2=True) as client:

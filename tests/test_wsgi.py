@@ -265,6 +265,24 @@ async def test_absolute_form_request_gives_path_info_and_host() -> None:
 
 
 @both_protocols
+async def test_options_asterisk_reaches_the_app_as_path_info_star(http2: bool) -> None:
+    """``OPTIONS *`` is the one target without a leading slash that is let through
+    (RFC 9112 §3.2.4, RFC 9113 §8.3.1). Not through the validator: PEP 3333's checker
+    insists on a leading slash."""
+    seen: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(environ["PATH_INFO"])
+        start_response("204 No Content", [])
+        return []
+
+    async with open_test_client(app, http2=http2) as client:
+        stream = await client.open_stream("OPTIONS", "*")
+        response = await stream.read_response()
+    assert (response.status, seen) == (204, ["*"])
+
+
+@both_protocols
 async def test_streamed_chunks_are_pushed_without_a_round_trip_each(
     http2: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -482,6 +482,11 @@ class HTTP2Connection:
             # h2 validated the pseudo-headers; only CONNECT (no :path) lands here.
             self._reject(sid, 501, "CONNECT is not supported", end_stream)
             return
+        if target[:1] != b"/" and not (target == b"*" and method == b"OPTIONS"):
+            # RFC 9113 §8.3.1: an http(s) :path is an absolute path, or "*" for
+            # OPTIONS. h2 only refuses an empty one; the app needs a PATH_INFO.
+            self._reject(sid, 400, "invalid :path", end_stream)
+            return
         if len(target) > self._max_path_length:
             self._reject(sid, 414, "request target too long", end_stream)
             return
