@@ -420,6 +420,17 @@ class GoodClient:
             await self._progress.wait()
 
 
+@asynccontextmanager
+async def attacked_server(app: LiveApps, **options: Any) -> AsyncIterator[tuple[GoodClient, RawH2]]:
+    """A server for ``app``, a good HTTP/2 client and a raw-frame attacker, both connected."""
+    async with (
+        open_test_server(app, **options) as server,
+        server.connect(http2=True) as good_connection,
+        raw_h2(server) as attacker,
+    ):
+        yield GoodClient(good_connection), attacker
+
+
 async def first_of(*waits: Callable[[], Awaitable[object]]) -> None:
     """Return as soon as one of ``waits`` returns (the others are cancelled)."""
     async with trio.open_nursery() as nursery:
@@ -552,14 +563,9 @@ async def mount_reset_flood(vector: ResetVector) -> tuple[RawH2, LiveApps, GoodC
     # treats more open streams as a connection error).
     batch = ATTACK_LIMIT if vector.then else ATTACK_BATCH
     with trio.fail_after(TIMEOUT), TraceMemory() as memory:
-        async with (
-            open_test_server(
-                app, threads=ATTACK_THREADS, h2_max_concurrent_streams=ATTACK_LIMIT
-            ) as server,
-            server.connect(http2=True) as good_connection,
-            raw_h2(server) as attacker,
-        ):
-            good = GoodClient(good_connection)
+        async with attacked_server(
+            app, threads=ATTACK_THREADS, h2_max_concurrent_streams=ATTACK_LIMIT
+        ) as (good, attacker):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(good.run)
                 sid = 1
@@ -723,12 +729,7 @@ async def test_control_frame_flood_from_a_client_that_never_reads(
     app = LiveApps()
     sent = 0
     with trio.fail_after(TIMEOUT), TraceMemory() as memory:
-        async with (
-            open_test_server(app, threads=4) as server,
-            server.connect(http2=True) as good_connection,
-            raw_h2(server) as attacker,
-        ):
-            good = GoodClient(good_connection)
+        async with attacked_server(app, threads=4) as (good, attacker):
             await attacker.send(setup(attacker))
             await good.one()  # the handshake and set-up are done: the server read them
             attacker.reading = False  # from now on, the attacker reads nothing
@@ -821,12 +822,7 @@ async def test_continuation_flood_is_a_connection_error(size: int, short_linger:
     app = LiveApps()
     sent = 0
     with trio.fail_after(TIMEOUT), TraceMemory() as memory:
-        async with (
-            open_test_server(app) as server,
-            server.connect(http2=True) as good_connection,
-            raw_h2(server) as attacker,
-        ):
-            good = GoodClient(good_connection)
+        async with attacked_server(app) as (good, attacker):
             block = attacker.encoder.encode(request_fields("/never"))
             await attacker.send(HeadersFrame(1, block[:4]).serialize())  # no END_HEADERS
             frame = ContinuationFrame(1, b"\x00" * size).serialize()
@@ -929,12 +925,7 @@ async def test_hpack_bomb_is_refused_with_bounded_memory(frames: int, short_ling
     Measured peak: 0.2 MiB (one frame), 3.4 MiB (40 frames, mostly the encoded block)."""
     app = LiveApps()
     with trio.fail_after(TIMEOUT), TraceMemory() as memory:
-        async with (
-            open_test_server(app) as server,
-            server.connect(http2=True) as good_connection,
-            raw_h2(server) as attacker,
-        ):
-            good = GoodClient(good_connection)
+        async with attacked_server(app) as (good, attacker):
             await attacker.send(b"".join(hpack_bomb(frames)))
             await attacker.wait_for(lambda: bool(attacker.goaways) or 1 in attacker.resets)
             await good.one()
@@ -1006,12 +997,7 @@ async def test_over_long_frame_is_refused_from_its_header(
     peak: 0.2 MiB."""
     app = LiveApps()
     with trio.fail_after(TIMEOUT), TraceMemory() as memory:
-        async with (
-            open_test_server(app) as server,
-            server.connect(http2=True) as good_connection,
-            raw_h2(server) as attacker,
-        ):
-            good = GoodClient(good_connection)
+        async with attacked_server(app) as (good, attacker):
             await attacker.send(attacker.headers(1, "/park/first", end_stream=False))
             await app.gate.wait_parked(1)
             head = length.to_bytes(3, "big") + bytes([frame_type, 0]) + (1).to_bytes(4, "big")
@@ -1554,18 +1540,14 @@ async def test_http2_header_abuse_is_a_protocol_error_and_the_app_never_runs(
     fields, body = H2_ABUSE[case]
     app = LiveApps()
     with trio.fail_after(TIMEOUT):
-        async with (
-            open_test_server(app) as server,
-            server.connect(http2=True) as good_connection,
-            raw_h2(server) as attacker,
-        ):
+        async with attacked_server(app) as (good, attacker):
             flags = {"END_HEADERS"} if body else {"END_HEADERS", "END_STREAM"}
             data = HeadersFrame(1, attacker.encoder.encode(fields), flags=flags).serialize()
             if body:
                 data += DataFrame(1, body, flags={"END_STREAM"}).serialize()
             await attacker.send(data)
             await attacker.wait_for(lambda: bool(attacker.goaways) or 1 in attacker.resets)
-            await GoodClient(good_connection).one()
+            await good.one()
             if attacker.goaways:
                 with trio.move_on_after(CLOSE_WAIT):
                     await attacker.closed.wait()
