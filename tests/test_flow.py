@@ -46,13 +46,13 @@ import h11
 import pytest
 import trio
 import trio.testing
+from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from tests.apps import hello as apps_hello
 from trioserve.connection import (
     BODY_HIGH_WATER,
     BODY_READ_AHEAD,
-    ENHANCE_YOUR_CALM,
     OUTPUT_HIGH_WATER,
     READ_SIZE,
 )
@@ -1014,4 +1014,4 @@ async def test_http2_ping_flood_from_a_client_that_never_reads_is_bounded() -> N
                 await client.resume_reading()
                 await client.closed.wait()
     assert client.goaway_received is not None
-    assert client.goaway_received.error_code == ENHANCE_YOUR_CALM
+    assert client.goaway_received.error_code == ErrorCodes.ENHANCE_YOUR_CALM

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 from tests import apps
 from trioserve.config import Config
-from trioserve.connection import serve_connection
+from trioserve.context import context_from_config
 from trioserve.events import (
     BadRequest,
     BodyEnded,
@@ -52,7 +52,7 @@ from trioserve.events import (
 )
 from trioserve.http1 import HTTP1Connection
 from trioserve.http2 import PREFACE, HTTP2Connection
-from trioserve.server import context_from_config
+from trioserve.opening import serve_connection
 from trioserve.testing import memory_connection
 from trioserve.wsgi import ConnectionInfo
 

@@ -35,6 +35,7 @@ from trioserve.events import (
     BodyReceived,
     ConnectionClosed,
     RequestReceived,
+    ResetReason,
     StreamReset,
     WindowOpened,
 )
@@ -646,12 +647,13 @@ def test_client_reset_mid_response_stops_the_stream() -> None:
     ("code", "expected"),
     [
         (None, Errors.CANCEL),
-        (Errors.INTERNAL_ERROR, Errors.INTERNAL_ERROR),
-        (Errors.REFUSED_STREAM, Errors.REFUSED_STREAM),
+        (ResetReason.CANCEL, Errors.CANCEL),
+        (ResetReason.APP_ERROR, Errors.INTERNAL_ERROR),
+        (ResetReason.REFUSED, Errors.REFUSED_STREAM),
     ],
-    ids=["default-cancel", "internal-error", "refused"],
+    ids=["default-cancel", "cancel", "app-error-internal-error", "refused"],
 )
-def test_reset_stream_sends_rst_stream(code: int | None, expected: int) -> None:
+def test_reset_stream_sends_rst_stream(code: ResetReason | None, expected: int) -> None:
     client, server = connect()
     request(client, 1)
     pump(client, server)

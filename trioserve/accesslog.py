@@ -35,30 +35,41 @@ import logging
 import os
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .stream import RequestStream
+from .events import RequestReceived
+from .wsgi import ConnectionInfo, ResponseHead
 
 ACCESS_LOGGER = logging.getLogger("trioserve.access")
 
 _HEADER_ATOM = re.compile(r"%\(\{([^}]+)\}([io])\)s")
 
 
+class FinishedRequest(Protocol):
+    """What an access log line is made of (a finished :class:`~trioserve.stream.RequestStream`)."""
+
+    request: RequestReceived
+    info: ConnectionInfo
+    status: int  # 0 if the stream ended before a response
+    bytes_sent: int
+    started_at: float  # time.time() when the request head arrived
+    response_head: ResponseHead | None
+
+
 class AccessLog:
-    """Formats and emits access log lines. Call it with a finished RequestStream."""
+    """Formats and emits access log lines. Call it with a finished request."""
 
     def __init__(self, fmt: str, logger: logging.Logger = ACCESS_LOGGER) -> None:
         self.fmt = fmt
         self.logger = logger
         self._header_atoms = {f"{{{name}}}{kind}" for name, kind in _HEADER_ATOM.findall(fmt)}
 
-    def __call__(self, stream: RequestStream) -> None:
+    def __call__(self, stream: FinishedRequest) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
         self.logger.info(self.fmt % self.atoms(stream))
 
-    def atoms(self, stream: RequestStream) -> dict[str, str]:
+    def atoms(self, stream: FinishedRequest) -> dict[str, str]:
         request = stream.request
         duration = time.time() - stream.started_at
         target = request.target.decode("latin-1")
@@ -66,7 +77,7 @@ class AccessLog:
         protocol = "HTTP/2" if request.http_version == "2" else f"HTTP/{request.http_version}"
         method = request.method.decode("latin-1")
         headers = {name: value for name, value in request.headers}
-        info = stream.conn.info
+        info = stream.info
         atoms = {
             "h": info.client_addr or "-",
             "l": "-",

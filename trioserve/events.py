@@ -12,10 +12,33 @@ is ever live at a time.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 Headers = list[tuple[bytes, bytes]]
+
+
+class ResetReason(enum.Enum):
+    """Why trioserve abandons a response half-way.
+
+    HTTP/2 sends RST_STREAM with the matching code (RFC 9113 §7); HTTP/1.1 can
+    only close the connection. Each protocol module maps these to its own
+    wire vocabulary, so nothing above it spells an error code.
+    """
+
+    CANCEL = "cancel"  # we gave up on it: shutdown, a stalled client, the app cancelled
+    APP_ERROR = "app error"  # the app broke its own response (HTTP/2 INTERNAL_ERROR)
+    REFUSED = "refused"  # not processed at all; the client may retry it (REFUSED_STREAM)
+
+
+class InvalidResponse(Exception):
+    """The app's response breaks HTTP framing (e.g. more bytes than its Content-Length).
+
+    Raised by the protocol modules' ``send_*`` methods, so the trio side can
+    end that one response without knowing which protocol noticed.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,3 +184,49 @@ class FileSegment:
 
     def __len__(self) -> int:
         return self.length
+
+
+class ServerProtocol(Protocol):
+    """What the connection driver needs from a sans-IO protocol object.
+
+    Implemented by :class:`trioserve.http1.HTTP1Connection` and
+    :class:`trioserve.http2.HTTP2Connection`; the driver never asks which one
+    it holds.
+    """
+
+    multiplexed: bool  # many streams at once (HTTP/2), or one request at a time
+
+    @property
+    def closing(self) -> bool: ...
+    @property
+    def output_size(self) -> int: ...
+    @property
+    def buffered_input(self) -> int: ...
+    @property
+    def partial_request(self) -> bool: ...
+    @property
+    def has_queued_streams(self) -> bool: ...
+    def stream_output_size(self, stream_id: int) -> int: ...
+    def send_file(self, stream_id: int, segment: FileSegment) -> None: ...
+    def file_to_send(self) -> FileSegment | None: ...
+    def stream_blocked(self, stream_id: int) -> bool: ...
+    def receive_data(self, data: bytes | bytearray) -> None: ...
+    def next_events(self) -> list[Event]: ...
+    def data_to_send(self) -> bytes: ...
+    def send_continue(self, stream_id: int) -> None: ...
+    def send_response(
+        self, stream_id: int, status: int, headers: Headers, *, reason: bytes = b""
+    ) -> None: ...
+    def send_body(self, stream_id: int, data: bytes) -> None: ...
+    def end_stream(self, stream_id: int) -> None: ...
+    def send_error_response(
+        self, stream_id: int, status: int, detail: str = "", *, close: bool = False
+    ) -> None: ...
+    def reset_stream(self, stream_id: int, reason: ResetReason = ResetReason.CANCEL) -> None: ...
+    def acknowledge_body(self, stream_id: int, size: int) -> None: ...
+    def expire_partial_request(self) -> list[Event]:
+        """The partial request head (or header block) took too long: refuse it, and say so."""
+        ...
+
+    def start_shutdown(self) -> None: ...
+    def send_failed(self) -> None: ...

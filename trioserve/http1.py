@@ -37,7 +37,9 @@ from .events import (
     Event,
     FileSegment,
     Headers,
+    InvalidResponse,
     RequestReceived,
+    ResetReason,
     StreamReset,
     UpgradeToH2,
 )
@@ -139,9 +141,9 @@ class HTTP1Connection:
             and bool(self._h11.trailing_data[0])
         )
 
-    def timeout_request_head(self) -> BadRequest:
+    def expire_partial_request(self) -> list[Event]:
         """The client took too long to send its request head: answer 408 and close."""
-        return self._reject(408, "request head not received in time")
+        return [self._reject(408, "request head not received in time")]
 
     @property
     def buffered_input(self) -> int:
@@ -396,7 +398,7 @@ class HTTP1Connection:
     def send_response(
         self, stream_id: int, status: int, headers: Headers, *, reason: bytes = b""
     ) -> None:
-        """Queue the response head. Raises h11.LocalProtocolError on invalid headers."""
+        """Queue the response head. Raises InvalidResponse on invalid headers."""
         self._response_started = True
         if self._continue_withheld and self._h11.their_state is h11.SEND_BODY:
             # Answering without having asked for the body: it may never come,
@@ -411,7 +413,7 @@ class HTTP1Connection:
         )
 
     def send_body(self, stream_id: int, data: bytes) -> None:
-        """Queue body bytes. Raises h11.LocalProtocolError past a declared Content-Length."""
+        """Queue body bytes. Raises InvalidResponse past a declared Content-Length."""
         if data and not self._head_request:
             self._write(h11.Data(data=data))
 
@@ -422,7 +424,10 @@ class HTTP1Connection:
             return
         # h11 passes the Data payload through untouched and only needs its
         # len() (its documented way to support sendfile), hence the cast.
-        parts = self._h11.send_with_data_passthrough(h11.Data(data=cast(bytes, segment)))
+        try:
+            parts = self._h11.send_with_data_passthrough(h11.Data(data=cast(bytes, segment)))
+        except h11.LocalProtocolError as exc:
+            raise InvalidResponse(str(exc)) from None
         for part in cast(list[bytes | FileSegment], parts or []):
             if isinstance(part, FileSegment):
                 self._files_queued += 1
@@ -430,7 +435,7 @@ class HTTP1Connection:
             self._outbound_size += len(part)
 
     def end_stream(self, stream_id: int) -> None:
-        """End the response. Raises h11.LocalProtocolError if it is shorter than declared."""
+        """End the response. Raises InvalidResponse if it is shorter than declared."""
         self._write(h11.EndOfMessage())
         self._finish_request()
 
@@ -447,7 +452,7 @@ class HTTP1Connection:
         self._write_error_response(status, detail)
         self._finish_request()
 
-    def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
+    def reset_stream(self, stream_id: int, reason: ResetReason = ResetReason.CANCEL) -> None:
         """Abandon the current response. HTTP/1.1 can only do that by closing."""
         self._closed = True
         self._active = False
@@ -506,7 +511,12 @@ class HTTP1Connection:
     # ---- internals ---------------------------------------------------------
 
     def _write(self, event: h11.Event) -> None:
-        data = self._h11.send(event)
+        try:
+            data = self._h11.send(event)
+        except h11.LocalProtocolError as exc:
+            # h11 refuses what would break the framing (e.g. more bytes than
+            # the Content-Length): the app's fault, in protocol-neutral words.
+            raise InvalidResponse(str(exc)) from None
         if data:
             self._outbound.append(data)
             self._outbound_size += len(data)

@@ -48,6 +48,7 @@ from .events import (
     FileSegment,
     Headers,
     RequestReceived,
+    ResetReason,
     StreamReset,
     WindowOpened,
 )
@@ -91,6 +92,13 @@ FLAG_END_HEADERS = 0x4
 _DATA_FRAME_HEADER = struct.Struct(">HBBBL")
 _SENDING_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 _OPEN_CONNECTION_STATES = frozenset({ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN})
+
+# RST_STREAM codes for the reasons the trio side gives (events.ResetReason).
+_RESET_CODES = {
+    ResetReason.CANCEL: h2.errors.ErrorCodes.CANCEL,
+    ResetReason.APP_ERROR: h2.errors.ErrorCodes.INTERNAL_ERROR,
+    ResetReason.REFUSED: h2.errors.ErrorCodes.REFUSED_STREAM,
+}
 
 RESET_BUDGET = 100  # streams reset (by the peer, by h2, or refused) beyond those completed
 CONTROL_BUDGET = 10_000  # frames that carry no request data (PING, SETTINGS, PRIORITY,
@@ -374,6 +382,11 @@ class HTTP2Connection:
             self._frame_left = length - skipped
         return None
 
+    def expire_partial_request(self) -> list[Event]:
+        """A header block has waited too long for its CONTINUATIONs: end the connection."""
+        self.fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "header block not completed in time")
+        return self.next_events()
+
     def fail(self, code: int, reason: str) -> None:
         """End the connection at once: GOAWAY(code), every stream abandoned."""
         try:
@@ -583,13 +596,13 @@ class HTTP2Connection:
         self.send_body(stream_id, body)
         self.end_stream(stream_id)
 
-    def reset_stream(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+    def reset_stream(self, stream_id: int, reason: ResetReason = ResetReason.CANCEL) -> None:
         """Abandon ``stream_id``: drop its queued output and send RST_STREAM."""
-        if error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
+        if reason is ResetReason.REFUSED:
             self._resets += 1  # refusals spend the reset budget too (Rapid Reset)
         self._forget(stream_id)
         try:
-            self._h2.reset_stream(stream_id, error_code)
+            self._h2.reset_stream(stream_id, _RESET_CODES[reason])
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
             pass  # already closed on the wire: nothing to reset
         self._pull_control()

@@ -25,12 +25,10 @@ from typing import Any
 
 import trio
 
-from .accesslog import AccessLog
 from .config import Config, ConfigError
-from .connection import ServerContext, serve_connection
+from .context import ServerContext, context_from_config
 from .listeners import format_sockname, open_listeners, parse_bind
-from .proxy import parse_allow_list
-from .tls import make_ssl_context
+from .opening import serve_connection
 from .wsgi import WSGIApp
 
 LOGGER = logging.getLogger("trioserve.error")
@@ -196,41 +194,6 @@ async def serve_wsgi(
     return server
 
 
-def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
-    """The state every connection of a server shares, built from ``config``."""
-    ssl_context = None
-    if config.certfile:
-        ssl_context = make_ssl_context(config.certfile, config.keyfile)
-    return ServerContext(
-        app=app,
-        limiter=trio.CapacityLimiter(config.threads),
-        connection_threads=config.max_threads_per_connection,
-        keep_alive_timeout=config.keep_alive_timeout,
-        tls_handshake_timeout=config.tls_handshake_timeout,
-        header_timeout=config.header_timeout,
-        body_timeout=config.body_timeout,
-        write_timeout=config.write_timeout,
-        h2_idle_timeout=config.h2_idle_timeout,
-        ssl_context=ssl_context,
-        forwarding=parse_allow_list(config.forwarded_allow_ips),
-        proxy_protocol=config.proxy_protocol,
-        max_connections=config.max_connections,
-        max_requests_in_flight=config.max_requests_in_flight,
-        body_prebuffer=config.body_prebuffer,
-        root_path=config.root_path.rstrip("/"),
-        server_header=config.server_header.encode("latin-1") or None,
-        max_header_size=config.max_header_size,
-        max_request_line_size=config.max_request_line_size,
-        max_header_count=config.max_header_count,
-        max_body_size=config.max_request_body_size,
-        h2_max_concurrent_streams=config.h2_max_concurrent_streams,
-        h2_initial_window_size=config.h2_initial_window_size,
-        h2_max_frame_size=config.h2_max_frame_size,
-        h2_max_header_list_size=config.h2_max_header_list_size,
-        access_log=AccessLog(config.access_log_format) if config.access_log else None,
-    )
-
-
 async def _drain(server: Server, ctx: ServerContext, listeners: list[trio.SocketListener]) -> None:
     """Graceful part of a stop: let connections finish, up to the timeout."""
     # Closing the listeners ends the accept tasks (accept() raises ClosedResourceError).
@@ -264,8 +227,9 @@ async def _accept_task(
 async def _accept_loop(
     listener: trio.abc.Listener[Any], ctx: ServerContext, nursery: trio.Nursery
 ) -> None:
+    max_connections = ctx.config.max_connections
     while True:
-        while ctx.max_connections and ctx.open_connections >= ctx.max_connections:
+        while max_connections and ctx.open_connections >= max_connections:
             # At the cap: leave new connections in the kernel's backlog until
             # one closes, rather than accepting and dropping them.
             await ctx.wait_connections_changed()

@@ -1,87 +1,68 @@
 """The trio side of one request: its task, its body buffer, and its cancel scope.
 
-A :class:`RequestStream` is created by the connection's reader when a request
-head arrives and lives until its response has ended (or the stream was reset).
-Its task, :meth:`RequestStream.run`, waits for a slot on the app-thread
-limiter, runs the app in a worker thread, and sends whatever the thread leaves
-for it. Everything the thread asks for goes through ``push``,
-``take_body_nowait`` and the ``wait_*`` methods here (the
-:class:`~trioserve.wsgi.StreamPort` protocol).
+A :class:`RequestStream` is created by its connection when a request head
+arrives and lives until its response has ended (or the stream was reset). Its
+task, :meth:`RequestStream.run`, waits for a slot on the app-thread limiter,
+runs the app in a worker thread, and sends whatever the thread leaves for it.
+
+Two seams, one on each side:
+
+* Towards the app thread, :class:`~trioserve.wsgi.StreamPort`: everything the
+  thread asks for goes through ``push``, ``take_body_nowait`` and the
+  ``wait_*`` methods here.
+* Towards the connection, :class:`StreamOwner`: the stream queues its response
+  (head, body, end, error, reset) and returns flow-control credit through it,
+  and tells it when it is done. It knows nothing else of its connection, and
+  nothing of HTTP/1.1 or HTTP/2. The connection talks back with
+  :meth:`~RequestStream.feed_body`, :meth:`~RequestStream.end_body` and
+  :meth:`~RequestStream.cancel`.
 
 Rules:
 
-1. The task runs inside :attr:`RequestStream.cancel_scope`, registered with the
-   connection by stream id. Cancelling it is how a reset, a disconnect or a
-   shutdown reaches the app: the thread's next read or write raises
-   ``trio.Cancelled``.
+1. The task runs inside :attr:`RequestStream.cancel_scope`. Cancelling it
+   (:meth:`RequestStream.cancel`) is how a reset, a disconnect or a refusal
+   reaches the app: the thread's next read or write raises ``trio.Cancelled``.
 2. Once cancelled, nothing more is sent for the stream: ``take_body_nowait``
-   and ``take_pushed`` check for cancellation before touching the protocol.
+   and ``take_pushed`` check for cancellation before queueing anything.
 3. Every stream ends exactly one way: a complete response, an error response
-   (500, or the status a bad request earned), or a reset. ``run`` makes sure of
-   it in its ``finally`` block, so a stream is never left half-open.
+   (500, or the status a refused request earned), or a reset (none at all if
+   the peer reset it first). :meth:`RequestStream.run` makes sure of it in its
+   ``finally`` block, so a stream is never left half-open.
 4. The body buffer is fed by the reader without ever blocking it; flow-control
    credit goes back to the peer only when the app takes the data.
+
+Why a deque and a wake-up rather than a trio memory channel for the body: the
+reader must never wait on one stream (rule 4), so a channel would be used with
+``send_nowait`` only, and the app takes everything buffered in one hop, which
+a channel can only do one item at a time. The output side has no queue here
+at all: the protocol object is the queue (it frames and interleaves what every
+stream queued), and the app thread's chunks reach it from a ``run_sync_soon``
+callback, with no task in between to wake. See ``bench/README.md`` for what
+each costs.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-import h11
 import trio
 
-from .events import FileSegment, RequestReceived
-from .wsgi import AppResult, ResponseHead, StreamCancelled, call_app
-
-if TYPE_CHECKING:
-    from .connection import Connection
+from .context import ServerContext
+from .events import FileSegment, InvalidResponse, RequestReceived, ResetReason
+from .wakeup import Wakeup
+from .wsgi import AppResult, ConnectionInfo, ResponseHead, StreamCancelled, call_app
 
 LOGGER = logging.getLogger("trioserve.error")
 
-# RST_STREAM code for a response the app (not the client) broke, RFC 9113 §7.
-INTERNAL_ERROR = 0x2
-
 # Response statuses that never carry a body (RFC 9110 §6.4.1).
 _NO_BODY_STATUSES = frozenset({204, 304})
-
-
-class _BodyBuffer:
-    """Request body bytes received but not yet handed to the app."""
-
-    __slots__ = ("_changed", "chunks", "ended", "size")
-
-    def __init__(self) -> None:
-        self.chunks: deque[bytes] = deque()
-        self.size = 0
-        self.ended = False
-        self._changed = trio.Event()
-
-    def feed(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.size += len(data)
-        self._changed.set()
-
-    def end(self) -> None:
-        self.ended = True
-        self._changed.set()
-
-    def take(self) -> bytes:
-        chunks = self.chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self.size = 0
-        return data
-
-    async def wait(self) -> None:
-        await self._changed.wait()
-        self._changed = trio.Event()
-
 
 # An HTTP/2 stream may queue this much response data before its app thread
 # waits for the socket to drain, counting chunks it pushed that trio has not yet
@@ -101,29 +82,136 @@ HTTP1_HIGH_WATER = 1024 * 1024
 MAX_BODY_PREBUFFER = 64 * 1024
 
 
+class StreamOwner(Protocol):
+    """What a :class:`RequestStream` needs from its connection, and all it may use.
+
+    Every ``send_*``/``end``/``reset`` call queues output for the connection's
+    sender (and wakes it); none blocks. ``stream_id`` names the stream on the
+    connection.
+    """
+
+    multiplexed: bool  # HTTP/2: many streams share the connection and its threads
+    can_sendfile: bool  # a response body may go out with os.sendfile
+
+    @property
+    def torn_down(self) -> bool:
+        """The whole connection is being dropped: nothing queued will be sent."""
+        ...
+
+    def send_head(self, stream_id: int, head: ResponseHead) -> None: ...
+    def send_body(self, stream_id: int, data: bytes) -> None: ...
+    def send_file(self, stream_id: int, segment: FileSegment) -> None: ...
+    def end(self, stream_id: int) -> None: ...
+    def send_continue(self, stream_id: int) -> None: ...
+    def send_error(self, stream_id: int, status: int, *, close: bool) -> None: ...
+    def reset(self, stream_id: int, reason: ResetReason) -> None: ...
+    def output_queued(self, stream_id: int) -> int:
+        """Response bytes of this stream queued and not yet handed to the socket."""
+        ...
+
+    def output_blocked(self, stream_id: int) -> bool:
+        """Is more of this stream queued than its flow-control window lets out now?"""
+        ...
+
+    async def wait_output_progress(self) -> None:
+        """Return once the sender has written something (or the connection ends)."""
+        ...
+
+    def body_consumed(self, stream_id: int, size: int) -> None:
+        """The app took ``size`` body bytes: return the credit, resume reading."""
+        ...
+
+    def thread_share(self) -> trio.CapacityLimiter | None:
+        """A limiter bounding this connection's share of the app threads, if any."""
+        ...
+
+    def stream_done(self, stream: RequestStream) -> None:
+        """The stream's task is over: forget it, log it, move on."""
+        ...
+
+
+class Response(enum.Enum):
+    """How far a stream's response has gone."""
+
+    PENDING = "pending"  # nothing queued: an error response is still possible
+    STARTED = "started"  # the head is queued; body may follow
+    ENDED = "ended"  # complete, an error response, or reset: nothing more goes out
+
+
+class CancelReason(enum.Enum):
+    """Why a stream was cancelled, which decides how it ends (rule 3)."""
+
+    PEER = "peer"  # the peer reset it or went away: send nothing, not even a reset
+    REFUSED = "refused"  # the request broke a rule: answer its status if nothing went out
+    ABANDONED = "abandoned"  # we gave up on it (output stalled, the app broke its response)
+
+
+class _BodyBuffer:
+    """Request body bytes received but not yet handed to the app."""
+
+    __slots__ = ("_changed", "chunks", "ended", "size")
+
+    def __init__(self, ended: bool) -> None:
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+        self.ended = ended
+        self._changed: Wakeup | None = None  # made only if someone ever waits
+
+    def feed(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self._changed is not None:
+            self._changed.set()
+
+    def end(self) -> None:
+        self.ended = True
+        if self._changed is not None:
+            self._changed.set()
+
+    def take(self) -> bytes:
+        chunks = self.chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.size = 0
+        return data
+
+    async def wait(self) -> None:
+        if self._changed is None:
+            self._changed = Wakeup()
+        await self._changed.wait()
+
+
 class RequestStream:
     """One request/response exchange on a connection (see module docstring)."""
 
-    def __init__(self, conn: Connection, request: RequestReceived) -> None:
-        self.conn = conn
+    def __init__(
+        self,
+        owner: StreamOwner,
+        ctx: ServerContext,
+        info: ConnectionInfo,
+        request: RequestReceived,
+        *,
+        refuse: int | None = None,
+    ) -> None:
+        self._owner = owner
+        self._ctx = ctx
+        self.info = info
         self.request = request
         self.stream_id = request.stream_id
-        self.body = _BodyBuffer()
-        if request.end_stream:
-            self.body.ended = True
+        self.body = _BodyBuffer(request.end_stream)
         self.cancel_scope = trio.CancelScope()
+        self.response = Response.PENDING
         self.response_head: ResponseHead | None = None
-        self.response_started = False
-        self.response_ended = False
-        self.reset_by_peer = False
+        self.cancel_reason: CancelReason | None = None
+        self.error_status: int | None = None  # the status a refused request is answered with
+        self.admitted = refuse is None  # counts against ServerContext.requests_in_flight
+        self.app_done = False  # the app has returned (its response may still be queued)
         self.reading_body = False  # the app has asked for body data (HTTP/1.1 reads ahead)
-        self.error_status: int | None = None  # set when a bad request cancels us
-        self.counted = False  # counts against ServerContext.requests_in_flight
         self.status = 0
         self.bytes_sent = 0
         self.started_at = time.time()
         self._continue_sent = False
-        self.can_sendfile = conn.can_sendfile()  # read by the app thread (wsgi.call_app)
+        self.can_sendfile = owner.can_sendfile  # read by the app thread (wsgi.call_app)
         self._file: FileSegment | None = None  # a response body going out by sendfile
         # Response chunks pushed by the app thread, not yet taken by trio (push()).
         self._push_lock = threading.Lock()
@@ -131,8 +219,41 @@ class RequestStream:
         self._pushed_size = 0
         self._take_scheduled = False
         self._queued = 0  # the stream's queued output, as of the last take
-        self.high_water = STREAM_HIGH_WATER if conn.proto.multiplexed else HTTP1_HIGH_WATER
-        self._trio_token = conn.trio_token
+        self.high_water = STREAM_HIGH_WATER if owner.multiplexed else HTTP1_HIGH_WATER
+        self._trio_token = ctx.trio_token
+        if refuse is not None:
+            self.cancel(CancelReason.REFUSED, refuse)
+
+    # ---- called by the connection -------------------------------------------
+
+    def feed_body(self, data: bytes) -> bool:
+        """Buffer request body bytes; False if nobody will read them (cancelled)."""
+        if self.cancel_scope.cancel_called:
+            return False
+        self.body.feed(data)
+        return True
+
+    def end_body(self) -> None:
+        """The request body is complete."""
+        self.body.end()
+
+    def cancel(self, reason: CancelReason, status: int | None = None) -> None:
+        """Stop this stream's app and decide how the stream ends (rule 3).
+
+        ``status`` goes with :attr:`CancelReason.REFUSED`: the response the
+        request gets if none has started. The first reason given is kept,
+        except that the peer going away always wins (nothing can be sent then).
+        """
+        if self.cancel_reason is None or reason is CancelReason.PEER:
+            self.cancel_reason = reason
+            if status is not None:
+                self.error_status = status
+        self.cancel_scope.cancel()
+
+    @property
+    def body_buffered(self) -> int:
+        """Body bytes received and not yet taken by the app."""
+        return self.body.size
 
     # ---- called from the app thread through trio.from_thread ---------------
 
@@ -144,7 +265,7 @@ class RequestStream:
         body = self.body
         if body.size:
             data = body.take()
-            self.conn.body_consumed(self.stream_id, len(data))
+            self._owner.body_consumed(self.stream_id, len(data))
             return data
         if body.ended:
             return b""
@@ -161,19 +282,19 @@ class RequestStream:
 
     async def _wait_body_progress(self) -> None:
         """Wait for more request body; 408 and cancel if none comes for ``body_timeout``."""
-        with trio.move_on_after(self.conn.ctx.body_timeout) as timer:
+        timeout = self._ctx.config.body_timeout
+        with trio.move_on_after(timeout) as timer:
             await self.body.wait()
         if timer.cancelled_caught:
             # The client stopped sending mid-body: the app's read must not hang.
             LOGGER.info(
                 "408 request body stalled for %.0fs: %s %s from %s",
-                self.conn.ctx.body_timeout,
+                timeout,
                 self.request.method.decode("latin-1"),
                 self.request.target.decode("latin-1"),
-                self.conn.info.client_addr or "unix socket",
+                self.info.client_addr or "unix socket",
             )
-            self.error_status = 408
-            self.cancel_scope.cancel()
+            self.cancel(CancelReason.REFUSED, 408)
             await trio.lowlevel.checkpoint()  # raises Cancelled (into the app thread, if any)
 
     async def _wait_for_body_start(self) -> None:
@@ -191,15 +312,15 @@ class RequestStream:
         reads.
         """
         body = self.body
-        ctx = self.conn.ctx
-        if body.ended or self.request.expects_continue or not ctx.body_prebuffer:
+        config = self._ctx.config
+        if body.ended or self.request.expects_continue or not config.body_prebuffer:
             return
-        wanted = min(ctx.body_prebuffer, MAX_BODY_PREBUFFER)
-        if self.conn.proto.multiplexed:
+        wanted = min(config.body_prebuffer, MAX_BODY_PREBUFFER)
+        if self._owner.multiplexed:
             # Credit comes back only as the app reads: never wait for more
             # than one stream window.
-            wanted = min(wanted, ctx.h2_initial_window_size)
-        limiter = self.conn.limiter
+            wanted = min(wanted, config.h2_initial_window_size)
+        limiter = self._ctx.limiter
         while (
             not body.ended
             and body.size < wanted
@@ -231,7 +352,7 @@ class RequestStream:
         return keep_going
 
     def take_pushed(self) -> None:
-        """Trio side: queue what the app thread pushed, in order, and wake the sender.
+        """Trio side: queue what the app thread pushed, in order.
 
         Runs as a ``run_sync_soon`` callback (outside any task), and also from
         the stream's task before it looks at the response state, so nothing
@@ -249,17 +370,18 @@ class RequestStream:
             self._queued += self._pushed_size
             self._pushed_size = 0
             self._take_scheduled = False
-        if self.cancel_scope.cancel_called or self.response_ended or self.conn.cancelled:
+        owner = self._owner
+        if self.cancel_scope.cancel_called or self.response is Response.ENDED or owner.torn_down:
             return
-        proto = self.conn.proto
+        sid = self.stream_id
         try:
             for head, data in pushed:
                 if head is not None:
                     self._start_response(head)
                 if data:
-                    proto.send_body(self.stream_id, data)
+                    owner.send_body(sid, data)
                     self.bytes_sent += len(data)
-        except h11.LocalProtocolError as exc:
+        except InvalidResponse as exc:
             # The app broke HTTP framing (e.g. more bytes than its Content-Length).
             self._abort(f"invalid response: {exc}")
             return
@@ -267,8 +389,7 @@ class RequestStream:
             LOGGER.exception("Internal error queueing a response body")
             self._abort("internal error")
             return
-        self.conn.wake_sender()
-        self._queued = proto.stream_output_size(self.stream_id)
+        self._queued = owner.output_queued(sid)
 
     async def wait_writable(self) -> None:
         """Block the app thread until its queued output drains below the high-water mark.
@@ -281,34 +402,23 @@ class RequestStream:
         self.take_pushed()
         await trio.lowlevel.checkpoint_if_cancelled()
         await self._wait_for_output(self._writable)
-        self._queued = self.conn.proto.stream_output_size(self.stream_id)
+        self._queued = self._owner.output_queued(self.stream_id)
 
-    def _writable(self, stream_id: int) -> bool:
-        return self.conn.proto.stream_output_size(stream_id) < self.high_water
+    def _writable(self) -> bool:
+        return self._owner.output_queued(self.stream_id) < self.high_water
 
-    async def _wait_sent(self) -> None:
-        """HTTP/2: hold the stream open until its finished response has gone out.
+    def _all_sent(self) -> bool:
+        return not self._owner.output_queued(self.stream_id)
 
-        Only for a response that is waiting for window: the rest goes out with
-        the sender's next write, under the connection's write timeout.
-
-        A response the app returned whole can still be queued for
-        flow-control window; the same stall rule as :meth:`wait_writable`
-        applies to it, so a client that never opens its window cannot pin
-        the queued bytes forever.
-        """
-        proto = self.conn.proto
-        await self._wait_for_output(lambda sid: not proto.stream_output_size(sid))
-
-    async def _wait_for_output(self, ready: Callable[[int], bool]) -> None:
-        conn = self.conn
-        timeout = conn.ctx.write_timeout
-        queued = conn.proto.stream_output_size(self.stream_id)
+    async def _wait_for_output(self, ready: Callable[[], bool]) -> None:
+        owner = self._owner
+        timeout = self._ctx.config.write_timeout
+        queued = owner.output_queued(self.stream_id)
         deadline = trio.current_time() + timeout
-        while not ready(self.stream_id):
+        while not ready():
             with trio.move_on_at(deadline):
-                await conn.wait_output_drained()
-            now_queued = conn.proto.stream_output_size(self.stream_id)
+                await owner.wait_output_progress()
+            now_queued = owner.output_queued(self.stream_id)
             if now_queued < queued:
                 queued = now_queued
                 deadline = trio.current_time() + timeout
@@ -317,39 +427,37 @@ class RequestStream:
                     "Resetting %s %s for %s: no output accepted for %.0fs",
                     self.request.method.decode("latin-1"),
                     self.request.target.decode("latin-1"),
-                    conn.info.client_addr or "a unix socket client",
+                    self.info.client_addr or "a unix socket client",
                     timeout,
                 )
-                self.response_ended = True
-                conn.reset_stream(self.stream_id)
-                self.cancel_scope.cancel()
+                self._reset(ResetReason.CANCEL)
+                self.cancel(CancelReason.ABANDONED)
                 await trio.lowlevel.checkpoint()  # raises Cancelled into the app thread
 
     # ---- the stream's task --------------------------------------------------
 
     async def run(self) -> None:
         """Run the app for this request and finish the stream, whatever happens."""
-        conn = self.conn
         try:
-            if self.error_status is None:  # refused up front (503) otherwise
+            if self.cancel_reason is None:  # refused before it started (503) otherwise
                 with self.cancel_scope:
                     await self._wait_for_body_start()
                     await self._run_app()
+                    self.app_done = True
                     if self._file is not None and not self._file.sent:
                         await self._wait_file_sent(self._file)
-                    if conn.proto.stream_blocked(self.stream_id):
-                        # The app is done: the stream no longer counts against
-                        # the concurrent-stream limit while its data waits.
-                        conn.streams_draining += 1
-                        try:
-                            await self._wait_sent()
-                        finally:
-                            conn.streams_draining -= 1
+                    if self._owner.output_blocked(self.stream_id):
+                        # HTTP/2: hold the stream open until its finished
+                        # response has gone out, under the same stall rule as
+                        # wait_writable, so a client that never opens its
+                        # window cannot pin the queued bytes forever.
+                        await self._wait_for_output(self._all_sent)
         finally:
+            self.app_done = True
             if self._file is not None:
                 self._file.release()  # the app's iterable (wsgi.file_wrapper) closes the file
             self._finish()
-            conn.stream_done(self)
+            self._owner.stream_done(self)
 
     async def _wait_file_sent(self, segment: FileSegment) -> None:
         """Hold the stream (and its file open) until the sender has sent the file.
@@ -358,14 +466,13 @@ class RequestStream:
         the connection cancels this wait.
         """
         while not segment.sent:
-            await self.conn.wait_output_drained()
+            await self._owner.wait_output_progress()
 
     async def _run_app(self) -> None:
-        conn = self.conn
         initial = self.body.take() if self.body.size else b""
         if initial:
-            conn.body_consumed(self.stream_id, len(initial))
-        share = conn.stream_thread_share()
+            self._owner.body_consumed(self.stream_id, len(initial))
+        share = self._owner.thread_share()
         try:
             try:
                 if share is None:
@@ -381,7 +488,7 @@ class RequestStream:
                 self.request.method.decode("latin-1"),
                 self.request.target.decode("latin-1"),
             )
-            if not self.response_started:
+            if self.response is Response.PENDING:
                 self._send_error(500)
             else:
                 self._abort("the application failed after the response started")
@@ -392,93 +499,102 @@ class RequestStream:
         self._complete(result)
 
     async def _call_app(self, initial: bytes) -> AppResult:
-        conn = self.conn
+        ctx = self._ctx
         return await trio.to_thread.run_sync(
             call_app,
-            conn.app,
+            ctx.app,
             self.request,
-            conn.info,
+            self.info,
             self,
             initial,
             self.body.ended,
-            limiter=conn.limiter,
+            limiter=ctx.limiter,
         )
 
     def _complete(self, result: AppResult) -> None:
         """Send what the app thread left for us and end the response."""
-        if self.cancel_scope.cancel_called or self.response_ended:
+        if self.cancel_scope.cancel_called or self.response is Response.ENDED:
             return
-        proto = self.conn.proto
+        owner = self._owner
+        sid = self.stream_id
         try:
             if result.head is not None:
                 head = result.head
-                if head.status not in _NO_BODY_STATUSES and not any(
+                bodyless = head.status in _NO_BODY_STATUSES
+                if not bodyless and not any(
                     name.lower() in (b"content-length", b"transfer-encoding")
                     for name, _ in head.headers
                 ):
                     size = sum(map(len, result.body))
                     head.headers.append((b"Content-Length", str(size).encode("ascii")))
                 self._start_response(head)
-                for chunk in result.body:
-                    if head.status not in _NO_BODY_STATUSES:
-                        proto.send_body(self.stream_id, chunk)
+                if not bodyless:
+                    for chunk in result.body:
+                        owner.send_body(sid, chunk)
                         self.bytes_sent += len(chunk)
                 if result.file is not None:
-                    if head.status in _NO_BODY_STATUSES:
+                    if bodyless:
                         result.file.sent = True  # nothing of it to send
                     else:
-                        proto.send_file(self.stream_id, result.file)  # (HEAD: marked sent)
+                        owner.send_file(sid, result.file)  # (HEAD: marked sent)
                         self.bytes_sent += result.file.length
-            proto.end_stream(self.stream_id)
-        except h11.LocalProtocolError as exc:
+            owner.end(sid)
+        except InvalidResponse as exc:
             self._abort(f"invalid response: {exc}")
             return
-        self.response_ended = True
-        self.conn.wake_sender()
+        self.response = Response.ENDED
 
     # ---- ending the stream --------------------------------------------------
 
     def _start_response(self, head: ResponseHead) -> None:
         self.status = head.status
         self.response_head = head
-        self.response_started = True
-        self.conn.send_response(self.stream_id, head)
+        self.response = Response.STARTED
+        self._owner.send_head(self.stream_id, head)
 
     def _send_continue(self) -> None:
-        if self.request.expects_continue and not self._continue_sent and not self.response_started:
+        if (
+            self.request.expects_continue
+            and not self._continue_sent
+            and self.response is Response.PENDING
+        ):
             self._continue_sent = True
-            self.conn.proto.send_continue(self.stream_id)
-            self.conn.wake_sender()
+            self._owner.send_continue(self.stream_id)
 
-    def _send_error(self, status: int, detail: str = "") -> None:
+    def _send_error(self, status: int) -> None:
         self.status = status
-        self.response_started = True
-        self.response_ended = True
+        self.response = Response.ENDED
         # After a 4xx about the request itself, its body state is unknown:
         # that HTTP/1.1 connection is not reused.
         close = 400 <= status < 500 and not self.body.ended
-        self.conn.proto.send_error_response(self.stream_id, status, detail, close=close)
-        self.conn.wake_sender()
+        self._owner.send_error(self.stream_id, status, close=close)
+
+    def _reset(self, reason: ResetReason) -> None:
+        """End the response with a reset (HTTP/1.1: close), unless the peer reset first."""
+        self.response = Response.ENDED
+        if self.cancel_reason is not CancelReason.PEER:
+            self._owner.reset(self.stream_id, reason)
 
     def _abort(self, why: str) -> None:
-        """Give up on this response mid-way: reset the stream (HTTP/1.1: close)."""
+        """Give up on this response mid-way because the app broke it."""
         LOGGER.error(
             "Aborting %s %s: %s",
             self.request.method.decode("latin-1"),
             self.request.target.decode("latin-1"),
             why,
         )
-        self.response_ended = True
-        self.conn.reset_stream(self.stream_id, INTERNAL_ERROR)
-        self.cancel_scope.cancel()
+        self._reset(ResetReason.APP_ERROR)
+        self.cancel(CancelReason.ABANDONED)
 
     def _finish(self) -> None:
         """Make sure the stream ended exactly one way (rule 3)."""
-        if self.response_ended or self.reset_by_peer:
+        if self.response is Response.ENDED:
             return
-        if self.error_status is not None and not self.response_started:
+        if self.cancel_reason is CancelReason.PEER:
+            self.response = Response.ENDED  # nobody to tell
+            return
+        if self.error_status is not None and self.response is Response.PENDING:
             self._send_error(self.error_status)
             return
         # Cancelled (shutdown, disconnect, protocol error) before finishing.
-        self.response_ended = True
-        self.conn.reset_stream(self.stream_id)
+        self._reset(ResetReason.CANCEL)

@@ -53,9 +53,9 @@ import trio
 from hyperframe.frame import GoAwayFrame
 
 from .config import Config
-from .connection import ServerContext, serve_connection
+from .context import ServerContext, context_from_config
 from .http2 import keep_open_after_goaway
-from .server import context_from_config
+from .opening import serve_connection
 from .wsgi import ConnectionInfo, StartResponse, WSGIApp
 
 __all__ = [

@@ -1,0 +1,132 @@
+"""What every connection of one server shares: its Config, its app, its counters.
+
+:class:`ServerContext` holds the :class:`~trioserve.config.Config` itself (every
+option and its default live there, once) plus what is built from it at start
+(the thread limiter, the TLS context, the trusted-proxy list, the access log)
+and what the server counts while it runs (connections, requests in flight).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from .accesslog import AccessLog, FinishedRequest
+from .config import Config
+from .http1 import HTTP1Connection
+from .http2 import HTTP2Connection
+from .proxy import AllowList, parse_allow_list
+from .tls import make_ssl_context
+from .wsgi import WSGIApp
+
+# On a graceful stop, a connection still in its TLS handshake or waiting for
+# its first bytes gets this long to send a request (one that was accepted just
+# before the stop is probably sending it right now); a silent one is closed.
+SHUTDOWN_FIRST_BYTES_GRACE = 1.0
+
+
+class Stoppable(Protocol):
+    """A connection as the server sees it: something a graceful stop must reach."""
+
+    def start_shutdown(self) -> None: ...
+
+
+@dataclass(eq=False)
+class ServerContext:
+    """The state one server's connections share (see module docstring)."""
+
+    app: WSGIApp
+    config: Config
+    limiter: trio.CapacityLimiter
+    ssl_context: ssl.SSLContext | None = None
+    forwarding: AllowList = dataclasses.field(default_factory=AllowList)
+    root_path: str = ""  # config.root_path without a trailing slash
+    server_header: bytes | None = b"trioserve"  # None: send no Server header
+    access_log: Callable[[FinishedRequest], None] | None = None
+    # This worker stops gracefully after serving so many (config.max_requests
+    # plus this worker's jitter); 0: never.
+    max_requests: int = 0
+    on_max_requests: Callable[[], None] | None = None
+    requests_in_flight: int = 0
+    requests_served: int = 0
+    connections: set[Stoppable] = dataclasses.field(default_factory=set)  # live drivers
+    shutting_down: bool = False
+    open_connections: int = 0  # accepted and not yet closed (counted by the accept loop)
+    accepting: int = 0  # accept tasks still running
+    # Cancel scopes of connections still in their TLS handshake or waiting for
+    # their first bytes: a graceful stop shortens these to the first-bytes grace.
+    opening: set[trio.CancelScope] = dataclasses.field(default_factory=set)
+    _connections_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+    @functools.cached_property
+    def trio_token(self) -> trio.lowlevel.TrioToken:
+        """The run's token: app threads push response chunks through it."""
+        return trio.lowlevel.current_trio_token()
+
+    def start_shutdown(self) -> None:
+        """Graceful stop: every connection finishes what it has, then closes."""
+        self.shutting_down = True
+        deadline = trio.current_time() + SHUTDOWN_FIRST_BYTES_GRACE
+        for scope in self.opening:
+            scope.deadline = min(scope.deadline, deadline)
+        for conn in list(self.connections):
+            conn.start_shutdown()
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
+        self.connections_changed()
+
+    def connections_changed(self) -> None:
+        self._connections_changed.set()
+        self._connections_changed = trio.Event()
+
+    async def wait_connections_changed(self) -> None:
+        await self._connections_changed.wait()
+
+    def new_http1(self, *, allow_h2c_upgrade: bool) -> HTTP1Connection:
+        config = self.config
+        return HTTP1Connection(
+            max_header_size=config.max_header_size,
+            max_request_line_size=config.max_request_line_size,
+            max_header_count=config.max_header_count,
+            max_body_size=config.max_request_body_size,
+            allow_h2c_upgrade=allow_h2c_upgrade,
+        )
+
+    def new_http2(self) -> HTTP2Connection:
+        config = self.config
+        return HTTP2Connection(
+            max_concurrent_streams=config.h2_max_concurrent_streams,
+            initial_window_size=config.h2_initial_window_size,
+            max_frame_size=config.h2_max_frame_size,
+            max_header_list_size=config.h2_max_header_list_size,
+            max_body_size=config.max_request_body_size,
+            max_header_count=config.max_header_count,
+            max_path_length=config.max_request_line_size,
+        )
+
+
+def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
+    """The state every connection of a server shares, built from ``config``.
+
+    TLS files are read here, so a bad certificate fails before anything binds.
+    """
+    ssl_context = None
+    if config.certfile:
+        ssl_context = make_ssl_context(config.certfile, config.keyfile)
+    return ServerContext(
+        app=app,
+        config=config,
+        limiter=trio.CapacityLimiter(config.threads),
+        ssl_context=ssl_context,
+        forwarding=parse_allow_list(config.forwarded_allow_ips),
+        root_path=config.root_path.rstrip("/"),
+        server_header=config.server_header.encode("latin-1") or None,
+        access_log=AccessLog(config.access_log_format) if config.access_log else None,
+    )
