@@ -25,6 +25,7 @@ After a stream is reset nothing more is sent for it: its queue is dropped.
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections import deque
 from dataclasses import dataclass, field
@@ -105,6 +106,14 @@ CONTROL_BUDGET = 10_000  # frames that carry no request data (PING, SETTINGS, PR
 # WINDOW_UPDATE, RST_STREAM, unknown types, empty DATA, DATA for closed streams)...
 CONTROL_PER_STREAM = 100  # ...plus this many per completed stream...
 CONTROL_BYTES_PER_FRAME = 1024  # ...plus one per this many response bytes sent
+
+
+class _Shutdown(enum.Enum):
+    """Our side of a graceful shutdown: the two-step GOAWAY of RFC 9113 §6.8."""
+
+    RUNNING = "running"  # no GOAWAY sent: new streams welcome
+    PINGING = "pinging"  # GOAWAY(2^31-1) and a PING sent; waiting for the PING's ACK
+    FINAL = "final"  # GOAWAY(last stream id) sent: no new streams, close when idle
 
 
 @dataclass(slots=True)
@@ -190,7 +199,7 @@ class HTTP2Connection:
         self._body_received: dict[int, int] = {}
         self._uncredited: dict[int, int] = {}  # body bytes that never used a window
         self._rejected: set[int] = set()  # streams answered without the app (413, 501)
-        self._goaway_stage = 0  # 1: GOAWAY(2^31-1) + PING sent; 2: final GOAWAY sent
+        self._shutdown = _Shutdown.RUNNING
         self._max_header_count = max_header_count
         self._max_path_length = max_path_length
         self._preface_left = len(PREFACE)  # the client preface precedes the first frame
@@ -243,7 +252,7 @@ class HTTP2Connection:
     @property
     def closing(self) -> bool:
         """True once no new streams can come: close when the live ones end."""
-        return self._goaway_stage == 2 or self._peer_closed
+        return self._shutdown is _Shutdown.FINAL or self._peer_closed
 
     @property
     def output_size(self) -> int:
@@ -442,10 +451,10 @@ class HTTP2Connection:
             if self._ready:
                 emit(WindowOpened())  # a new initial window may let queued data go
         elif isinstance(event, h2.events.PingAckReceived):
-            if event.ping_data == SHUTDOWN_PING and self._goaway_stage == 1:
+            if event.ping_data == SHUTDOWN_PING and self._shutdown is _Shutdown.PINGING:
                 # One round trip after GOAWAY(2^31-1): every stream the client
                 # opened before seeing it has reached us. Now name the last one.
-                self._goaway_stage = 2
+                self._shutdown = _Shutdown.FINAL
                 self._last_stream_id = self._h2.highest_inbound_stream_id
                 self._send_goaway(self._last_stream_id)
         elif isinstance(event, h2.events.WindowUpdated):
@@ -629,9 +638,9 @@ class HTTP2Connection:
         back, GOAWAY(last stream id) follows and streams above it are refused.
         Streams already started run to completion either way.
         """
-        if self._goaway_stage or self._peer_closed:
+        if self._shutdown is not _Shutdown.RUNNING or self._peer_closed:
             return
-        self._goaway_stage = 1
+        self._shutdown = _Shutdown.PINGING
         self._send_goaway(MAX_STREAM_ID)
         self._h2.ping(SHUTDOWN_PING)
         self._pull_control()
