@@ -11,8 +11,6 @@ memory, and over a real TCP reset in the example's own ``--demo`` run.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +21,7 @@ import trio
 import trio_asyncio
 
 from examples.with_asyncio import PriceService, make_app
+from tests.helpers import run_example
 from trioserve import serve_wsgi
 from trioserve.testing import AppProbe, open_test_client
 
@@ -141,19 +140,7 @@ async def test_stopping_the_service_answers_held_lookups_with_503() -> None:
 )
 async def test_demo_runs_to_completion(command: list[str]) -> None:
     """The example's own run: real sockets, and a client that resets its TCP connection."""
-    with trio.fail_after(TIMEOUT):  # a hang fails; run_process then kills the child
-        result = await trio.run_process(
-            [sys.executable, *command],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    output = result.stdout.decode()
-    assert result.returncode == 0, (output, result.stderr.decode())
-    assert result.stderr == b""
-    lines = output.splitlines()
+    lines = await run_example(command, TIMEOUT)
     assert lines[0].startswith("server: listening on http://127.0.0.1:")
     assert (
         'client: GET /price/TRIO -> 200 {"symbol": "TRIO", "price": 35.0, "via": "asyncio"}'

@@ -48,6 +48,7 @@ import h11
 import pytest
 import trio
 
+from tests.helpers import has_ipv6_loopback
 from trioserve import serve_wsgi
 from trioserve.listeners import open_listeners, parse_bind
 from trioserve.server import Server
@@ -83,17 +84,6 @@ def needs(*programs: str) -> Callable[[TestFunction], TestFunction]:
         return marked
 
     return decorate
-
-
-def has_ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 # ---- apps (each through wsgiref.validate.validator) ------------------------------------------

@@ -67,6 +67,7 @@ import trio.testing
 from hyperframe.frame import GoAwayFrame
 
 import trioserve.stream
+from tests.helpers import no_threads_left
 from trioserve.connection import Connection
 from trioserve.stream import RequestStream
 from trioserve.testing import (
@@ -442,11 +443,6 @@ async def prove_free_slots(client: TestClient, w: Workload, count: int, tag: str
         response = await stream.read_response()
         assert (response.status, response.body) == (200, f"slot {tag}-{i}".encode())
         assert response.complete
-
-
-async def no_threads_left() -> None:
-    await trio.testing.wait_all_threads_completed()
-    assert trio.testing.active_thread_count() == 0
 
 
 async def apps_done() -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import ssl
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,30 +23,12 @@ import pytest
 import trio
 
 from examples.flask_app import SAMPLE_FILE, THIS_FILE, app
+from tests.helpers import PROTOCOLS, Protocol, run_example
 from tests.test_static import SendfileSpy
 from trioserve import serve_wsgi
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30
-
-
-@dataclass(frozen=True)
-class Protocol:
-    tls: bool
-    http2: bool
-
-    @property
-    def server_protocol(self) -> str:
-        """What the app should see in SERVER_PROTOCOL (and httpx in http_version)."""
-        return "HTTP/2" if self.http2 else "HTTP/1.1"
-
-
-PROTOCOLS = {
-    "http1": Protocol(tls=False, http2=False),
-    "h2c-prior-knowledge": Protocol(tls=False, http2=True),
-    "http1-tls": Protocol(tls=True, http2=False),
-    "h2-tls-alpn": Protocol(tls=True, http2=True),
-}
 
 
 @dataclass
@@ -252,19 +232,8 @@ async def test_send_file_range(served: Callable[[], Any]) -> None:
     ids=["script", "module"],
 )
 async def test_embedded_example_runs_to_completion(command: list[str]) -> None:
-    with trio.fail_after(TIMEOUT):  # a hang fails; run_process then kills the child
-        result = await trio.run_process(
-            [sys.executable, *command],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    output = result.stdout.decode()
-    assert result.returncode == 0, (output, result.stderr.decode())
-    assert result.stderr == b""
-    lines = output.splitlines()
+    lines = await run_example(command, TIMEOUT)
+    output = "\n".join(lines)
     assert lines[0].startswith("server: listening on http://127.0.0.1:")
     assert not lines[0].endswith(":0")
     answers = [line for line in lines if line.startswith("client: /")]

@@ -37,7 +37,6 @@ import functools
 import hashlib
 import random
 import threading
-import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.validate import validator
@@ -50,6 +49,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from tests.apps import hello as apps_hello
+from tests.helpers import TraceMemory
 from trioserve.connection import (
     BODY_HIGH_WATER,
     BODY_READ_AHEAD,
@@ -787,18 +787,6 @@ BIG = 64 * MiB
 MEMORY_BOUND = 4 * MiB
 
 
-class _TraceMemory:
-    def __enter__(self) -> _TraceMemory:
-        tracemalloc.start()
-        tracemalloc.reset_peak()
-        self.peak = 0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-
-
 @both_protocols
 async def test_streaming_a_64_mib_response_uses_bounded_memory(http2: bool) -> None:
     chunks = [payload(64 * KiB, seed=60 + i) for i in range(4)]
@@ -806,7 +794,7 @@ async def test_streaming_a_64_mib_response_uses_bounded_memory(http2: bool) -> N
     # Wider client windows only to spare thousands of WINDOW_UPDATE round trips.
     settings: dict[int, int] = {SettingCodes.INITIAL_WINDOW_SIZE: 1 * MiB}
     digest = hashlib.sha256()
-    with trio.fail_after(SLOW_TIMEOUT), _TraceMemory() as memory:
+    with trio.fail_after(SLOW_TIMEOUT), TraceMemory() as memory:
         async with open_test_client(
             streaming_app(chunks, count, fresh=True), http2=http2, h2_settings=settings
         ) as client:
@@ -825,7 +813,7 @@ async def test_uploading_64_mib_through_wsgi_input_uses_bounded_memory(http2: bo
     chunks = [payload(64 * KiB, seed=70 + i) for i in range(4)]
     count = BIG // (64 * KiB)
     app = validator(digest_reply)
-    with trio.fail_after(SLOW_TIMEOUT), _TraceMemory() as memory:
+    with trio.fail_after(SLOW_TIMEOUT), TraceMemory() as memory:
         async with open_test_client(app, http2=http2) as client:
             stream = await client.open_stream(
                 "POST", "/", headers=[("Content-Length", str(BIG))], end=False

@@ -31,29 +31,11 @@ import pytest
 import trio
 
 from examples import django_app, falcon_app, httpbin_app
+from tests.helpers import PROTOCOLS, Protocol
 from tests.test_static import SendfileSpy
 from trioserve import serve_wsgi
 
 TIMEOUT = 30  # seconds, per test: a hang fails instead of blocking the suite
-
-
-@dataclass(frozen=True)
-class Protocol:
-    tls: bool
-    http2: bool
-
-    @property
-    def server_protocol(self) -> str:
-        """What the app sees in SERVER_PROTOCOL (and httpx reports as http_version)."""
-        return "HTTP/2" if self.http2 else "HTTP/1.1"
-
-
-PROTOCOLS = {
-    "http1": Protocol(tls=False, http2=False),
-    "h2c-prior-knowledge": Protocol(tls=False, http2=True),
-    "http1-tls": Protocol(tls=True, http2=False),
-    "h2-tls-alpn": Protocol(tls=True, http2=True),
-}
 
 
 @dataclass

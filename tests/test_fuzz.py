@@ -26,7 +26,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import h11
 import hpack
 import hypothesis
 import pytest
@@ -46,6 +45,7 @@ from trioserve.events import (
     BodyReceived,
     ConnectionClosed,
     Event,
+    InvalidResponse,
     RequestReceived,
     StreamReset,
     UpgradeToH2,
@@ -401,7 +401,7 @@ class Driver:
                 if how == 5:
                     return  # more body later
             proto.end_stream(sid)
-        except h11.LocalProtocolError:
+        except InvalidResponse:
             # Documented for send_*: the response broke HTTP/1.1 framing (e.g. 200
             # to CONNECT switched protocols). stream.py aborts: reset the stream.
             proto.reset_stream(sid)

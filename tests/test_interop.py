@@ -36,6 +36,7 @@ import trio.testing
 
 from tests import apps
 from tests.apps import Gate, whoami
+from tests.helpers import has_ipv6_loopback, receive_until
 from trioserve.server import Server, serve_wsgi
 
 Environ = dict[str, Any]
@@ -110,17 +111,6 @@ def needs(*programs: str) -> Callable[[TestFunction], TestFunction]:
         return pytest.mark.skipif(bool(missing), reason=reason)(test)
 
     return decorate
-
-
-def has_ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 async def run(*command: str) -> subprocess.CompletedProcess[bytes]:
@@ -198,19 +188,6 @@ def header_values(head_dump: str, name: str) -> list[str]:
         for line in last.splitlines()
         if line.lower().startswith(prefix)
     ]
-
-
-async def receive_until(stream: trio.abc.Stream, buffer: bytearray, marker: bytes) -> bytes:
-    """Receive into ``buffer`` until it contains ``marker``; pop and return up to it."""
-    while marker not in buffer:
-        data = await stream.receive_some(65536)
-        if not data:
-            raise AssertionError(f"EOF before {marker!r}; got {bytes(buffer)!r}")
-        buffer += data
-    end = buffer.index(marker) + len(marker)
-    head = bytes(buffer[:end])
-    del buffer[:end]
-    return head
 
 
 async def receive_to_eof(stream: trio.abc.Stream, buffer: bytearray) -> bytes:

@@ -41,6 +41,7 @@ import trustme
 
 from tests import apps
 from tests.apps import Gate, whoami
+from tests.helpers import has_ipv6_loopback, needs_ipv6, receive_until
 from trioserve.config import Config, ConfigError
 from trioserve.listeners import BindError
 from trioserve.server import Server, serve_wsgi
@@ -81,19 +82,6 @@ class RawResponse:
     status: int
     headers: dict[str, str]  # lower-cased names
     body: bytes
-
-
-async def receive_until(stream: trio.abc.Stream, buffer: bytearray, marker: bytes) -> bytes:
-    """Receive into ``buffer`` until it contains ``marker``; pop and return up to it."""
-    while marker not in buffer:
-        data = await stream.receive_some(65536)
-        if not data:
-            raise AssertionError(f"EOF before {marker!r}; got {bytes(buffer)!r}")
-        buffer += data
-    end = buffer.index(marker) + len(marker)
-    head = bytes(buffer[:end])
-    del buffer[:end]
-    return head
 
 
 async def read_head(stream: trio.abc.Stream, buffer: bytearray) -> RawResponse:
@@ -157,20 +145,6 @@ async def assert_refused(port: int, host: str = "127.0.0.1") -> None:
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     with sock, pytest.raises(ConnectionRefusedError):
         await sock.connect((host, port))
-
-
-def has_ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback (::1)")
 
 
 def free_port() -> int:

@@ -48,6 +48,7 @@ import trio
 import trio.testing
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
+from tests.helpers import TraceMemory, no_threads_left
 from tests.test_attacks import (
     ATTACK_BATCH,
     ATTACK_STREAMS,
@@ -63,9 +64,7 @@ from tests.test_attacks import (
     KiB,
     LiveApps,
     MiB,
-    TraceMemory,
     assert_thread_bounds,
-    no_threads_left,
     raw_h2,
     request_fields,
 )

@@ -26,7 +26,6 @@ import shutil
 import ssl
 import subprocess
 import tempfile
-import tracemalloc
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ import trio.testing
 from h2.settings import SettingCodes
 
 from tests.apps import hello
+from tests.helpers import TraceMemory
 from tests.test_cli import assert_one_line_error, run_cli, serving
 from tests.test_cli import request as cli_request
 from tests.test_interop import curl, curl_mode, header_values, needs
@@ -812,18 +812,6 @@ BIG = 32 * MiB
 # fails. test_flow.py measured 0.4-0.6 MiB for a streamed 64 MiB download.
 MEMORY_BOUND = 4 * MiB
 BIG_RANGE = (12_345, BIG - 54_322)  # first and last byte of the ranged download
-
-
-class TraceMemory:
-    def __enter__(self) -> TraceMemory:
-        tracemalloc.start()
-        tracemalloc.reset_peak()
-        self.peak = 0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
 
 
 async def drain(stream: TestStream, digest: Any) -> int:
