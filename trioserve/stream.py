@@ -31,14 +31,23 @@ Rules:
 4. The body buffer is fed by the reader without ever blocking it; flow-control
    credit goes back to the peer only when the app takes the data.
 
-Why a deque and a wake-up rather than a trio memory channel for the body: the
-reader must never wait on one stream (rule 4), so a channel would be used with
-``send_nowait`` only, and the app takes everything buffered in one hop, which
-a channel can only do one item at a time. The output side has no queue here
-at all: the protocol object is the queue (it frames and interleaves what every
-stream queued), and the app thread's chunks reach it from a ``run_sync_soon``
-callback, with no task in between to wake. See ``bench/README.md`` for what
-each costs.
+Why a deque and a wake-up rather than trio memory channels. The design
+sketch carries body and output on memory channels; measured here (CPython
+3.11, this project's machines) they would cost without buying anything:
+
+* Body. The reader must never wait on one stream (rule 4), so a channel
+  would be unbounded and fed with ``send_nowait``: the bound comes from flow
+  control and the reader's pause, not from the channel. The app takes
+  everything buffered per hop, which a channel yields one item at a time. And
+  ``open_memory_channel`` costs 5.2 µs and 1.8 KB per stream, against 0.3 µs
+  and 0.8 KB for this buffer (whose wake-up is made only if someone waits):
+  5 % of a whole HTTP/1.1 request's budget on the trio thread. Cancellation
+  needs no channel either: the cancel scope reaches the waiting task.
+* Output. The protocol object is the queue (it frames and interleaves every
+  stream's output under flow control), and the app thread's chunks reach it
+  from a ``run_sync_soon`` callback. A channel would need a task to receive
+  from it: one more task switch per batch of chunks, for bytes that are
+  already in order.
 """
 
 from __future__ import annotations
