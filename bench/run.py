@@ -86,6 +86,8 @@ ALL_SERVERS = [
     "canned",
     "canned-shaped",
 ]
+# --baseline REF: trioserve at commit REF, run beside the checkout as one more peer.
+BASELINE = "baseline"
 H2_SERVERS = ["trioserve", "gunicorn", "hypercorn-trio", "hypercorn-asyncio", "granian"]
 TRANSFER_SERVERS = [
     "trioserve",
@@ -164,6 +166,7 @@ class Ctx:
     upload_bytes: int
     upload_file: Path | None = None
     post_file: Path | None = None
+    baseline: Path | None = None  # --baseline: a checkout of trioserve at another commit
     _trioserve_help: str | None = None
 
     def trioserve_help(self) -> str:
@@ -199,8 +202,13 @@ def server_command(
     address = f"127.0.0.1:{port}"
     cert, key = str(ctx.certs["cert"]), str(ctx.certs["key"])
     env: dict[str, str] = {}
-    if server == "trioserve":
+    if server in ("trioserve", BASELINE):
         argv = [venv_bin("trioserve"), f"bench.apps:{app}", "-b", address, "--log-level", "warning"]
+        if server == BASELINE:
+            # The same command, run from the baseline checkout (bench.apps included).
+            assert ctx.baseline is not None
+            argv[0:1] = [str(VENV_PY), "-m", "trioserve"]
+            env["PYTHONPATH"] = str(ctx.baseline)
         if workers != 1:
             if "--workers" not in ctx.trioserve_help():
                 raise NotApplicable("n/a (not implemented yet)")
@@ -361,8 +369,9 @@ class ServerProcess:
         self.name = name
         self.argv = ["taskset", "-c", cpus, *argv]
         self.env = {**os.environ, **env}
+        # A baseline checkout's path (--baseline) goes first, so its trioserve wins.
         self.env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            filter(None, [env.get("PYTHONPATH"), str(ROOT), os.environ.get("PYTHONPATH")])
         )
         self.env.pop("VIRTUAL_ENV", None)
         self.log_path = log
@@ -1230,6 +1239,25 @@ def select(all_scenarios: list[Scenario], only: str | None) -> list[Scenario]:
     return chosen
 
 
+def baseline_checkout(ref: str) -> Path:
+    """A detached worktree of ``ref`` in bench/.work (made once per commit)."""
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", ref],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    path = WORK / f"baseline-{sha}"
+    if not (path / "trioserve").is_dir():
+        WORK.mkdir(exist_ok=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(path), sha],
+            check=True,
+            capture_output=True,
+        )
+    return path
+
+
 def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -1249,6 +1277,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--reinstall", action="store_true", help="reinstall bench/.venv")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run trioserve at git commit REF (from a worktree in bench/.work) as a peer",
+    )
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
@@ -1276,8 +1309,15 @@ def main() -> int:
         print("bench: warning: fewer than 2 CPUs, the server and the load generator share one")
 
     chosen = select(scenarios(args), args.only)
+    baseline = baseline_checkout(args.baseline) if args.baseline else None
+    if baseline is not None:
+        for scenario in chosen:
+            for variant in scenario.variants:
+                if "trioserve" in variant.servers:  # a new list: variants share theirs
+                    at = variant.servers.index("trioserve") + 1
+                    variant.servers = [*variant.servers[:at], BASELINE, *variant.servers[at:]]
     if args.servers:
-        keep = {s.strip() for s in args.servers.split(",")} | {"trioserve"}
+        keep = {s.strip() for s in args.servers.split(",")} | {"trioserve", BASELINE}
         for scenario in chosen:
             for variant in scenario.variants:
                 variant.servers = [s for s in variant.servers if s in keep]
@@ -1288,7 +1328,11 @@ def main() -> int:
         certs=ensure_certs(),
         stream_bytes=args.stream_mib * 2**20,
         upload_bytes=args.upload_mib * 2**20,
+        baseline=baseline,
     )
+    if baseline is not None:
+        info_note = f"baseline: trioserve at {args.baseline} ({baseline.name})"
+        args.note = f"{args.note}; {info_note}" if args.note else info_note
     ctx.post_file = WORK / "post-1k.bin"
     ctx.post_file.write_bytes(b"x" * 1024)
     if any(s.key == "upload" for s in chosen):

@@ -20,6 +20,9 @@ import trioserve
 
 PACKAGE = Path(trioserve.__file__).parent
 SANS_IO = ("events", "http1", "http2")
+# The trio side speaks events.ResetReason, events.InvalidResponse and the
+# ServerProtocol methods; only the protocol modules know h11 and h2.
+PROTOCOL_FREE = ("connection", "stream", "opening", "server", "context")
 
 
 def _is_trio(name: str) -> bool:
@@ -34,6 +37,17 @@ def imports_trio(source: str) -> bool:
         if isinstance(node, ast.ImportFrom) and node.level == 0 and _is_trio(node.module or ""):
             return True
     return False
+
+
+def imported_libraries(source: str) -> set[str]:
+    """The top-level names of the absolute imports in ``source`` (in any form)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
 
 
 def trioserve_modules(source: str) -> set[str]:
@@ -107,6 +121,41 @@ def test_sans_io_module_only_imports_sans_io_siblings(module: str) -> None:
     source = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
     others = trioserve_modules(source) - set(SANS_IO)
     assert not others, f"trioserve/{module}.py imports {sorted(others)}"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("import h2.errors", {"h2"}),
+        ("from h11 import Request", {"h11"}),
+        ("if TYPE_CHECKING:\n    import hyperframe.frame\n", {"hyperframe"}),
+        ("from .http1 import x", set()),
+        ("import trio, os.path", {"trio", "os"}),
+    ],
+)
+def test_imported_libraries_checker(source: str, expected: set[str]) -> None:
+    assert imported_libraries(source) == expected
+
+
+@pytest.mark.parametrize("module", PROTOCOL_FREE)
+def test_trio_side_does_not_speak_the_protocol_libraries(module: str) -> None:
+    source = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
+    spoken = imported_libraries(source) & {"h11", "h2", "hyperframe", "hpack"}
+    assert not spoken, f"trioserve/{module}.py imports {sorted(spoken)}"
+
+
+def test_stream_knows_its_connection_only_as_an_interface() -> None:
+    """stream.py talks to a StreamOwner; it never imports connection.py (nor opening.py),
+    not even for type checking, so the two cannot grow back into one object."""
+    source = (PACKAGE / "stream.py").read_text(encoding="utf-8")
+    assert not trioserve_modules(source) & {"connection", "opening", "server"}
+
+
+@pytest.mark.xfail(strict=True, reason="until error_body leaves http1.py (hardening branch)")
+def test_the_protocols_do_not_import_each_other() -> None:
+    for module, other in (("http1", "http2"), ("http2", "http1")):
+        source = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
+        assert other not in trioserve_modules(source), f"{module}.py imports {other}.py"
 
 
 def test_public_api() -> None:
