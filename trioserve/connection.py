@@ -47,7 +47,9 @@ import enum
 import logging
 import math
 import os
+import socket
 import time
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 
 import trio
@@ -100,9 +102,13 @@ WRITE_CHUNK = 256 * 1024
 SENDFILE_CHUNK = 4 * 1024 * 1024
 HAVE_SENDFILE = hasattr(os, "sendfile")
 
-# How long closing a connection may take: flushing a TLS close_notify, or
-# letting the peer read our last response before we drop unread input.
+# Lingering close: when we close first, the peer's next bytes would otherwise
+# meet a closed socket, and the kernel's RST can destroy our last response
+# before the peer reads it. So after our last bytes we send FIN (TLS:
+# close_notify, then FIN) and read and discard what still comes, for at most
+# this long and this much (Apache's lingering close allows 2 s and 512 KiB).
 CLOSE_TIMEOUT = 2.0
+LINGER_BYTES = 512 * 1024
 
 
 class _DateHeader:
@@ -121,6 +127,63 @@ class _DateHeader:
 
 
 date_header = _DateHeader()
+
+
+def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The TCP or unix socket under ``stream`` (through TLS and other wrappers), if any."""
+    while hasattr(stream, "transport_stream"):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket
+    return None
+
+
+async def linger_close(stream: trio.abc.Stream) -> None:
+    """Close ``stream`` so that the peer can read everything we sent (see LINGER_BYTES).
+
+    Bounded by CLOSE_TIMEOUT in all; whatever happens, the stream is closed.
+    """
+    try:
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            if isinstance(stream, trio.SSLStream):
+                await _linger_tls(stream)
+            elif isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+                await _discard(stream.receive_some)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass  # the peer is gone: nothing left to protect
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _linger_tls(stream: trio.SSLStream[trio.abc.Stream]) -> None:
+    """close_notify, then FIN, then discard: through a second descriptor of the socket.
+
+    ``SSLStream.aclose`` sends close_notify and closes its transport at once;
+    the duplicate keeps the connection itself open (the kernel closes it with
+    the last descriptor) so that we can half-close it and read what follows.
+    """
+    sock = socket_of(stream)
+    if sock is None:
+        await stream.aclose()
+        return
+    spare = sock.dup()
+    try:
+        await stream.aclose()
+        spare.shutdown(socket.SHUT_WR)
+        await _discard(spare.recv)
+    finally:
+        spare.close()
+
+
+async def _discard(receive: Callable[[int], Awaitable[bytes | bytearray]]) -> None:
+    """Read and drop input until EOF or LINGER_BYTES."""
+    total = 0
+    while total < LINGER_BYTES:
+        data = await receive(READ_SIZE)
+        if not data:
+            return
+        total += len(data)
 
 
 class _Phase(enum.Enum):
@@ -167,7 +230,6 @@ class Connection:
         self._output_drained: trio.Event | None = None  # made only when a stream waits
         self._reader_wakeup = Wakeup()  # the reader sleeps on it while paused
         self._in_flight = 0  # bytes handed to send_all and not yet sent
-        self._linger = False  # unread request data may follow: drain before closing
         self._reader_done = False
         self._read_scope: trio.CancelScope | None = None  # the reader's current wait
         self._head_started: float | None = None  # when the current partial request head began
@@ -207,26 +269,8 @@ class Connection:
         return self._phase is _Phase.OPEN
 
     async def _close_politely(self) -> None:
-        """Let the peer see our last bytes before the socket goes away.
-
-        Closing with unread input in the kernel buffer makes it send RST, which
-        can destroy a response the client has not read yet (e.g. a 413 sent
-        before the body arrived). So: half-close, and discard input for a
-        moment, as nginx's lingering_close does.
-        """
-        with trio.move_on_after(CLOSE_TIMEOUT):
-            if (
-                self._linger
-                and self._reader_done
-                and isinstance(self.stream, trio.abc.HalfCloseableStream)
-            ):
-                try:
-                    await self.stream.send_eof()
-                    while await self.stream.receive_some(READ_SIZE):
-                        pass
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-            await self.stream.aclose()
+        """We close first: let the peer see our last bytes (a lingering close)."""
+        await linger_close(self.stream)
 
     # ---- reader ---------------------------------------------------------------
 
@@ -235,12 +279,20 @@ class Connection:
             await self._read_loop()
         finally:
             self._reader_done = True
+            self._wake_sender()  # it may be waiting for us to stop (_stop_reader)
+
+    async def _stop_reader(self) -> None:
+        """Stop the reader and wait until it has: a lingering close reads the socket too."""
+        while not self._reader_done:
+            if self._read_scope is not None:
+                self._read_scope.cancel()
+            await self._output_wanted.wait()
 
     async def _read_loop(self) -> None:
         # One cancel scope for many reads: its deadline is moved as the
         # connection turns busy or idle (_update_idle_deadline), which is much
         # cheaper than a new scope per read.
-        while self._reading:
+        while True:
             with trio.CancelScope(deadline=self._idle_deadline()) as idle:
                 self._read_scope = idle
                 try:
@@ -254,6 +306,8 @@ class Connection:
                     return
                 finally:
                     self._read_scope = None
+            if not self._reading:
+                return  # cancelled by _stop_reader, or the input ended meanwhile
             if idle.cancelled_caught and self._idle_expired():
                 return
 
@@ -423,7 +477,6 @@ class Connection:
     def _bad_request(self, event: BadRequest) -> None:
         client = self.info.client_addr or "unix socket"
         LOGGER.info("%d %s from %s", event.status, event.reason, client)
-        self._linger = True
         if event.stream_id is not None:
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -540,8 +593,6 @@ class Connection:
         if stream.body_buffered and self.multiplexed:
             # Unread body: give the connection-level credit back.
             self.proto.acknowledge_body(stream.stream_id, stream.body_buffered)
-        if not stream.body.ended:
-            self._linger = True
         if ctx.access_log is not None:
             ctx.access_log(stream)
         self._start_next_request()
@@ -597,6 +648,7 @@ class Connection:
                 # Our last words (GOAWAY) are out. Close the socket now rather
                 # than when the cancelled apps' threads return, which can take
                 # until their next read or write.
+                await self._stop_reader()
                 await self._close_politely()
                 return
             if self.proto.closing and not self.streams and not self.proto.has_queued_streams:

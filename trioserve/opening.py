@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .connection import READ_SIZE, Connection
+from .connection import READ_SIZE, Connection, socket_of
 from .context import SHUTDOWN_FIRST_BYTES_GRACE, ServerContext
 from .events import ServerProtocol
 from .http2 import PREFACE
@@ -32,18 +32,10 @@ from .wsgi import ConnectionInfo
 LOGGER = logging.getLogger("trioserve.error")
 
 
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    while isinstance(stream, trio.SSLStream | PrefixedStream):
-        stream = stream.transport_stream
-    if isinstance(stream, trio.SocketStream):
-        return stream.socket
-    return None
-
-
 def connection_info(stream: trio.abc.Stream, ctx: ServerContext) -> ConnectionInfo:
     """Addresses and scheme for the environ, read once from the socket."""
     scheme = "https" if ctx.ssl_context is not None else "http"
-    sock = _socket_of(stream)
+    sock = socket_of(stream)
     forwarding = ctx.forwarding
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         default_port = "443" if scheme == "https" else "80"
@@ -185,9 +177,10 @@ async def _handshake(opening: _Opening, ctx: ServerContext) -> bool:
             assert isinstance(opening.stream, trio.SocketStream)
             opening.stream = PrefixedStream(opening.stream, rest)
     if ctx.ssl_context is not None:
-        tls_stream = trio.SSLStream(
-            opening.stream, ctx.ssl_context, server_side=True, https_compatible=True
-        )
+        # Standard-compliant TLS (https_compatible=False): our close sends
+        # close_notify (a lingering close's "we are done"); a client that drops
+        # the TCP connection without one just reads as a lost connection.
+        tls_stream = trio.SSLStream(opening.stream, ctx.ssl_context, server_side=True)
         opening.stream = tls_stream
         with trio.fail_after(config.tls_handshake_timeout):
             await tls_stream.do_handshake()

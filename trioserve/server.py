@@ -53,6 +53,7 @@ class Server:
         sockets = [listener.socket for listener in listeners]
         self._addresses = [format_sockname(sock) for sock in sockets]
         self._ports = [_port_of(sock) for sock in sockets]
+        self._context: ServerContext | None = None  # set by serve_wsgi
         self._stop_requested = trio.Event()
         self._stopped = trio.Event()
         self._graceful_timeout = config.graceful_timeout
@@ -78,6 +79,16 @@ class Server:
             if not address.startswith("unix:"):
                 return f"{scheme}://{address}"
         raise RuntimeError("this server has no TCP listener")
+
+    @property
+    def open_connections(self) -> int:
+        """Connections accepted and not yet closed (lingering ones included)."""
+        return self._context.open_connections if self._context is not None else 0
+
+    async def wait_connections_changed(self) -> None:
+        """Block until a connection closes (see :attr:`open_connections`)."""
+        if self._context is not None:
+            await self._context.wait_connections_changed()
 
     def _max_requests_reached(self) -> None:
         LOGGER.info("Served max-requests (%d): stopping gracefully", self.config.max_requests)
@@ -170,6 +181,7 @@ async def serve_wsgi(
             await trio.aclose_forcefully(listener)
         raise
     server = Server(config, bound)
+    server._context = ctx
     if config.max_requests:
         # Jitter keeps the workers of one supervisor from all restarting at once.
         ctx.max_requests = config.max_requests + random.randint(0, config.max_requests_jitter)
