@@ -26,7 +26,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import h11
 import hpack
 import hypothesis
 import pytest
@@ -46,6 +45,7 @@ from trioserve.events import (
     BodyReceived,
     ConnectionClosed,
     Event,
+    InvalidResponse,
     RequestReceived,
     StreamReset,
     UpgradeToH2,
@@ -96,7 +96,18 @@ HEADERS = [
     b"Bad Name: 1",
     b"X-Long: " + b"v" * 2000,
 ]
-BODIES = [b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"0\r\n\r\n", b"ff\r\nx\r\n", b"x" * 100]
+BODIES = [
+    b"",
+    b"hello",
+    b"5\r\nhello\r\n0\r\n\r\n",
+    b"0\r\n\r\n",
+    b"ff\r\nx\r\n",
+    b"x" * 100,
+    b'5;a=b;c="d e"\r\nhello\r\n0\r\nT: v\r\n\r\n',
+    b"ffffffffffffffffff\r\nx\r\n0\r\n\r\n",
+    b"0000000000000000005\r\nhello\r\n0\r\n\r\n",
+    b"5\r\nhello\r\n0\r\nT: v\n\n",
+]
 EOLS = [b"\r\n", b"\n", b"\r"]
 COMMON_METHODS = [b"GET", b"POST", b"PUT", b"OPTIONS"]
 COMMON_HEADERS = [
@@ -401,9 +412,10 @@ class Driver:
                 if how == 5:
                     return  # more body later
             proto.end_stream(sid)
-        except h11.LocalProtocolError:
-            # Documented for send_*: the response broke HTTP/1.1 framing (e.g. 200
-            # to CONNECT switched protocols). stream.py aborts: reset the stream.
+        except InvalidResponse:
+            # Documented for send_*: the response broke its own framing. These
+            # responses keep theirs, but should a layer refuse one anyway, the
+            # driver does what stream.py does: reset the stream.
             proto.reset_stream(sid)
         self.done(sid)
 

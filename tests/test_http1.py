@@ -587,7 +587,31 @@ def test_content_length_over_max_body_size_is_refused_before_any_body() -> None:
     assert server.closing
 
 
-def test_chunked_body_over_max_body_size() -> None:
+CHUNKED_POST = b"POST / HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+CHUNKED_REQUEST = request_event(
+    method=b"POST",
+    headers=[(b"host", b"example.com"), (b"transfer-encoding", b"chunked")],
+    end_stream=False,
+)
+
+
+def test_chunked_body_over_max_body_size_is_refused_at_the_chunk_size() -> None:
+    server = HTTP1Connection(max_body_size=10)
+    assert feed(server, CHUNKED_POST) == [CHUNKED_REQUEST]
+    assert feed(server, b"6\r\naaaaaa\r\n") == [BodyReceived(1, b"aaaaaa")]
+    # The next size announces 6 bytes more than the 4 the limit still allows:
+    # refused before any of its data has come.
+    too_large = BadRequest(413, "chunk size beyond the request body limit", stream_id=1)
+    assert feed(server, b"6\r\n") == [too_large]
+    # The stream is live, so the driver answers it.
+    assert server.data_to_send() == b""
+    assert server.closing
+    server.send_error_response(1, 413)
+    assert server.data_to_send() == error_response(413, "")
+    assert feed(server, b"bbbbbb\r\n0\r\n\r\n" + get("/next")) == []
+
+
+def test_chunked_body_over_max_body_size_sent_with_its_head_never_reaches_the_app() -> None:
     server = HTTP1Connection(max_body_size=10)
     request = client_request(
         "POST",
@@ -595,22 +619,10 @@ def test_chunked_body_over_max_body_size() -> None:
         [("Host", "example.com"), ("Transfer-Encoding", "chunked")],
         [b"a" * 6, b"b" * 6, b"c" * 6],
     )
-    events = feed(server, request + get("/next"))
-    assert events == [
-        request_event(
-            method=b"POST",
-            headers=[(b"host", b"example.com"), (b"transfer-encoding", b"chunked")],
-            end_stream=False,
-        ),
-        BodyReceived(1, b"aaaaaa"),
-        BadRequest(413, "request body too large", stream_id=1),
-    ]
-    # The stream is live, so the driver answers it.
-    assert server.data_to_send() == b""
+    reason = "chunk size beyond the request body limit"
+    assert feed(server, request + get("/next")) == [BadRequest(413, reason)]
+    assert server.data_to_send() == error_response(413, reason)
     assert server.closing
-    server.send_error_response(1, 413)
-    assert server.data_to_send() == error_response(413, "")
-    assert feed(server) == []
 
 
 @pytest.mark.parametrize(
@@ -867,9 +879,9 @@ def test_send_error_response_keeps_a_healthy_connection(
 
 def test_send_error_response_after_a_protocol_error_closes() -> None:
     server = HTTP1Connection(max_body_size=4)
-    headers = [("Host", "example.com"), ("Transfer-Encoding", "chunked")]
-    events = feed(server, client_request("POST", "/", headers, [b"12345"]) + get("/next"))
-    assert events[-1] == BadRequest(413, "request body too large", stream_id=1)
+    assert feed(server, CHUNKED_POST) == [CHUNKED_REQUEST]
+    events = feed(server, b"5\r\n12345\r\n0\r\n\r\n" + get("/next"))
+    assert events == [BadRequest(413, "chunk size beyond the request body limit", stream_id=1)]
     server.send_error_response(1, 413, "too big")
     assert server.data_to_send() == error_response(413, "too big")
     assert server.closing

@@ -19,7 +19,7 @@ import pytest
 import trioserve
 
 PACKAGE = Path(trioserve.__file__).parent
-SANS_IO = ("events", "http1", "http2")
+SANS_IO = ("events", "http1", "http2", "responses", "chunked")
 
 
 def _is_trio(name: str) -> bool:

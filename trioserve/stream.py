@@ -33,10 +33,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import h11
 import trio
 
-from .events import FileSegment, RequestReceived
+from .events import FileSegment, InvalidResponse, RequestReceived
 from .wsgi import AppResult, ResponseHead, StreamCancelled, call_app
 
 if TYPE_CHECKING:
@@ -259,7 +258,7 @@ class RequestStream:
                 if data:
                     proto.send_body(self.stream_id, data)
                     self.bytes_sent += len(data)
-        except h11.LocalProtocolError as exc:
+        except InvalidResponse as exc:
             # The app broke HTTP framing (e.g. more bytes than its Content-Length).
             self._abort(f"invalid response: {exc}")
             return
@@ -430,7 +429,7 @@ class RequestStream:
                         proto.send_file(self.stream_id, result.file)  # (HEAD: marked sent)
                         self.bytes_sent += result.file.length
             proto.end_stream(self.stream_id)
-        except h11.LocalProtocolError as exc:
+        except InvalidResponse as exc:
             self._abort(f"invalid response: {exc}")
             return
         self.response_ended = True
