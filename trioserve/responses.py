@@ -68,7 +68,8 @@ def declared_length(headers: Headers) -> int | None:
         lowered = name.lower()
         if lowered == b"content-length":
             if length is not None:
-                raise InvalidResponse("more than one Content-Length header")
+                shown = f"{length.decode('latin-1')!r} and {value.decode('latin-1')!r}"
+                raise InvalidResponse(f"more than one Content-Length header: {shown}")
             length = value.strip(b" \t")
             if not _CONTENT_LENGTH.fullmatch(length):
                 shown = value.decode("latin-1")
