@@ -413,9 +413,8 @@ class Driver:
                     return  # more body later
             proto.end_stream(sid)
         except InvalidResponse:
-            # Documented for send_*: the response broke its own framing. These
-            # responses keep theirs, but should a layer refuse one anyway, the
-            # driver does what stream.py does: reset the stream.
+            # Documented for send_*: the response broke HTTP/1.1 framing (e.g. 200
+            # to CONNECT switched protocols). stream.py aborts: reset the stream.
             proto.reset_stream(sid)
         self.done(sid)
 

@@ -109,6 +109,12 @@ def test_sans_io_module_only_imports_sans_io_siblings(module: str) -> None:
     assert not others, f"trioserve/{module}.py imports {sorted(others)}"
 
 
+def test_the_protocols_do_not_import_each_other() -> None:
+    for module, other in (("http1", "http2"), ("http2", "http1")):
+        source = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
+        assert other not in trioserve_modules(source), f"{module}.py imports {other}.py"
+
+
 def test_public_api() -> None:
     assert trioserve.__all__ == ["Config", "ConfigError", "Server", "serve_wsgi"]
     for name in trioserve.__all__:

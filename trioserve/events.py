@@ -22,6 +22,17 @@ from dataclasses import dataclass
 Headers = list[tuple[bytes, bytes]]
 
 
+class InvalidResponse(ValueError):
+    """The application's response breaks its own framing or the rules for a response head.
+
+    Raised by ``start_response`` for a head that must never go out (the app
+    thread turns it into a 500), and by the protocol layers' ``send_*``
+    methods for what only they can count (more body than the Content-Length
+    announced, or less by the end); the caller then resets the stream (HTTP/1.1:
+    closes the connection). The message says what is wrong, in words.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class RequestReceived:
     """A request's head has arrived; its body (if any) follows as events.
@@ -113,17 +124,6 @@ class ConnectionClosed:
 
     abort: bool = False
     error_code: int = 0
-
-
-class InvalidResponse(ValueError):
-    """The application's response breaks its own framing or the rules for a response head.
-
-    Raised by ``start_response`` for a head that must never go out (the app
-    thread turns it into a 500), and by the protocol layers' ``send_*``
-    methods for what only they can count (more body than the Content-Length
-    announced, or less by the end); the caller then resets the stream (HTTP/1.1:
-    closes the connection). The message says what is wrong, in words.
-    """
 
 
 Event = (

@@ -289,6 +289,7 @@ class HTTP1Connection:
                     return False
                 return True
             self._body_received += len(data)
+            # A backstop: the chunked scan refuses a size over the limit before its data.
             if self._max_body_size and self._body_received > self._max_body_size:
                 events.append(self._reject(413, "request body too large"))
                 return False
