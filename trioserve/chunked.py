@@ -10,11 +10,13 @@ beside it, to see what the parser does not show or does not check:
 * h11 does not expose a chunk's size before its data has arrived.
 
 So the scan refuses, before the parser acts on them: a chunk size that is not
-1 to 16 hex digits (400); a size that does not fit in what the body limit
-still allows (413), as soon as its digits show it; a malformed chunk extension,
+1 to 16 hex digits (400, at the seventeenth digit); a size that does not fit
+in what the body limit still allows (413, at the byte after its digits, before
+any of its data); a malformed chunk extension,
 a bare CR or LF, chunk data not followed by CRLF, and a trailer field with a
-control character or obs-fold (400, as in the request head). It keeps no body
-data: at most one line (bounded) and a few counters.
+control character or obs-fold (400, as in the request head). Whether a body
+is refused, and with which status, never depends on how its bytes were cut
+into reads. It keeps no body data: at most one line (bounded) and a few counters.
 
 It depends on no parser. :class:`ChunkedScan` is fed every byte that follows
 a chunked request's head, in order, whatever parser reads them (h11 today, a
@@ -143,45 +145,61 @@ class ChunkedScan:
 
     # ---- internals ---------------------------------------------------------
 
+    # A refusal's status must not depend on how the bytes were cut into reads, so a
+    # whole line is checked in the order an unfinished one is: first what the bytes
+    # so far already show (size, lengths), then what only the line's end can.
+
     def _check_partial_line(self) -> Refusal | None:
         """What an unfinished line already shows. More bytes can only make these worse:
         a size of too many digits or too large, a line or trailer section too long."""
         line = self._line
         if self._stage is _Stage.TRAILERS:
-            if self._left + len(line) > self._max_trailers:
-                return Refusal(431, "trailer section too large")
-            return None
-        refusal = self._check_size(line, _hex_digits(line))
-        if refusal is None and len(line) > MAX_CHUNK_LINE:
-            refusal = Refusal(400, "chunk extension too long")
-        return refusal
+            return self._check_trailer_size(line)
+        return self._check_size(line, ended=False) or self._check_line_length(line)
 
-    def _check_size(self, line: bytes, digits: int) -> Refusal | None:
+    def _check_size(self, line: bytes, *, ended: bool = True) -> Refusal | None:
+        """Too many digits: 400 at the seventeenth. Too large for the limit: 413, once
+        the digits are complete (``ended``, or a byte after them), so that a size of
+        too many digits is always a 400, however its bytes were cut into reads."""
+        digits = _hex_digits(line)
         if digits > MAX_SIZE_DIGITS:
             return Refusal(400, "chunk size of more than 16 hex digits")
+        complete = ended or digits < len(line)
         limit = self._max_body
-        if digits and limit and self._announced + int(line[:digits], 16) > limit:
+        if complete and digits and limit and self._announced + int(line[:digits], 16) > limit:
             return Refusal(413, "chunk size beyond the request body limit")
+        return None
+
+    def _check_line_length(self, line: bytes) -> Refusal | None:
+        if len(line) > MAX_CHUNK_LINE:
+            return Refusal(400, "chunk extension too long")
+        return None
+
+    def _check_trailer_size(self, line: bytes) -> Refusal | None:
+        if self._left + len(line) > self._max_trailers:
+            return Refusal(431, "trailer section too large")
         return None
 
     def _end_of_line(self, line: bytes) -> Refusal | None:
         """A whole line, LF included."""
-        if line[-2:] != b"\r\n" or b"\r" in line[:-2]:
-            return Refusal(400, "bare CR or LF in the chunked body framing")
-        line = line[:-2]
+        ended = line[-2:] == b"\r\n"
+        text = line[:-2] if ended else line[:-1]
         if self._stage is _Stage.TRAILERS:
-            return self._trailer_line(line)
-        digits = _hex_digits(line)
-        refusal = self._check_size(line, digits)
+            refusal = self._check_trailer_size(line)
+        else:
+            refusal = self._check_size(text) or self._check_line_length(text)
         if refusal is not None:
             return refusal
+        if not ended or b"\r" in text:
+            return Refusal(400, "bare CR or LF in the chunked body framing")
+        if self._stage is _Stage.TRAILERS:
+            return self._trailer_line(text)
+        digits = _hex_digits(text)
         if not digits:
             return Refusal(400, "chunk size missing or not hex digits")
-        if len(line) > MAX_CHUNK_LINE:
-            return Refusal(400, "chunk extension too long")
-        if not _EXTENSIONS.fullmatch(line, digits):
+        if not _EXTENSIONS.fullmatch(text, digits):
             return Refusal(400, "malformed chunk size line")
-        chunk = int(line[:digits], 16)
+        chunk = int(text[:digits], 16)
         self._announced += chunk
         if chunk:
             self._stage = _Stage.DATA
@@ -196,8 +214,6 @@ class ChunkedScan:
             self._stage = _Stage.DONE
             return None
         self._left += len(line) + 2
-        if self._left > self._max_trailers:
-            return Refusal(431, "trailer section too large")
         if line[:1] in (b" ", b"\t"):
             return Refusal(400, "obsolete line folding in the trailer section")
         if _FIELD_CONTROL.search(line):
