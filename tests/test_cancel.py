@@ -862,8 +862,13 @@ async def test_clean_client_goaway_lets_streams_in_flight_finish(
     probe = AppProbe(w.app)
     big_size = 20000
     threads = 2  # the upload's app and the holder's: ``queued`` waits for a thread
+    # body_prebuffer=0: the upload's app must start (and hold its thread) while its
+    # body is still coming, even with half the threads busy.
     with trio.fail_after(TIMEOUT):
-        async with open_test_client(probe, http2=True, threads=threads) as client, w.releasing():
+        async with (
+            open_test_client(probe, http2=True, threads=threads, body_prebuffer=0) as client,
+            w.releasing(),
+        ):
             big = await client.open_stream("GET", f"/body/big?size={big_size}")
             upload = await client.open_stream("POST", "/echo/up", end=False)
             await upload.send(pattern("up", 10000))

@@ -270,6 +270,17 @@ BAD_REQUESTS = [
         400,
         id="conflicting-content-lengths",
     ),
+    pytest.param(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n",
+        400,
+        id="chunk-size-over-16-hex-digits",
+    ),
+    pytest.param(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3e9\r\n",
+        413,
+        id="chunk-size-over-the-body-limit",
+    ),
+    pytest.param(b"INVALID CONNECTION PREFACE\r\n\r\n", 400, id="not-http"),
 ]
 
 
@@ -291,6 +302,14 @@ async def test_bad_requests_get_the_right_status_and_close(
     lines = [r for r in caplog.records if r.name.startswith("trioserve")]
     assert len(lines) == 1
     assert lines[0].getMessage().startswith(str(status))
+    # The body and the log line say what was wrong in words: no reprs of the bytes.
+    body = data.partition(b"\r\n\r\n")[2].decode()
+    reason = lines[0].getMessage().removeprefix(f"{status} ").rpartition(" from ")[0]
+    assert body.endswith(f": {reason}\n"), (body, lines[0].getMessage())
+    for text in (body, lines[0].getMessage()):
+        assert "bytearray" not in text
+        assert "b'" not in text
+        assert 'b"' not in text
 
 
 async def test_request_line_too_long_before_its_end_arrives() -> None:
@@ -323,6 +342,39 @@ async def test_chunked_body_over_the_limit_is_413_and_the_app_is_cancelled() -> 
     assert data.startswith(b"HTTP/1.1 413 ")
     assert record.cancelled
     assert len(record.body_read) <= 1000
+
+
+@pytest.mark.parametrize(
+    ("size", "status"),
+    [(b"ffffffffffffffffff", 400), (b"10000000000000005", 400), (b"fffffffff", 413)],
+    ids=["18-digits", "2^64+5", "64-GiB"],
+)
+async def test_chunk_size_refused_while_the_app_reads_comes_at_once(
+    size: bytes, status: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A chunk size h11 would accept is refused as soon as it arrives: the app's
+    read is cancelled and the client gets 400/413 and a close, not a wait for
+    data that may never come (the autojump clock would turn such a wait into
+    the body timeout's 408)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        while environ["wsgi.input"].read(100):
+            pass
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"read it all"]
+
+    probe = AppProbe(validator(app))
+    async with open_test_client(probe) as client:  # default body limit: 1 GiB
+        await client.stream.send_all(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        await probe.wait_started()
+        await client.stream.send_all(size + b"\r\n")  # no data follows
+        data = await read_until_closed(client)
+        record = await probe.wait_finished()
+    assert data.startswith(b"HTTP/1.1 %d " % status), data[:80]
+    assert b"connection: close" in data.lower()
+    assert record.cancelled
 
 
 async def test_one_bad_connection_does_not_hurt_another() -> None:

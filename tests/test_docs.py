@@ -47,6 +47,7 @@ from typing import Any
 import pytest
 import trio
 
+import trioserve.chunked
 import trioserve.connection
 import trioserve.http1
 import trioserve.http2
@@ -61,6 +62,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 # Modules whose constants the security tables may name.
 CONSTANT_MODULES: tuple[ModuleType, ...] = (
+    trioserve.chunked,
     trioserve.http1,
     trioserve.http2,
     trioserve.connection,

@@ -96,7 +96,18 @@ HEADERS = [
     b"Bad Name: 1",
     b"X-Long: " + b"v" * 2000,
 ]
-BODIES = [b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"0\r\n\r\n", b"ff\r\nx\r\n", b"x" * 100]
+BODIES = [
+    b"",
+    b"hello",
+    b"5\r\nhello\r\n0\r\n\r\n",
+    b"0\r\n\r\n",
+    b"ff\r\nx\r\n",
+    b"x" * 100,
+    b'5;a=b;c="d e"\r\nhello\r\n0\r\nT: v\r\n\r\n',
+    b"ffffffffffffffffff\r\nx\r\n0\r\n\r\n",
+    b"0000000000000000005\r\nhello\r\n0\r\n\r\n",
+    b"5\r\nhello\r\n0\r\nT: v\n\n",
+]
 EOLS = [b"\r\n", b"\n", b"\r"]
 COMMON_METHODS = [b"GET", b"POST", b"PUT", b"OPTIONS"]
 COMMON_HEADERS = [

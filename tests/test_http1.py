@@ -21,11 +21,13 @@ from trioserve.events import (
     BodyEnded,
     BodyReceived,
     ConnectionClosed,
+    FileSegment,
+    InvalidResponse,
     RequestReceived,
     StreamReset,
     UpgradeToH2,
 )
-from trioserve.http1 import MAX_DRAIN, MAX_UPGRADE_BODY, HTTP1Connection
+from trioserve.http1 import MAX_DRAIN, MAX_UPGRADE_BODY, HTTP1Connection, describe
 
 OK_EMPTY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
@@ -465,15 +467,21 @@ def test_large_unread_body_closes_the_connection() -> None:
 LONG = b"a" * 200
 
 BAD_REQUESTS = [
-    # id, HTTP1Connection kwargs, bytes, status, our reason (None: h11's message)
-    ("malformed-request-line", {}, b"GARBAGE\r\n\r\n", 400, None),
-    ("bad-header-line", {}, b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400, None),
+    # id, HTTP1Connection kwargs, bytes, status, reason
+    ("malformed-request-line", {}, b"GARBAGE\r\n\r\n", 400, "malformed request line"),
+    (
+        "bad-header-line",
+        {},
+        b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        400,
+        "malformed header line",
+    ),
     (
         "header-block-too-large",
         {"max_header_size": 1024},
         b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 2000,
         431,
-        None,
+        "request header fields too large",
     ),
     (
         "request-line-too-long-no-newline-yet",
@@ -515,7 +523,7 @@ BAD_REQUESTS = [
         {},
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
         501,
-        None,
+        "unsupported Transfer-Encoding",
     ),
 ]
 
@@ -525,7 +533,7 @@ BAD_REQUESTS = [
     [pytest.param(*case[1:], id=case[0]) for case in BAD_REQUESTS],
 )
 def test_bad_request_is_answered_by_the_layer(
-    kwargs: dict[str, int], data: bytes, status: int, reason: str | None
+    kwargs: dict[str, int], data: bytes, status: int, reason: str
 ) -> None:
     server = HTTP1Connection(**kwargs)
     events = feed(server, data)
@@ -534,12 +542,59 @@ def test_bad_request_is_answered_by_the_layer(
     assert isinstance(event, BadRequest)
     assert event.status == status
     assert event.stream_id is None  # answered here: the driver only logs it
-    if reason is not None:
-        assert event.reason == reason
-    assert server.data_to_send() == error_response(status, event.reason)
+    assert event.reason == reason
+    assert server.data_to_send() == error_response(status, reason)
     assert server.closing
     assert feed(server) == []
     assert server.data_to_send() == b""
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "reason"),
+    [
+        (b"INVALID CONNECTION PREFACE\r\n\r\n", 400, "malformed request line"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, "malformed request line"),
+        (b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n", 400, "malformed request line"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n", 400, "malformed header line"),
+        (b"GET / HTTP/1.1\r\n\r\n", 400, "missing Host header"),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: five\r\n\r\n",
+            400,
+            "invalid Content-Length",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            501,
+            "more than one Transfer-Encoding header",
+        ),
+    ],
+    ids=[
+        "text-instead-of-http",
+        "tls-on-cleartext",
+        "space-in-target",
+        "space-in-header-name",
+        "no-host",
+        "content-length-not-digits",
+        "two-transfer-encodings",
+    ],
+)
+def test_errors_h11_finds_are_told_in_words(data: bytes, status: int, reason: str) -> None:
+    """Error bodies and BadRequest reasons say what was wrong, never quoting the
+    offending bytes as a Python repr (h11's messages do: ``bytearray(b'...')``)."""
+    server = HTTP1Connection()
+    assert feed(server, data) == [BadRequest(status, reason)]
+    response = server.data_to_send()
+    assert response == error_response(status, reason)
+    assert b"bytearray" not in response
+    assert b"b'" not in response
+
+
+def test_an_h11_message_trioserve_does_not_know_still_loses_its_repr() -> None:
+    assert describe(h11.RemoteProtocolError("new words: bytearray(b'x')")) == "new words"
+    assert describe(h11.RemoteProtocolError("illegal request line: b'x'")) == (
+        "malformed request line"
+    )
 
 
 def test_bad_request_response_parses_as_http() -> None:
@@ -587,7 +642,31 @@ def test_content_length_over_max_body_size_is_refused_before_any_body() -> None:
     assert server.closing
 
 
-def test_chunked_body_over_max_body_size() -> None:
+CHUNKED_POST = b"POST / HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+CHUNKED_REQUEST = request_event(
+    method=b"POST",
+    headers=[(b"host", b"example.com"), (b"transfer-encoding", b"chunked")],
+    end_stream=False,
+)
+
+
+def test_chunked_body_over_max_body_size_is_refused_at_the_chunk_size() -> None:
+    server = HTTP1Connection(max_body_size=10)
+    assert feed(server, CHUNKED_POST) == [CHUNKED_REQUEST]
+    assert feed(server, b"6\r\naaaaaa\r\n") == [BodyReceived(1, b"aaaaaa")]
+    # The next size announces 6 bytes more than the 4 the limit still allows:
+    # refused before any of its data has come.
+    too_large = BadRequest(413, "chunk size beyond the request body limit", stream_id=1)
+    assert feed(server, b"6\r\n") == [too_large]
+    # The stream is live, so the driver answers it.
+    assert server.data_to_send() == b""
+    assert server.closing
+    server.send_error_response(1, 413)
+    assert server.data_to_send() == error_response(413, "")
+    assert feed(server, b"bbbbbb\r\n0\r\n\r\n" + get("/next")) == []
+
+
+def test_chunked_body_over_max_body_size_sent_with_its_head_never_reaches_the_app() -> None:
     server = HTTP1Connection(max_body_size=10)
     request = client_request(
         "POST",
@@ -595,22 +674,81 @@ def test_chunked_body_over_max_body_size() -> None:
         [("Host", "example.com"), ("Transfer-Encoding", "chunked")],
         [b"a" * 6, b"b" * 6, b"c" * 6],
     )
-    events = feed(server, request + get("/next"))
-    assert events == [
-        request_event(
-            method=b"POST",
-            headers=[(b"host", b"example.com"), (b"transfer-encoding", b"chunked")],
-            end_stream=False,
-        ),
-        BodyReceived(1, b"aaaaaa"),
-        BadRequest(413, "request body too large", stream_id=1),
-    ]
-    # The stream is live, so the driver answers it.
-    assert server.data_to_send() == b""
+    reason = "chunk size beyond the request body limit"
+    assert feed(server, request + get("/next")) == [BadRequest(413, reason)]
+    assert server.data_to_send() == error_response(413, reason)
     assert server.closing
-    server.send_error_response(1, 413)
-    assert server.data_to_send() == error_response(413, "")
-    assert feed(server) == []
+
+
+CHUNK_SIZE_REFUSALS = [
+    pytest.param(
+        b"ffffffffffffffffff", 400, "chunk size of more than 16 hex digits", id="18-digits"
+    ),
+    pytest.param(b"10000000000000005", 400, "chunk size of more than 16 hex digits", id="2^64+5"),
+    pytest.param(b"fffffffff", 413, "chunk size beyond the request body limit", id="64-GiB"),
+]
+
+
+@pytest.mark.parametrize(("size", "status", "reason"), CHUNK_SIZE_REFUSALS)
+def test_chunk_size_that_came_with_the_head_is_refused_before_the_app(
+    size: bytes, status: int, reason: str
+) -> None:
+    """h11 would accept these sizes (up to 20 hex digits) and wait for the data; the
+    refusal comes at once, with no data sent after the size line."""
+    server = HTTP1Connection(max_body_size=1024**3)
+    assert feed(server, CHUNKED_POST + size + b"\r\n") == [BadRequest(status, reason)]
+    assert server.data_to_send() == error_response(status, reason)
+    assert server.closing
+    assert feed(server, b"x" * 10 + b"\r\n0\r\n\r\n" + get("/next")) == []
+
+
+@pytest.mark.parametrize(("size", "status", "reason"), CHUNK_SIZE_REFUSALS)
+def test_chunk_size_refused_mid_body_is_reported_on_the_live_stream(
+    size: bytes, status: int, reason: str
+) -> None:
+    server = HTTP1Connection(max_body_size=1024**3)
+    assert feed(server, CHUNKED_POST + b"5\r\nhello\r\n") == [
+        CHUNKED_REQUEST,
+        BodyReceived(1, b"hello"),
+    ]
+    # Before the size line's LF: its digits are complete at the CR.
+    assert feed(server, size + b"\r") == [BadRequest(status, reason, stream_id=1)]
+    assert server.closing
+    server.send_error_response(1, status, close=True)  # what the driver does
+    assert server.data_to_send() == error_response(status, "")
+    assert feed(server, b"\n" + get("/next")) == []
+
+
+def test_sixteen_hex_digit_chunk_size_is_allowed_without_a_body_limit() -> None:
+    server = HTTP1Connection(max_body_size=0)
+    assert feed(server, CHUNKED_POST + b"ffffffffffffffff\r\nhello") == [
+        CHUNKED_REQUEST,
+        BodyReceived(1, b"hello"),
+    ]
+    assert not server.closing
+
+
+def test_chunked_body_with_trailers_then_a_pipelined_request() -> None:
+    """The scan stops where the body ends: the next request is parsed as its own."""
+    server = HTTP1Connection(max_body_size=10)
+    body = b"5;ext=1\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n"
+    assert feed(server, CHUNKED_POST + body + get("/next")) == [
+        CHUNKED_REQUEST,
+        BodyReceived(1, b"hello"),
+        BodyEnded(1),
+    ]
+    assert respond(server, 1) == OK_EMPTY
+    assert feed(server) == [request_event(2, target=b"/next"), BodyEnded(2)]
+
+
+def test_bad_chunk_size_in_a_body_being_drained_closes_the_connection() -> None:
+    server = HTTP1Connection()
+    assert feed(server, CHUNKED_POST + b"5\r\nhello\r\n")[0] == CHUNKED_REQUEST
+    assert respond(server, 1) == OK_EMPTY  # answered without reading the body: drained
+    reason = "chunk size of more than 16 hex digits"
+    assert feed(server, b"ffffffffffffffffff\r\n") == [BadRequest(400, reason)]
+    assert server.data_to_send() == b""  # the response went out already: only close
+    assert server.closing
 
 
 @pytest.mark.parametrize(
@@ -837,6 +975,129 @@ def test_h2c_upgrade_with_a_large_body_is_served_over_http11() -> None:
     assert not server.closing
 
 
+# ---- responses held to their own framing (trioserve.responses) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        (101, b"Switching Protocols"),
+        (100, b"Continue"),
+        (99, b""),
+        (600, b""),
+        (200, b"OK\r\nX-Injected: 1"),
+        (200, b"OK\nX-Injected: 1"),
+        (200, b"OK\x00"),
+    ],
+    ids=["101", "100", "99", "600", "crlf-in-reason", "lf-in-reason", "nul-in-reason"],
+)
+def test_response_status_that_breaks_the_rules_queues_nothing(status: int, reason: bytes) -> None:
+    server = HTTP1Connection()
+    feed(server, get("/") + get("/next"))
+    with pytest.raises(InvalidResponse):
+        server.send_response(1, status, [(b"Content-Length", b"0")], reason=reason)
+    assert server.data_to_send() == b""
+    server.reset_stream(1)  # what stream.py does with an InvalidResponse
+    assert server.closing
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"Content-Length", b"5"), (b"Content-Length", b"6")],
+        [(b"Content-Length", b"5"), (b"Content-Length", b"5")],
+        [(b"Content-Length", b"5, 5")],
+        [(b"Content-Length", b"5"), (b"Transfer-Encoding", b"chunked")],
+        [(b"Transfer-Encoding", b"gzip")],
+    ],
+    ids=["two-lengths", "same-length-twice", "list", "length-and-chunked", "gzip"],
+)
+def test_response_framing_headers_that_break_the_rules_queue_nothing(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    server = HTTP1Connection()
+    feed(server, get("/"))
+    with pytest.raises(InvalidResponse):
+        server.send_response(1, 200, headers)
+    assert server.data_to_send() == b""
+
+
+def test_body_past_its_content_length_is_not_queued() -> None:
+    server = HTTP1Connection()
+    feed(server, get("/") + get("/next"))
+    server.send_response(1, 200, [(b"Content-Length", b"5")])
+    server.send_body(1, b"hel")
+    with pytest.raises(InvalidResponse, match="longer than its Content-Length of 5"):
+        server.send_body(1, b"lo, world")
+    server.reset_stream(1)
+    # Nothing of the chunk that would pass the length; then the connection closes.
+    assert server.data_to_send() == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel"
+    assert server.closing
+    assert feed(server) == []
+
+
+def test_file_past_its_content_length_is_not_queued() -> None:
+    server = HTTP1Connection()
+    feed(server, get("/"))
+    server.send_response(1, 200, [(b"Content-Length", b"5")])
+    segment = FileSegment(fd=-1, offset=0, length=6)  # never opened: refused by its length
+    with pytest.raises(InvalidResponse, match="longer than its Content-Length of 5"):
+        server.send_file(1, segment)
+    assert server.data_to_send() == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    assert server.file_to_send() is None
+
+
+def test_body_short_of_its_content_length_never_ends_cleanly() -> None:
+    server = HTTP1Connection()
+    feed(server, get("/") + get("/next"))
+    server.send_response(1, 200, [(b"Content-Length", b"100")])
+    server.send_body(1, b"12345")
+    with pytest.raises(InvalidResponse, match="ended after 5 of the 100 bytes"):
+        server.end_stream(1)
+    server.reset_stream(1)
+    data = server.data_to_send()
+    assert data == b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n12345"
+    # A real client sees a response that has not ended; the connection then closes.
+    events = parse_response(data)
+    assert [type(event) for event in events] == [h11.Response, h11.Data]
+    assert server.closing
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "head"),
+    [
+        (204, [], b"HTTP/1.1 204 No Content\r\n\r\n"),
+        (
+            304,
+            [(b"Content-Length", b"5")],
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+        ),
+    ],
+)
+def test_no_body_statuses_drop_body_bytes_and_keep_the_connection(
+    status: int, headers: list[tuple[bytes, bytes]], head: bytes
+) -> None:
+    """As for HEAD: no body bytes go out, none are counted against a Content-Length
+    (a 304's describes the full representation), and the connection is reused."""
+    server = HTTP1Connection()
+    feed(server, get("/"))
+    server.send_response(1, status, headers)
+    server.send_body(1, b"hello")
+    server.end_stream(1)
+    assert server.data_to_send() == head
+    assert not server.closing
+    assert feed(server, get("/next")) == [request_event(2, target=b"/next"), BodyEnded(2)]
+
+
+def test_head_response_may_declare_the_length_a_get_would_have_had() -> None:
+    server = HTTP1Connection()
+    feed(server, client_request("HEAD", "/"))
+    server.send_response(1, 200, [(b"Content-Length", b"1000")])
+    server.end_stream(1)  # no body at all: not short, since HEAD has none
+    assert server.data_to_send() == b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+    assert not server.closing
+
+
 # ---- responses the driver asks for -----------------------------------------------------
 
 
@@ -867,9 +1128,9 @@ def test_send_error_response_keeps_a_healthy_connection(
 
 def test_send_error_response_after_a_protocol_error_closes() -> None:
     server = HTTP1Connection(max_body_size=4)
-    headers = [("Host", "example.com"), ("Transfer-Encoding", "chunked")]
-    events = feed(server, client_request("POST", "/", headers, [b"12345"]) + get("/next"))
-    assert events[-1] == BadRequest(413, "request body too large", stream_id=1)
+    assert feed(server, CHUNKED_POST) == [CHUNKED_REQUEST]
+    events = feed(server, b"5\r\n12345\r\n0\r\n\r\n" + get("/next"))
+    assert events == [BadRequest(413, "chunk size beyond the request body limit", stream_id=1)]
     server.send_error_response(1, 413, "too big")
     assert server.data_to_send() == error_response(413, "too big")
     assert server.closing

@@ -34,13 +34,14 @@ from trioserve.events import (
     BodyEnded,
     BodyReceived,
     ConnectionClosed,
+    InvalidResponse,
     RequestReceived,
     ResetReason,
     StreamReset,
     WindowOpened,
 )
-from trioserve.http1 import error_body
 from trioserve.http2 import MAX_BATCH, MAX_WINDOW, PREFACE, HTTP2Connection
+from trioserve.responses import error_body
 
 Codes = h2.settings.SettingCodes
 Errors = h2.errors.ErrorCodes
@@ -444,14 +445,13 @@ def test_hop_by_hop_headers_are_dropped() -> None:
             (b"Proxy-Connection", b"keep-alive"),
             (b"TE", b"trailers"),  # request-only in HTTP/2
             (b"X-Kept", b"yes"),
-            (b"Content-Length", b"2"),
         ],
     )
     client_events, _ = pump(client, server)
     assert summary(client_events)[0] == (
         "response",
         1,
-        [(b":status", b"200"), (b"x-kept", b"yes"), (b"content-length", b"2")],
+        [(b":status", b"200"), (b"x-kept", b"yes")],
         False,
     )
 
@@ -601,6 +601,100 @@ def test_end_stream_later_sends_an_empty_data_frame() -> None:
     server.end_stream(1)
     sent = frames(server.data_to_send())
     assert [(type(f), f.data, "END_STREAM" in f.flags) for f in sent] == [(DataFrame, b"", True)]
+
+
+# ---- responses held to their own framing (trioserve.responses) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (101, []),
+        (103, []),
+        (99, []),
+        (600, []),
+        (200, [(b"content-length", b"5"), (b"content-length", b"6")]),
+        (200, [(b"content-length", b"5, 5")]),
+        (200, [(b"content-length", b"-1")]),
+    ],
+    ids=["101", "103", "99", "600", "two-lengths", "list", "negative"],
+)
+def test_response_head_that_breaks_the_rules_queues_nothing(
+    status: int, headers: list[tuple[bytes, bytes]]
+) -> None:
+    client, server = connect()
+    request(client, 1)
+    pump(client, server)
+    with pytest.raises(InvalidResponse):
+        server.send_response(1, status, headers)
+    assert server.data_to_send() == b""
+    server.reset_stream(1)  # what stream.py does (with its own code: INTERNAL_ERROR)
+    client_events, _ = pump(client, server)
+    assert [event[:2] for event in summary(client_events)] == [("reset", 1)]
+
+
+@pytest.mark.parametrize("queued_first", [False, True], ids=["framed-first", "all-queued"])
+def test_body_past_its_content_length_is_never_sent(queued_first: bool) -> None:
+    """content-length: 5, then 138 bytes: nothing past the fifth byte goes out, and
+    the stream is reset rather than ended (no END_STREAM reaches the client)."""
+    client, server = connect()
+    request(client, 1)
+    pump(client, server)
+    server.send_response(1, 200, [(b"content-length", b"5")])
+    server.send_body(1, b"abc")
+    client_events = [] if queued_first else pump(client, server)[0]
+    with pytest.raises(InvalidResponse, match="longer than its Content-Length of 5"):
+        server.send_body(1, b"d" * 135)
+    server.reset_stream(1)
+    client_events += pump(client, server)[0]
+    sent = b"".join(e.data for e in client_events if isinstance(e, h2.events.DataReceived))
+    assert sent == (b"" if queued_first else b"abc")  # a reset drops what is still queued
+    assert ("end", 1) not in summary(client_events)
+    assert summary(client_events)[-1][:2] == ("reset", 1)
+
+
+def test_body_short_of_its_content_length_never_ends_cleanly() -> None:
+    client, server = connect()
+    request(client, 1)
+    pump(client, server)
+    server.send_response(1, 200, [(b"content-length", b"100")])
+    server.send_body(1, b"12345")
+    with pytest.raises(InvalidResponse, match="ended after 5 of the 100 bytes"):
+        server.end_stream(1)
+    server.reset_stream(1)
+    client_events, _ = pump(client, server)
+    assert ("end", 1) not in summary(client_events)
+    assert summary(client_events)[-1][:2] == ("reset", 1)
+
+
+def test_exact_content_length_over_several_pieces_ends_cleanly() -> None:
+    client, server = connect()
+    request(client, 1)
+    pump(client, server)
+    server.send_response(1, 200, [(b"Content-Length", b"10")])
+    for piece in (b"01234", b"", b"567", b"89"):
+        server.send_body(1, piece)
+    server.end_stream(1)
+    client_events, _ = pump(client, server)
+    assert summary(client_events)[-2:] == [("data", 1, b"89"), ("end", 1)]
+
+
+def test_head_and_bodiless_statuses_count_no_body() -> None:
+    """A HEAD response (or 204/304) may declare the length a GET would have had."""
+    client, server = connect()
+    request(client, 1, [(b":method", b"HEAD"), *GET[1:]])
+    request(client, 3, GET)
+    pump(client, server)
+    server.send_response(1, 200, [(b"content-length", b"1000")])
+    server.end_stream(1)
+    server.send_response(3, 304, [(b"content-length", b"1000")])
+    server.send_body(3, b"x" * 2000)
+    server.end_stream(3)
+    client_events, _ = pump(client, server)
+    assert [e for e in summary(client_events) if e[0] in ("end", "reset", "data")] == [
+        ("end", 1),
+        ("end", 3),
+    ]
 
 
 # ---- resets ----------------------------------------------------------------------------
@@ -886,6 +980,7 @@ def test_protocol_error_closes_the_connection_with_goaway(make_bytes, code: int)
     assert isinstance(bad, BadRequest)
     assert (bad.status, bad.stream_id) == (400, None)
     assert bad.reason.startswith("HTTP/2 protocol error: ")
+    assert "b'" not in bad.reason  # h2 quotes the bytes as a repr; the log line does not
     assert closed == ConnectionClosed(abort=True, error_code=code)
     assert server.closing
     sent = frames(server.data_to_send())

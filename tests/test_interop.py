@@ -774,6 +774,266 @@ async def test_wrk_http1(serve: Serve) -> None:
     assert "Non-2xx or 3xx responses" not in output, output
 
 
+# ---- responses held to their own framing; chunk sizes; error bodies -----------------------
+
+
+def misbehaving(environ: Environ, start_response: Any) -> Iterable[bytes]:
+    """Answers each path with a response that breaks its own framing; others with "fine".
+
+    Deliberately not wrapped in validator(): these responses break PEP 3333 (a
+    status with CR LF in it, a body that contradicts its Content-Length), and
+    the validator would refuse them before trioserve's own checks are seen.
+    """
+    path = environ["PATH_INFO"]
+    if path == "/split":
+        start_response("200 OK\r\nX-Injected: 1", [("Content-Type", "text/plain")])
+        return [b"injected"]
+    if path == "/two-lengths":
+        start_response("200 OK", [("Content-Length", "5"), ("Content-Length", "6")])
+        return [b"12345"]
+    if path == "/101":
+        start_response("101 Switching Protocols", [])
+        return [b"data after a 101"]
+    if path == "/099":
+        start_response("099 Low", [])
+        return [b"x"]
+    if path == "/over":  # content-length 5, then 138 bytes
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        return (b"y" for _ in range(138))
+    if path == "/short":  # content-length 100, then 5 bytes and the end
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
+        return (chunk for chunk in [b"12345"])
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+    return [b"fine\n"]
+
+
+REFUSED_HEADS = ["/split", "/two-lengths", "/101", "/099"]
+INTERNAL_ERROR_500 = b"500 Internal Server Error\n"
+
+
+async def curl_transfers(
+    workdir: Path, flags: list[str], url: str, paths: list[str]
+) -> tuple[list[tuple[int, int, int, int]], list[bytes], str, str]:
+    """One curl run fetching ``paths`` in turn (reusing its connection when it can).
+
+    Returns per transfer (status, new connections made, bytes received, curl's
+    exit code), the bodies, the header dump and curl's stderr.
+    """
+    outputs = [workdir / f"transfer-{i}" for i in range(len(paths))]
+    head_file = workdir / "heads"
+    result = await run(
+        "curl",
+        "-sS",
+        "--max-time",
+        "30",
+        *flags,
+        "-D",
+        str(head_file),
+        "-w",
+        "%{http_code} %{num_connects} %{size_download} %{exitcode}\\n",
+        *[
+            arg
+            for out, path in zip(outputs, paths, strict=True)
+            for arg in ("-o", str(out), url + path)
+        ],
+    )
+    numbers = [int(word) for word in result.stdout.decode().split()]
+    transfers = [(a, b, c, d) for a, b, c, d in zip(*[iter(numbers)] * 4, strict=True)]
+    bodies = [output.read_bytes() if output.exists() else b"" for output in outputs]
+    heads = head_file.read_text("latin-1") if head_file.exists() else ""
+    return transfers, bodies, heads, result.stderr.decode(errors="replace")
+
+
+@needs("curl")
+@pytest.mark.parametrize("mode", ["h1", "h1-tls-alpn", "h2-tls-alpn"])
+async def test_curl_gets_a_500_for_a_refused_head_and_the_connection_goes_on(
+    serve: Serve, tmp_path: Path, cafile: str, mode: str
+) -> None:
+    """A status with CR LF (response splitting), two Content-Lengths, a 101 or a 099
+    from the app: each a 500 before anything of it is sent, on one connection that
+    then serves the next request. (Not h2c with prior knowledge: curl 7.88.1 cannot
+    reuse such a connection at all, curl/curl#10634; nghttp covers h2c below.)"""
+    flags, tls, _ = curl_mode(mode, cafile)
+    with trio.fail_after(QUICK):
+        server = await serve(misbehaving, tls=tls)
+        paths = [*REFUSED_HEADS, "/ok"]
+        transfers, bodies, heads, stderr = await curl_transfers(tmp_path, flags, server.url, paths)
+    assert [status for status, *_ in transfers] == [500, 500, 500, 500, 200], stderr
+    assert [connects for _, connects, *_ in transfers] == [1, 0, 0, 0, 0], heads
+    assert bodies == [INTERNAL_ERROR_500] * 4 + [b"fine\n"]
+    assert "x-injected" not in heads.lower()
+
+
+@needs("curl")
+@pytest.mark.parametrize("mode", ["h1", "h1-tls-alpn", "h2-tls-alpn"])
+async def test_curl_never_gets_a_clean_end_of_a_body_that_breaks_its_content_length(
+    serve: Serve, tmp_path: Path, cafile: str, mode: str
+) -> None:
+    """content-length 5 then 138 bytes; content-length 100 then 5 bytes. Nothing past
+    the fifth byte ever arrives, and neither response ends cleanly: over HTTP/1.1 the
+    connection closes (the first response's 5 bytes are all curl can see), over HTTP/2
+    the stream is reset with INTERNAL_ERROR and the connection serves on."""
+    flags, tls, version = curl_mode(mode, cafile)
+    with trio.fail_after(QUICK):
+        server = await serve(misbehaving, tls=tls)
+        paths = ["/over", "/short", "/ok"]
+        transfers, bodies, _, stderr = await curl_transfers(tmp_path, flags, server.url, paths)
+    (_, _, over_size, over_exit), (_, _, short_size, short_exit), ok = transfers
+    assert over_size <= 5
+    assert short_size <= 5
+    assert bodies[0] == b"yyyyy"[:over_size]
+    assert bodies[1] == b"12345"[:short_size]
+    assert ok[0] == 200
+    assert bodies[2] == b"fine\n"
+    if version == "2":
+        assert (over_exit, short_exit) == (92, 92), stderr  # stream not closed cleanly
+        assert stderr.count("INTERNAL_ERROR") == 2, stderr
+        assert ok[1] == 0  # the connection survived both resets
+    else:
+        assert over_exit == 0  # exactly the 5 declared bytes: a complete response
+        assert short_exit == 18  # "transfer closed with 95 bytes remaining to read"
+        assert [connects for _, connects, *_ in transfers] == [1, 1, 1]  # closed each time
+
+
+@needs("nghttp")
+@pytest.mark.parametrize("mode", list(NGHTTP_MODES))
+async def test_nghttp_sees_500s_and_internal_error_resets(serve: Serve, mode: str) -> None:
+    """All on one connection: 500 for each refused head; for the two bodies that
+    break their content-length, RST_STREAM(INTERNAL_ERROR), at most the 5 declared
+    bytes and never END_STREAM; the last request answered; no GOAWAY from us."""
+    flags, tls = NGHTTP_MODES[mode]
+    with trio.fail_after(QUICK):
+        server = await serve(misbehaving, tls=tls)
+        paths = [*REFUSED_HEADS, "/over", "/short", "/ok"]
+        result = await run(
+            "nghttp", "--timeout=10", "-v", *flags, *[server.url + path for path in paths]
+        )
+    log = result.stdout.decode(errors="replace")
+    assert len(re.findall(r"recv \(stream_id=\d+\) :status: 500", log)) == 4, log
+    assert "x-injected" not in log.lower()
+    assert "recv GOAWAY" not in log, log
+    resets = re.findall(r"recv RST_STREAM frame <[^>]*stream_id=(\d+)>\s*\(error_code=(\w+)", log)
+    assert [code for _, code in resets] == ["INTERNAL_ERROR", "INTERNAL_ERROR"], log
+    data = re.findall(r"recv DATA frame <length=(\d+), flags=0x(\w\w), stream_id=(\d+)>", log)
+    for reset_stream, _ in resets:
+        frames = [
+            (int(length), int(flags, 16)) for length, flags, sid in data if sid == reset_stream
+        ]
+        assert sum(length for length, _ in frames) <= 5, log
+        assert not any(flags & 0x1 for _, flags in frames), log  # no END_STREAM
+    assert "fine" in log
+
+
+async def test_http_client_gets_a_500_for_response_splitting_and_keeps_its_connection(
+    serve: Serve,
+) -> None:
+    with trio.fail_after(QUICK):
+        server = await serve(misbehaving)
+
+        def client() -> list[tuple[int, bytes, bool, str | None]]:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=QUICK)
+            results, sockets = [], []
+            try:
+                for path in ("/split", "/ok"):
+                    conn.request("GET", path)
+                    response = conn.getresponse()
+                    body = response.read()
+                    injected = response.getheader("X-Injected")
+                    results.append((response.status, body, response.will_close, injected))
+                    sockets.append(conn.sock)
+            finally:
+                conn.close()
+            assert sockets[0] is not None
+            assert sockets[0] is sockets[1], "http.client had to reconnect"
+            return results
+
+        results = await in_thread(client)
+    assert results == [(500, INTERNAL_ERROR_500, False, None), (200, b"fine\n", False, None)]
+
+
+async def test_httpx_h2_sees_a_500_and_a_reset_and_keeps_its_connection(
+    serve: Serve, client_ssl_context: ssl.SSLContext
+) -> None:
+    with trio.fail_after(QUICK):
+        server = await serve(misbehaving, tls=True)
+
+        def client() -> tuple[httpx.Response, Exception | None, httpx.Response, int]:
+            with httpx.Client(http2=True, verify=client_ssl_context, timeout=QUICK) as http:
+                split = http.get(server.url + "/split")
+                try:
+                    http.get(server.url + "/over")
+                except httpx.RemoteProtocolError as exc:
+                    reset: Exception | None = exc
+                else:
+                    reset = None
+                ok = http.get(server.url + "/ok")
+                return split, reset, ok, ok.extensions["stream_id"]
+
+        split, reset, ok, stream_id = await in_thread(client)
+    assert (split.http_version, split.status_code) == ("HTTP/2", 500)
+    assert split.content == INTERNAL_ERROR_500
+    assert "x-injected" not in split.headers
+    assert reset is not None, "a body past its content-length was accepted"
+    assert (ok.status_code, ok.content) == (200, b"fine\n")
+    assert stream_id == 5  # the third stream of the same connection
+
+
+def body_reader(environ: Environ, start_response: Any) -> list[bytes]:
+    body = environ["wsgi.input"].read(5)
+    out = b"read " + body
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))])
+    return [out]
+
+
+CHUNKED_HEAD = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("size", "status", "reason"),
+    [
+        (b"ffffffffffffffffff", 400, b"chunk size of more than 16 hex digits"),
+        (b"10000000000000005", 400, b"chunk size of more than 16 hex digits"),
+        (b"fffffffff", 413, b"chunk size beyond the request body limit"),
+    ],
+    ids=["18-digits", "2^64+5", "over-1GiB"],
+)
+async def test_chunk_size_refused_on_a_real_socket(
+    serve: Serve, size: bytes, status: int, reason: bytes
+) -> None:
+    """Sent with nothing after the size line: the answer comes at once, then the close."""
+    with trio.fail_after(QUICK):
+        server = await serve(validator(body_reader))  # the default 1 GiB body limit
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(CHUNKED_HEAD + size + b"\r\n")
+            data = await receive_to_eof(stream, bytearray())
+    assert data.startswith(b"HTTP/1.1 %d " % status), data
+    assert b"\r\nConnection: close\r\n" in data
+    assert data.endswith(b": " + reason + b"\n")
+
+
+async def test_sixteen_hex_digit_chunk_size_is_read_without_a_body_limit(serve: Serve) -> None:
+    with trio.fail_after(QUICK):
+        server = await serve(validator(body_reader), max_request_body_size=0)
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(CHUNKED_HEAD + b"ffffffffffffffff\r\nhello")
+            response = await read_response(stream, bytearray())
+    assert response.status_line.startswith("HTTP/1.1 200 ")
+    assert response.body == b"read hello"
+
+
+async def test_error_body_for_something_that_is_not_http_says_so_in_words(serve: Serve) -> None:
+    with trio.fail_after(QUICK):
+        server = await serve(apps.hello)
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(b"INVALID CONNECTION PREFACE\r\n\r\n")
+            data = await receive_to_eof(stream, bytearray())
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert data.endswith(b"\r\n\r\n400 Bad Request: malformed request line\n")
+
+
 # ---- other listeners: IPv6 and unix sockets --------------------------------------------
 
 

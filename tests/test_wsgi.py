@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 from wsgiref.validate import validator
 
@@ -400,16 +400,149 @@ async def test_write_callable(http2: bool) -> None:
     assert response.body == b"one two three"
 
 
-@both_protocols
-@pytest.mark.parametrize("status", ["not a status", "20 OK", 200])
-async def test_invalid_status_is_a_500(http2: bool, status: Any) -> None:
-    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        start_response(status, [("Content-Type", "text/plain")])
-        return [b"x"]
+def bad_then_good(status: str, headers: list[tuple[str, str]]) -> Any:
+    """An app that answers /bad with ``status`` and ``headers``, anything else with 200.
 
+    Not wrapped in validator(): /bad breaks PEP 3333 on purpose (the validator
+    would raise before trioserve's own check could be seen).
+    """
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/bad":
+            start_response(status, headers)
+            return [b"12345"]
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"fine"]
+
+    return app
+
+
+async def refused_then_served(
+    app: Any, http2: bool, caplog: pytest.LogCaptureFixture
+) -> tuple[Any, logging.LogRecord]:
+    """GET /bad, then GET /good on the same connection; the 500 and its one log line."""
     async with open_test_client(app, http2=http2) as client:
-        response = await client.get("/")
+        bad = await client.get("/bad")
+        good = await client.get("/good")  # the connection is still usable
+        assert not client.closed.is_set()
+    assert bad.status == 500
+    assert bad.complete
+    assert bad.body == b"500 Internal Server Error\n"
+    assert bad.header("Connection") is None  # keep-alive goes on (HTTP/1.1)
+    assert (good.status, good.body) == (200, b"fine")
+    errors = [r for r in caplog.records if r.name == "trioserve.error"]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert errors[0].exc_info is None  # one line, no traceback
+    assert errors[0].getMessage().startswith("500 for GET /bad: ")
+    return bad, errors[0]
+
+
+@both_protocols
+@pytest.mark.parametrize(
+    "status",
+    [
+        "200 OK\r\nX-Injected: 1",
+        "200 OK\nX-Injected: 1",
+        "200 O\rK",
+        "200 OK\x00",
+        "200 OK\x1b[2J",
+        "101 Switching Protocols",
+        "103 Early Hints",
+        "099 Too Low",
+        "600 Too High",
+        "2000 OK",
+        "20 OK",
+        "200OK",
+        " 200 OK",
+        "not a status",
+        "\u0662\u0660\u0660 OK",  # Arabic-Indic digits: str.isdigit() says yes
+        "200 \u2603",  # not latin-1
+    ],
+    ids=[
+        "crlf-header-injection",
+        "lf-header-injection",
+        "bare-cr",
+        "nul",
+        "escape",
+        "101",
+        "103",
+        "099",
+        "600",
+        "four-digits",
+        "two-digits",
+        "no-space",
+        "leading-space",
+        "words",
+        "non-ascii-digits",
+        "not-latin-1",
+    ],
+)
+async def test_invalid_status_is_a_500_with_one_log_line_and_the_connection_goes_on(
+    http2: bool, status: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = bad_then_good(status, [("Content-Type", "text/plain")])
+    bad, record = await refused_then_served(app, http2, caplog)
+    assert bad.header("X-Injected") is None
+    assert repr(status) in record.getMessage()  # the app's value, escaped
+
+
+@both_protocols
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        ([("Content-Length", "5"), ("Content-Length", "6")], "'5' and '6'"),
+        ([("Content-Length", "5"), ("Content-Length", "5")], "'5' and '5'"),
+        ([("Content-Length", "5, 5")], "'5, 5'"),
+        ([("Content-Length", "-5")], "'-5'"),
+        ([("Content-Length", "five")], "'five'"),
+        ([("Transfer-Encoding", "gzip")], "'gzip'"),
+        ([("Content-Length", "5"), ("Transfer-Encoding", "chunked")], "both"),
+    ],
+    ids=["two-lengths", "same-length-twice", "list", "negative", "words", "gzip", "cl-and-te"],
+)
+async def test_invalid_framing_headers_are_a_500_before_anything_is_sent(
+    http2: bool, headers: list[tuple[str, str]], named: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, record = await refused_then_served(bad_then_good("200 OK", headers), http2, caplog)
+    assert named in record.getMessage()
+
+
+@both_protocols
+async def test_a_status_that_is_not_str_is_a_500_with_its_traceback(
+    http2: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong type is a bug in the app's code: TypeError, logged with its traceback."""
+    app = bad_then_good(200, [])  # type: ignore[arg-type]
+    async with open_test_client(app, http2=http2) as client:
+        response = await client.get("/bad")
     assert response.status == 500
+    errors = [r for r in caplog.records if r.name == "trioserve.error"]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None
+    assert errors[0].exc_info[0] is TypeError
+
+
+@both_protocols
+async def test_start_response_refuses_a_bad_head_while_the_app_can_still_answer(
+    http2: bool,
+) -> None:
+    """PEP 3333: errors in the head are raised by start_response, so the app may
+    catch them and answer otherwise (here with exc_info, as PEP 3333 shows)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        try:
+            start_response("200 OK\r\nSet-Cookie: x=1", [("Content-Type", "text/plain")])
+        except ValueError:
+            start_response(
+                "503 Service Unavailable", [("Content-Type", "text/plain")], sys.exc_info()
+            )
+            return [b"busy"]
+        return [b"not reached"]
+
+    async with open_test_client(app, http2=http2) as client:  # breaks PEP 3333 on purpose
+        response = await client.get("/")
+    assert (response.status, response.body) == (503, b"busy")
+    assert response.header("Set-Cookie") is None
 
 
 @both_protocols
@@ -524,6 +657,75 @@ async def test_generator_exception_before_any_data_is_a_500(http2: bool) -> None
 
 
 # ---- Content-Length mismatches -------------------------------------------------
+
+
+@both_protocols
+@pytest.mark.parametrize("streamed", [False, True], ids=["list", "generator"])
+@pytest.mark.parametrize(
+    ("declared", "chunks"),
+    [("5", [b"y" * 138]), ("5", [b"yyy", b"yyy"]), ("100", [b"12345"]), ("3", [b"12", b"345"])],
+    ids=["138-for-5", "6-for-5", "5-for-100", "5-for-3"],
+)
+async def test_response_not_matching_its_content_length_never_ends_cleanly(
+    http2: bool,
+    streamed: bool,
+    declared: str,
+    chunks: list[bytes],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing past the declared length is sent; the response is reset (HTTP/2
+    RST_STREAM INTERNAL_ERROR) or its connection closed (HTTP/1.1), logged once.
+    Not validated: a body that contradicts its Content-Length breaks PEP 3333."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", declared)])
+        return iter(chunks) if streamed else list(chunks)
+
+    async with open_test_client(app, http2=http2) as client:
+        stream = await client.open_stream("GET", "/")
+        response = await stream.read_response()
+        if not http2:
+            await client.closed.wait()
+    assert not response.complete
+    assert len(response.body) <= int(declared)
+    assert b"".join(chunks).startswith(response.body)
+    if http2:
+        assert stream.reset_code == 0x2  # INTERNAL_ERROR
+    aborts = [r for r in caplog.records if r.name == "trioserve.error"]
+    assert len(aborts) == 1
+    assert "Content-Length" in aborts[0].getMessage()
+
+
+@both_protocols
+@pytest.mark.parametrize(
+    ("method", "status", "headers"),
+    [
+        ("HEAD", "200 OK", [("Content-Length", "1000")]),
+        ("GET", "204 No Content", []),
+        # No Content-Length with this 304: the h2 client library would take one
+        # as the length of a body to come (it exempts only HEAD).
+        ("GET", "304 Not Modified", [("ETag", '"v1"')]),
+    ],
+    ids=["head", "204", "304"],
+)
+async def test_bodiless_responses_send_no_body_and_keep_the_connection(
+    http2: bool, method: str, status: str, headers: list[tuple[str, str]]
+) -> None:
+    """A streamed body for HEAD/204/304 is dropped, never counted against the
+    Content-Length (which may describe what a GET would get). Not validated: the
+    validator refuses a body for 204/304, which is the point here."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response(status, headers)
+        yield b"body bytes"
+        yield b" nobody sees"
+
+    async with open_test_client(app, http2=http2) as client:
+        response = await client.request(method, "/")
+        again = await client.request(method, "/")
+    for answer in (response, again):
+        assert (answer.status, answer.body, answer.complete) == (int(status[:3]), b"", True)
+        assert answer.header("Content-Length") == dict(headers).get("Content-Length")
 
 
 @pytest.mark.parametrize(("declared", "chunks"), [("10", [b"12345"]), ("3", [b"12", b"345"])])

@@ -8,6 +8,10 @@ plain data: no trio objects, no callbacks.
 A "stream" is one request/response exchange. HTTP/2 gives it the stream id from
 the wire; HTTP/1.1 numbers requests 1, 2, 3... on the connection, and only one
 is ever live at a time.
+
+One exception belongs to the vocabulary too: :class:`InvalidResponse`, which
+both protocol layers raise when the application's response breaks its own
+framing, so the trio side never needs to know h11's or h2's errors.
 """
 
 from __future__ import annotations
@@ -33,11 +37,14 @@ class ResetReason(enum.Enum):
     REFUSED = "refused"  # not processed at all; the client may retry it (REFUSED_STREAM)
 
 
-class InvalidResponse(Exception):
-    """The app's response breaks HTTP framing (e.g. more bytes than its Content-Length).
+class InvalidResponse(ValueError):
+    """The application's response breaks its own framing or the rules for a response head.
 
-    Raised by the protocol modules' ``send_*`` methods, so the trio side can
-    end that one response without knowing which protocol noticed.
+    Raised by ``start_response`` for a head that must never go out (the app
+    thread turns it into a 500), and by the protocol layers' ``send_*``
+    methods for what only they can count (more body than the Content-Length
+    announced, or less by the end); the caller then resets the stream (HTTP/1.1:
+    closes the connection). The message says what is wrong, in words.
     """
 
 

@@ -15,8 +15,15 @@ Rules this module keeps:
    :class:`~trioserve.events.BadRequest` so the driver can log it.
 3. Request smuggling guards live here: both Content-Length and
    Transfer-Encoding, or a body larger than allowed, are refused before any
-   application code runs.
+   application code runs; so are chunk sizes h11 would accept but a 64-bit
+   peer could not, and those the body limit cannot hold (trioserve.chunked,
+   which follows a chunked body's bytes before h11 parses them).
 4. Switching to HTTP/2 (``Upgrade: h2c``) is an event, never an exception.
+5. A response that breaks the rules of :mod:`trioserve.responses` (or that h11
+   refuses) raises :class:`~trioserve.events.InvalidResponse` from ``send_*``,
+   never an h11 exception; nothing past a declared Content-Length is queued.
+6. Error bodies and ``BadRequest`` reasons are words, never reprs of the
+   offending bytes (:func:`describe`).
 """
 
 from __future__ import annotations
@@ -24,11 +31,11 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from http import HTTPStatus
 from typing import cast
 
 import h11
 
+from .chunked import ChunkedScan, Refusal
 from .events import (
     BadRequest,
     BodyEnded,
@@ -43,6 +50,16 @@ from .events import (
     StreamReset,
     UpgradeToH2,
 )
+from .responses import (
+    NO_BODY_STATUSES,
+    body_too_long,
+    body_too_short,
+    check_status,
+    declared_length,
+    error_body,
+    in_words,
+    reason_phrase,
+)
 
 # An h2c upgrade request's body must be read completely before switching
 # protocols (RFC 9113 §3.2 leaves no way to continue it on stream 1), so it is
@@ -54,20 +71,40 @@ MAX_UPGRADE_BODY = 64 * 1024
 # Beyond it, closing is cheaper than draining (nginx's lingering_close logic).
 MAX_DRAIN = 256 * 1024
 
-_REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+# h11's RemoteProtocolError messages in trioserve's words, looked up by the
+# start of h11's text once the data it quotes is cut off (responses.in_words).
+# A message not listed is shown as in_words leaves it, so a change of wording
+# in h11 costs only polish, never a repr on the wire.
+_H11_WORDINGS = (
+    ("illegal request line", "malformed request line"),
+    ("no request line", "no request line"),
+    ("illegal header line", "malformed header line"),
+    ("continuation line at start", "obsolete line folding"),
+    ("illegal chunk header", "malformed chunk size line"),
+    ("malformed chunk footer", "chunk data not followed by CRLF"),
+    ("receive buffer too long", "request header fields too large"),
+    ("missing mandatory host", "missing Host header"),
+    ("found multiple host", "more than one Host header"),
+    ("conflicting content-length", "conflicting Content-Length headers"),
+    ("bad content-length", "invalid Content-Length"),
+    ("multiple transfer-encoding", "more than one Transfer-Encoding header"),
+    ("only transfer-encoding: chunked", "unsupported Transfer-Encoding"),
+    ("illegal method", "invalid method"),
+    ("illegal target", "invalid request target"),
+    ("illegal header name", "invalid header name"),
+    ("illegal header value", "invalid header value"),
+    ("peer unexpectedly closed", "connection closed in the middle of a request"),
+)
 
 
-def reason_phrase(status: int) -> bytes:
-    """The standard reason phrase for ``status``, or b"" for unknown codes."""
-    return _REASONS.get(status, b"")
-
-
-def error_body(status: int, detail: str = "") -> bytes:
-    """The short plain-text body trioserve sends with its own error responses."""
-    text = f"{status} {reason_phrase(status).decode()}"
-    if detail:
-        text += f": {detail}"
-    return (text + "\n").encode("utf-8", "replace")
+def describe(exc: h11.ProtocolError) -> str:
+    """What an h11 protocol error says was wrong, in words, with no repr."""
+    text = in_words(str(exc))
+    lowered = text.lower()
+    for start, wording in _H11_WORDINGS:
+        if lowered.startswith(start):
+            return wording
+    return text
 
 
 class HTTP1Connection:
@@ -107,7 +144,12 @@ class HTTP1Connection:
         self._continue_withheld = False  # client expects 100 Continue and has not had it
         self._head_checked = False  # the current request head passed _raw_head_problem
         self._head_request = False
+        self._no_body = False  # HEAD or 204/304: the response's body bytes are dropped
+        self._declared: int | None = None  # the response's Content-Length, if it counts
+        self._body_sent = 0  # response body bytes queued, counted against _declared
         self._body_received = 0
+        self._chunks: ChunkedScan | None = None  # following a chunked request body
+        self._chunk_refusal: Refusal | None = None  # what it found wrong, not yet answered
         self._draining = 0  # >0: discarding the rest of an unread body; bytes discarded + 1
         self._upgrade: tuple[RequestReceived, bytes] | None = None
         self._upgrade_body: list[bytes] = []
@@ -175,7 +217,13 @@ class HTTP1Connection:
         if not data:
             self._peer_eof = True
         if self._h11.their_state is not h11.ERROR and not self._closed:
-            self._h11.receive_data(bytes(data))
+            data = bytes(data)
+            if self._chunks is not None:
+                # The scan sees these bytes before h11 parses them (next_events).
+                self._chunk_refusal = self._chunks.feed(data)
+                if self._chunks.done or self._chunk_refusal is not None:
+                    self._chunks = None
+            self._h11.receive_data(data)
 
     def next_events(self) -> list[Event]:
         """Parse as far as the state allows and return what happened."""
@@ -187,6 +235,9 @@ class HTTP1Connection:
             # response): there is nothing to parse.
             return events
         while True:
+            if self._chunk_refusal is not None:
+                events.append(self._reject(*self._chunk_refusal))
+                return events
             if self._h11.their_state is h11.MUST_CLOSE:
                 # Connection: close / HTTP/1.0: that request was the last one;
                 # whatever follows is ignored (RFC 9112 §9.6), not an error.
@@ -206,7 +257,7 @@ class HTTP1Connection:
                     self._closed = True
                     events.append(StreamReset(self._stream_id))
                 else:
-                    events.append(self._reject(exc.error_status_hint, str(exc)))
+                    events.append(self._reject(exc.error_status_hint, describe(exc)))
                 return events
             if h11_event is h11.NEED_DATA:
                 if self._h11.their_state is h11.IDLE and not self._active:
@@ -239,6 +290,7 @@ class HTTP1Connection:
                     return False
                 return True
             self._body_received += len(data)
+            # A backstop: the chunked scan refuses a size over the limit before its data.
             if self._max_body_size and self._body_received > self._max_body_size:
                 events.append(self._reject(413, "request body too large"))
                 return False
@@ -313,6 +365,9 @@ class HTTP1Connection:
         if self._max_body_size and (content_length or 0) > self._max_body_size:
             events.append(self._reject(413, "request body too large"))
             return False
+        self._chunks = None
+        if chunked and not self._scan_chunked_body(events):
+            return False
         self._stream_id += 1
         self._active = True
         self._response_started = False
@@ -345,6 +400,24 @@ class HTTP1Connection:
             self._upgrade_body = []
             return True
         events.append(event)
+        return True
+
+    def _scan_chunked_body(self, events: list[Event]) -> bool:
+        """Start following a chunked body from the bytes already buffered after its head.
+
+        Chunk sizes h11 would accept but we refuse (see trioserve.chunked) are
+        answered before the app runs when they came with the head; later ones
+        as soon as they arrive (receive_data, then next_events).
+        """
+        scan = ChunkedScan(
+            max_body_size=self._max_body_size, max_trailer_size=self._max_header_size
+        )
+        refusal = scan.feed(self._h11.trailing_data[0])
+        if refusal is not None:
+            events.append(self._reject(*refusal))
+            return False
+        if not scan.done:
+            self._chunks = scan
         return True
 
     def _accept_upgrade(self) -> UpgradeToH2:
@@ -398,7 +471,17 @@ class HTTP1Connection:
     def send_response(
         self, stream_id: int, status: int, headers: Headers, *, reason: bytes = b""
     ) -> None:
-        """Queue the response head. Raises InvalidResponse on invalid headers."""
+        """Queue the response head.
+
+        Raises InvalidResponse, having queued nothing, for a head that breaks
+        the rules of trioserve.responses (a status that is not final, a bad
+        reason phrase or Content-Length) or that h11 refuses.
+        """
+        check_status(status, reason)
+        declared = declared_length(headers)
+        self._no_body = self._head_request or status in NO_BODY_STATUSES
+        self._declared = None if self._no_body else declared
+        self._body_sent = 0
         self._response_started = True
         if self._continue_withheld and self._h11.their_state is h11.SEND_BODY:
             # Answering without having asked for the body: it may never come,
@@ -406,28 +489,36 @@ class HTTP1Connection:
             self._closed = True
         if self._closed or self._no_keep_alive:
             headers = [*headers, (b"Connection", b"close")]
-        self._write(
-            h11.Response(
+        try:
+            response = h11.Response(
                 status_code=status, headers=headers, reason=reason or reason_phrase(status)
             )
-        )
+        except h11.LocalProtocolError as exc:
+            raise _refused(exc) from exc
+        self._write(response)
 
     def send_body(self, stream_id: int, data: bytes) -> None:
-        """Queue body bytes. Raises InvalidResponse past a declared Content-Length."""
-        if data and not self._head_request:
+        """Queue body bytes (none for HEAD, 204 and 304).
+
+        Raises InvalidResponse, queuing nothing of ``data``, if they would go
+        past the declared Content-Length.
+        """
+        if data and not self._no_body:
+            self._count_body(len(data))
             self._write(h11.Data(data=data))
 
     def send_file(self, stream_id: int, segment: FileSegment) -> None:
-        """Queue a file's bytes for ``os.sendfile`` (counted against Content-Length by h11)."""
-        if self._head_request:
-            segment.sent = True  # nothing to send for HEAD
+        """Queue a file's bytes for ``os.sendfile``, counted like ``send_body``'s."""
+        if self._no_body:
+            segment.sent = True  # nothing to send for HEAD, 204 or 304
             return
+        self._count_body(segment.length)
         # h11 passes the Data payload through untouched and only needs its
         # len() (its documented way to support sendfile), hence the cast.
         try:
             parts = self._h11.send_with_data_passthrough(h11.Data(data=cast(bytes, segment)))
         except h11.LocalProtocolError as exc:
-            raise InvalidResponse(str(exc)) from None
+            raise _refused(exc) from exc
         for part in cast(list[bytes | FileSegment], parts or []):
             if isinstance(part, FileSegment):
                 self._files_queued += 1
@@ -436,6 +527,8 @@ class HTTP1Connection:
 
     def end_stream(self, stream_id: int) -> None:
         """End the response. Raises InvalidResponse if it is shorter than declared."""
+        if self._declared is not None and self._body_sent < self._declared:
+            raise body_too_short(self._declared, self._body_sent)
         self._write(h11.EndOfMessage())
         self._finish_request()
 
@@ -510,13 +603,17 @@ class HTTP1Connection:
 
     # ---- internals ---------------------------------------------------------
 
+    def _count_body(self, size: int) -> None:
+        sent = self._body_sent + size
+        if self._declared is not None and sent > self._declared:
+            raise body_too_long(self._declared)
+        self._body_sent = sent
+
     def _write(self, event: h11.Event) -> None:
         try:
             data = self._h11.send(event)
         except h11.LocalProtocolError as exc:
-            # h11 refuses what would break the framing (e.g. more bytes than
-            # the Content-Length): the app's fault, in protocol-neutral words.
-            raise InvalidResponse(str(exc)) from None
+            raise _refused(exc) from exc
         if data:
             self._outbound.append(data)
             self._outbound_size += len(data)
@@ -555,11 +652,20 @@ class HTTP1Connection:
         self._start_next_cycle()
 
     def _start_next_cycle(self) -> None:
+        self._chunks = None
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
             self._head_checked = False
         else:
             self._closed = True
+
+
+def _refused(exc: h11.LocalProtocolError) -> InvalidResponse:
+    """h11 refusing what we send means the app's response breaks HTTP/1.1.
+
+    Our own checks (trioserve.responses) come first, so this is the backstop.
+    """
+    return InvalidResponse(f"invalid HTTP/1.1 response: {in_words(str(exc))}")
 
 
 # RFC 9112 §3.2.2 absolute-form: scheme "://" authority, then path and query.

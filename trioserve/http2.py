@@ -21,6 +21,12 @@ Where flow control lives (both directions):
   so the driver knows to call ``data_to_send`` again.
 
 After a stream is reset nothing more is sent for it: its queue is dropped.
+
+A response is held to its own content-length (the rules of
+:mod:`trioserve.responses`): ``send_body`` raises
+:class:`~trioserve.events.InvalidResponse` rather than queue a byte past it,
+and ``end_stream`` rather than end a body that fell short; the caller then
+resets the stream with INTERNAL_ERROR.
 """
 
 from __future__ import annotations
@@ -53,7 +59,15 @@ from .events import (
     StreamReset,
     WindowOpened,
 )
-from .http1 import error_body
+from .responses import (
+    NO_BODY_STATUSES,
+    body_too_long,
+    body_too_short,
+    check_status,
+    declared_length,
+    error_body,
+    in_words,
+)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -125,6 +139,8 @@ class _Outbound:
     size: int = 0
     end: bool = False
     head_only: bool = False  # HEAD request or 204/304: body bytes are dropped
+    declared: int | None = None  # the response's content-length, if it counts
+    counted: int = 0  # body bytes queued in all, counted against ``declared``
 
 
 class HTTP2Connection:
@@ -318,7 +334,8 @@ class HTTP2Connection:
             # h2 has queued GOAWAY with the right error code.
             self._abandon_all()
             code = int(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
-            self._events.append(BadRequest(status=400, reason=f"HTTP/2 protocol error: {exc}"))
+            reason = f"HTTP/2 protocol error: {in_words(str(exc), 'invalid frame')}"
+            self._events.append(BadRequest(status=400, reason=reason))
             self._events.append(ConnectionClosed(abort=True, error_code=code))
             self._pull_control()
             return
@@ -554,34 +571,56 @@ class HTTP2Connection:
     def send_response(
         self, stream_id: int, status: int, headers: Headers, *, reason: bytes = b""
     ) -> None:
-        """Queue the response HEADERS (sent with END_STREAM if no body follows)."""
+        """Queue the response HEADERS (sent with END_STREAM if no body follows).
+
+        Raises InvalidResponse, having queued nothing, for a status that is not
+        final or a bad content-length (the rules of trioserve.responses).
+        """
         out = self._outbound.get(stream_id)
         if out is None:
             return  # reset meanwhile: send nothing more
+        check_status(status)  # HTTP/2 has no reason phrase to check
+        declared = declared_length(headers)
         fields: Headers = [(b":status", str(status).encode("ascii"))]
         for name, value in headers:
             lowered = name.lower()
             if lowered not in _HOP_BY_HOP:
                 fields.append((lowered, value))
         out.headers = fields
-        if status in (204, 304):
+        if status in NO_BODY_STATUSES:
             out.head_only = True
+        if not out.head_only:
+            out.declared = declared
         self._mark_ready(stream_id)
 
     def send_body(self, stream_id: int, data: bytes) -> None:
-        """Queue response body bytes; they go out as flow control allows."""
+        """Queue response body bytes; they go out as flow control allows.
+
+        Raises InvalidResponse, queuing nothing of ``data``, if they would go
+        past the declared content-length.
+        """
         out = self._outbound.get(stream_id)
         if out is None or out.head_only or not data:
             return
+        counted = out.counted + len(data)
+        if out.declared is not None and counted > out.declared:
+            raise body_too_long(out.declared)
+        out.counted = counted
         out.chunks.append(memoryview(data))
         out.size += len(data)
         self._mark_ready(stream_id)
 
     def end_stream(self, stream_id: int) -> None:
-        """Mark the response complete; END_STREAM goes out after the queued data."""
+        """Mark the response complete; END_STREAM goes out after the queued data.
+
+        Raises InvalidResponse if the body is shorter than its content-length
+        declared: such a response must not end cleanly (the caller resets it).
+        """
         out = self._outbound.get(stream_id)
         if out is None:
             return
+        if out.declared is not None and out.counted < out.declared:
+            raise body_too_short(out.declared, out.counted)
         out.end = True
         self._mark_ready(stream_id)
 

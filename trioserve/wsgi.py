@@ -29,7 +29,10 @@ PEP 3333 rules enforced here, each with a test in tests/test_wsgi.py:
 - ``start_response`` with ``exc_info`` re-raises once headers are sent, and may
   replace status and headers before that; a second call without ``exc_info``
   is an error;
-- ``start_response`` returns a ``write`` callable;
+- ``start_response`` returns a ``write`` callable, and checks the head at once
+  (PEP 3333: "so that an error can be raised while the application is still
+  running"): status, header names and values, and the framing rules of
+  :mod:`trioserve.responses`;
 - ``close()`` of the iterable is called on every path, once;
 - environ values are native strings (bytes decoded as latin-1), SERVER_PORT too.
 """
@@ -49,19 +52,24 @@ from urllib.parse import unquote_to_bytes
 
 import trio
 
-from .events import FileSegment, Headers, RequestReceived
+from .events import FileSegment, Headers, InvalidResponse, RequestReceived
 from .proxy import AllowList, apply_forwarded
+from .responses import check_status, declared_length, error_body, reason_phrase
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 StartResponse = Callable[..., Callable[[bytes], None]]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 APP_LOGGER = logging.getLogger("trioserve.app")
+LOGGER = logging.getLogger("trioserve.error")
 
 # Chunk size for wsgi.file_wrapper when the app gives none (PEP 3333 suggests
 # the server pick one; 64 KiB matches the socket read size).
 FILE_BLOCK_SIZE = 64 * 1024
 
+# PEP 3333: a three-digit code, then a space and the reason phrase (trioserve
+# also takes the code alone); responses.check_status vets the phrase's characters.
+_STATUS_RE = re.compile(r"([0-9]{3})(?: (.*))?", re.DOTALL)
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -335,13 +343,35 @@ def build_environ(
     return environ
 
 
+def _encode_status(status: str) -> tuple[int, bytes]:
+    """The code and reason phrase of a ``start_response`` status, checked whole.
+
+    Raises InvalidResponse naming the app's value (rule 1 of trioserve.responses).
+    """
+    match = _STATUS_RE.fullmatch(status)
+    try:
+        if match is None:
+            raise InvalidResponse("not a three-digit code and a reason phrase")
+        code = int(match[1])
+        try:
+            reason = (match[2] or "").encode("latin-1")
+        except UnicodeEncodeError:
+            raise InvalidResponse("reason phrase not encodable as latin-1") from None
+        check_status(code, reason)
+    except InvalidResponse as exc:
+        raise InvalidResponse(f"invalid status {status!r}: {exc}") from None
+    return code, reason
+
+
 def _encode_head(status: str, headers: list[tuple[str, str]]) -> ResponseHead:
-    """Validate ``start_response`` arguments and convert them to bytes."""
+    """Validate ``start_response`` arguments and convert them to bytes.
+
+    A wrong type raises TypeError (a bug in the app's code); a value that must
+    not go out raises InvalidResponse, which :func:`call_app` answers with a 500.
+    """
     if type(status) is not str:
         raise TypeError(f"status must be str, not {type(status).__name__}")
-    code_text, _, reason = status.partition(" ")
-    if len(code_text) != 3 or not code_text.isdigit():
-        raise ValueError(f"status must start with a three-digit code: {status!r}")
+    code, reason = _encode_status(status)
     encoded: Headers = []
     if type(headers) is not list:
         raise TypeError(f"headers must be a list, not {type(headers).__name__}")
@@ -351,14 +381,18 @@ def _encode_head(status: str, headers: list[tuple[str, str]]) -> ResponseHead:
         name, value = item
         if type(name) is not str or type(value) is not str:
             raise TypeError(f"header name and value must be str: {item!r}")
-        raw_name = name.encode("latin-1")
-        raw_value = value.encode("latin-1")
+        try:
+            raw_name = name.encode("latin-1")
+            raw_value = value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise InvalidResponse(f"header not encodable as latin-1: {item!r}") from None
         if not _TOKEN_RE.match(raw_name):
-            raise ValueError(f"invalid header name: {name!r}")
+            raise InvalidResponse(f"invalid header name {name!r}")
         if _BAD_VALUE_RE.search(raw_value):
-            raise ValueError(f"invalid character in header {name!r}: {value!r}")
+            raise InvalidResponse(f"invalid character in header {name!r}: {value!r}")
         encoded.append((raw_name, raw_value.strip(b" \t")))
-    return ResponseHead(int(code_text), reason.encode("latin-1"), encoded)
+    declared_length(encoded)  # rule 2: one valid Content-Length, a plain chunked coding
+    return ResponseHead(code, reason, encoded)
 
 
 class _Responder:
@@ -426,7 +460,10 @@ def call_app(
 
     Returns what the trio side still has to send. Exceptions from the app
     propagate (after ``close()``); the trio side decides between a 500 and a
-    reset depending on whether the headers went out.
+    reset depending on whether the headers went out. The one exception is a
+    head ``start_response`` refused (:class:`InvalidResponse`: a status or
+    framing header that must not go out): that is answered here with a 500
+    and logged as one line naming the app's value.
     """
     # Reset while this thread was being handed the request (after the thread
     # slot was won)? Then the app must not run at all: Rapid Reset defence.
@@ -434,6 +471,36 @@ def call_app(
     wsgi_input = InputStream(port, initial_body, body_complete)
     environ = build_environ(request, info, wsgi_input)
     responder = _Responder(port)
+    try:
+        return _run_app(app, environ, responder, port)
+    except InvalidResponse as exc:
+        if responder.headers_sent:
+            raise
+        # start_response refused the head (and the app let that propagate):
+        # nothing went out, so the client gets a 500 and the log one line.
+        LOGGER.error(
+            "500 for %s %s: %s",
+            request.method.decode("latin-1"),
+            request.target.decode("latin-1"),
+            exc,
+        )
+        return _error_result(500)
+
+
+def _error_result(status: int) -> AppResult:
+    """trioserve's own plain-text error response, sent as if the app had returned it."""
+    body = error_body(status)
+    headers = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", str(len(body)).encode("ascii")),
+    ]
+    return AppResult(ResponseHead(status, reason_phrase(status), headers), [body])
+
+
+def _run_app(
+    app: WSGIApp, environ: dict[str, Any], responder: _Responder, port: StreamPort
+) -> AppResult:
+    """Call the app and collect its response (the body of :func:`call_app`)."""
     iterable = app(environ, responder.start_response)
     handed_over = False  # the iterable's close() went to the trio side with a file
     try:
