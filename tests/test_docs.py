@@ -480,7 +480,8 @@ async def test_testing_example_runs() -> None:
 
 
 def test_config_file_example_is_valid(tmp_path: Path) -> None:
-    blocks = code_blocks(section("Deployment"), "toml")
+    # The --config example (the --log-config one runs in tests/test_logs.py).
+    blocks = [block for block in code_blocks(section("Deployment"), "toml") if "--config" in block]
     assert len(blocks) == 1
     path = tmp_path / "trioserve.toml"
     path.write_text(blocks[0])

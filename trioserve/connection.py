@@ -70,6 +70,7 @@ from .http1 import HTTP1Connection
 from .http2 import PREFACE, HTTP2Connection
 from .proxy import AllowList, ProxyHeader, ProxyHeaderError, parse_proxy_header
 from .stream import RequestStream
+from .tls import tls_environ
 from .wakeup import Wakeup
 from .wsgi import ConnectionInfo, ResponseHead, WSGIApp
 
@@ -368,6 +369,7 @@ async def serve_connection(
                     with trio.fail_after(ctx.tls_handshake_timeout):
                         await stream.do_handshake()
                     alpn = stream.selected_alpn_protocol()
+                    info = dataclasses.replace(info, tls=tls_environ(stream))
                 elif not await _sniff_preface(stream, initial, ctx.keep_alive_timeout):
                     return  # silent for a whole keep-alive period: an idle connection
             finally:

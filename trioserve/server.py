@@ -25,10 +25,10 @@ from typing import Any
 
 import trio
 
-from .accesslog import AccessLog
+from .accesslog import access_log_for
 from .config import Config, ConfigError
 from .connection import ServerContext, serve_connection
-from .listeners import format_sockname, open_listeners, parse_bind
+from .listeners import bind_listeners, format_sockname, remove_socket_files
 from .proxy import parse_allow_list
 from .tls import make_ssl_context
 from .wsgi import WSGIApp
@@ -157,20 +157,7 @@ async def serve_wsgi(
         return started
     config = (config or Config()).replace(**options) if options else (config or Config())
     ctx = context_from_config(app, config)  # TLS files are read here, before binding
-    bound: list[trio.SocketListener] = []
-    try:
-        if listeners is None:
-            for text in config.bind:
-                address = parse_bind(text)
-                bound.extend(
-                    await open_listeners(address, config.backlog, unix_mode=config.unix_socket_mode)
-                )
-        else:
-            bound.extend(listeners)
-    except BaseException:
-        for listener in bound:
-            await trio.aclose_forcefully(listener)
-        raise
+    bound = await bind_listeners(config) if listeners is None else list(listeners)
     server = Server(config, bound)
     if config.max_requests:
         # Jitter keeps the workers of one supervisor from all restarting at once.
@@ -191,6 +178,7 @@ async def serve_wsgi(
             with trio.CancelScope(shield=True):
                 for listener in bound:
                     await trio.aclose_forcefully(listener)
+            remove_socket_files(bound)
         finally:
             server._stopped.set()
     return server
@@ -200,7 +188,7 @@ def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
     """The state every connection of a server shares, built from ``config``."""
     ssl_context = None
     if config.certfile:
-        ssl_context = make_ssl_context(config.certfile, config.keyfile)
+        ssl_context = make_ssl_context(config)
     return ServerContext(
         app=app,
         limiter=trio.CapacityLimiter(config.threads),
@@ -227,7 +215,7 @@ def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
         h2_initial_window_size=config.h2_initial_window_size,
         h2_max_frame_size=config.h2_max_frame_size,
         h2_max_header_list_size=config.h2_max_header_list_size,
-        access_log=AccessLog(config.access_log_format) if config.access_log else None,
+        access_log=access_log_for(config),
     )
 
 

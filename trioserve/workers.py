@@ -30,9 +30,13 @@ matters little for a WSGI server whose workers accept only when they can serve.
 **Workers are fresh processes, not forks.** Each worker is
 ``python -m trioserve <the same app and options> --bind fd://A --bind fd://B
 --workers 1`` with the sockets passed as those descriptors (``pass_fds``):
-:func:`worker_command` rebuilds the command line from the options actually
-given (and ``--config FILE``, so a worker reads the same file, re-read on every
-start: a reload picks up its changes). The worker imports the app itself; the
+:func:`worker_command` writes the supervisor's :class:`~trioserve.config.Config`
+back as flags (every field that differs from its default, except those only
+the supervisor acts on: binding, the pid file, the working directory, the user,
+the umask and ``--reload``, whose effects the workers inherit). On SIGHUP the
+supervisor reads its options again (``--config FILE`` included) through the
+``load_config`` callable it was given, so a reload picks up a changed file;
+options that do not load keep the running workers. The worker imports the app itself; the
 parent never imports or runs app code. So a reload (SIGHUP) really loads new
 code, an app's import-time state (threads, connections, an asyncio loop) is
 never forked half-made, and a crash in app code can only take down a worker.
@@ -100,7 +104,6 @@ worker's start, readiness and exit (with exit status or signal).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -109,14 +112,15 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
-from .config import Config, options
-from .listeners import format_sockname, open_listeners, parse_bind, systemd_listeners
+from . import reloader
+from .config import Config, ConfigError, options
+from .listeners import bind_listeners, format_sockname, remove_socket_files, systemd_listeners
 from .server import Server
-from .tls import make_ssl_context
+from .tls import check_tls_files
 
 LOGGER = logging.getLogger("trioserve.error")
 
@@ -191,26 +195,35 @@ async def report_ready(server: Server, cancel_scope: trio.CancelScope) -> None:
     server.stop_nowait()
 
 
-def worker_command(args: argparse.Namespace, binds: Sequence[str]) -> list[str]:
-    """The command line of a worker: the parent's app and options, ``binds``, ``--workers 1``.
+# Options whose effect a worker inherits from the supervisor rather than acts on:
+# the sockets (passed as descriptors), the pid file, the working directory, the
+# user and group, the umask, and watching files for --reload.
+SUPERVISOR_ONLY = frozenset(
+    {"bind", "workers", "pid", "chdir", "user", "group", "umask", "reload", "reload_dir"}
+)
 
-    Built from the flags actually given (not the merged Config), plus
-    ``--config FILE``, so a worker started later reads the file as it is then.
+
+def worker_command(config: Config, app: str | None, binds: Sequence[str]) -> list[str]:
+    """The command line of a worker: ``app``, ``config`` as flags, ``binds``, ``--workers 1``.
+
+    Only fields that differ from their defaults are written, and none of
+    :data:`SUPERVISOR_ONLY`; parsing the result gives back ``config`` with the
+    worker's ``bind`` and ``workers`` (and the supervisor-only fields at their
+    defaults).
     """
     command = [sys.executable, "-m", "trioserve"]
-    if args.app is not None:
-        command.append(args.app)
-    if args.config:
-        command.append(f"--config={os.path.abspath(args.config)}")
+    if app is not None:
+        command.append(app)
+    defaults = Config()
     for field in options():
-        if field.name in ("bind", "workers") or field.name not in args:
+        value = getattr(config, field.name)
+        if field.name in SUPERVISOR_ONLY or value == getattr(defaults, field.name):
             continue
         flags = field.metadata["flags"] or ("--" + field.name.replace("_", "-"),)
         flag = next(flag for flag in flags if flag.startswith("--"))
-        value = getattr(args, field.name)
         if isinstance(value, bool):
             command.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
+        elif isinstance(value, tuple):
             command.extend(f"{flag}={item}" for item in value)
         else:
             command.append(f"{flag}={value}")  # "=": a value may start with "-"
@@ -219,26 +232,36 @@ def worker_command(args: argparse.Namespace, binds: Sequence[str]) -> list[str]:
     return command
 
 
-async def run_supervisor(args: argparse.Namespace, config: Config) -> int:
+async def run_supervisor(
+    config: Config,
+    app: str | None,
+    load_config: Callable[[], Config] | None = None,
+    after_bind: Callable[[], None] | None = None,
+) -> int:
     """Bind, run ``config.workers`` workers until stopped; the exit status for the parent.
+
+    Args:
+      config: the options (with ``reload``, a change to a watched file reloads).
+      app: ``MODULE:ATTR`` for the workers (None with ``--root``).
+      load_config: reads the options again on SIGHUP (the command line over
+        ``--config FILE``); None keeps ``config``.
+      after_bind: called once the sockets are bound, before the TLS files are
+        read and any worker starts (the place to drop root privileges).
 
     Raises:
       ConfigError: an address cannot be bound or the TLS files cannot be read
         (checked here too, so the error is reported once, before any worker).
     """
-    if config.certfile:
-        make_ssl_context(config.certfile, config.keyfile)
     listeners = systemd_listeners()
     if listeners:
         LOGGER.info("Serving %d socket(s) from systemd (LISTEN_FDS)", len(listeners))
     try:
         if not listeners:
-            for text in config.bind:
-                listeners.extend(
-                    await open_listeners(
-                        parse_bind(text), config.backlog, unix_mode=config.unix_socket_mode
-                    )
-                )
+            listeners = await bind_listeners(config)
+        if after_bind is not None:
+            after_bind()
+        if config.certfile:
+            check_tls_files(config)
         scheme = "https" if config.certfile else "http"
         for listener in listeners:
             address = format_sockname(listener.socket)
@@ -246,12 +269,12 @@ async def run_supervisor(args: argparse.Namespace, config: Config) -> int:
                 "Listening on %s",
                 address if address.startswith("unix:") else f"{scheme}://{address}",
             )
-        binds = [f"fd://{listener.socket.fileno()}" for listener in listeners]
-        supervisor = Supervisor(config, worker_command(args, binds), listeners)
+        supervisor = Supervisor(config, app, listeners, load_config)
         return await supervisor.run()
     finally:
         for listener in listeners:
             listener.socket.close()
+        remove_socket_files(listeners)
 
 
 def describe_exit(returncode: int) -> str:
@@ -292,18 +315,31 @@ class Supervisor:
     """Runs and replaces the worker processes; see the module docstring.
 
     Args:
-      config: the parent's options (workers, graceful_timeout).
-      command: the worker command line (see :func:`worker_command`).
+      config: the parent's options (workers, graceful_timeout, the workers' options).
+      app: ``MODULE:ATTR`` for the workers' command line.
       listeners: the bound sockets the workers inherit; closed by the caller.
+      load_config: reads the options again for a reload (see :meth:`reload`).
     """
 
     def __init__(
-        self, config: Config, command: list[str], listeners: Sequence[trio.SocketListener]
+        self,
+        config: Config,
+        app: str | None,
+        listeners: Sequence[trio.SocketListener],
+        load_config: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
-        self.command = command
+        self.app = app
+        self.load_config = load_config
         self.listeners = list(listeners)
         self.fds = tuple(listener.socket.fileno() for listener in self.listeners)
+        self.binds = [f"fd://{fd}" for fd in self.fds]
+        self.command = worker_command(config, app, self.binds)
+        # --reload: a worker that fails to boot waits for the next change, and
+        # starting and stopping workers is routine, so only the reload itself
+        # is announced at INFO.
+        self.reload_on_change = config.reload
+        self._routine = logging.DEBUG if config.reload else logging.INFO
         self.target = config.workers
         self.generation = 0
         self.workers: list[_Worker] = []
@@ -325,7 +361,9 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._handle_signals, signals)
-                LOGGER.info("Starting %d worker processes", self.target)
+                if self.reload_on_change:
+                    nursery.start_soon(reloader.watch, self.config.reload_dir, self.reload)
+                LOGGER.log(self._routine, "Starting %d worker processes", self.target)
                 await self._supervise()
                 nursery.cancel_scope.cancel()
         return self.exit_status
@@ -371,7 +409,8 @@ class Supervisor:
         elif all(worker.ready for worker in current):
             old = [w for w in self.workers if w.generation < self.generation and not w.retiring]
             if old:
-                LOGGER.info(
+                LOGGER.log(
+                    self._routine,
                     "New workers are ready: stopping %d old worker(s) gracefully (%s)",
                     len(old),
                     ", ".join(str(worker.pid) for worker in old),
@@ -415,11 +454,7 @@ class Supervisor:
             elif self.stopping:
                 LOGGER.info("Received %s while stopping: ignored", name)
             elif signum == signal.SIGHUP:
-                self.generation += 1
-                LOGGER.info(
-                    "Received SIGHUP: starting %d new workers, then stopping the old ones",
-                    self.target,
-                )
+                self.reload("Received SIGHUP")
             elif signum == signal.SIGTTIN:
                 self.target += 1
                 LOGGER.info("Received SIGTTIN: %d workers", self.target)
@@ -428,6 +463,33 @@ class Supervisor:
                     self.target -= 1
                 LOGGER.info("Received SIGTTOU: %d worker(s)", self.target)
             self._notify()
+
+    def reload(self, reason: str) -> None:
+        """Replace every worker by a new one, with the options read again.
+
+        Options that no longer load (a broken ``--config`` file, TLS files
+        that do not load) are logged and the running workers kept.
+        """
+        if self.load_config is not None:
+            try:
+                config = self.load_config()
+                if config.certfile:
+                    check_tls_files(config)
+            except ConfigError as exc:
+                LOGGER.error("%s: not reloading, the options do not load: %s", reason, exc)
+                return
+            self.config = config
+            self.command = worker_command(config, self.app, self.binds)
+        self.generation += 1
+        self.next_spawn_at = -math.inf  # new code: no backoff left over from the old
+        if self.reload_on_change:
+            workers = "the worker" if self.target == 1 else f"{self.target} workers"
+            LOGGER.info("%s: restarting %s", reason, workers)
+        else:
+            LOGGER.info(
+                "%s: starting %d new workers, then stopping the old ones", reason, self.target
+            )
+        self._notify()
 
     def _begin_stop(self, now: float) -> None:
         self.stopping = True
@@ -456,7 +518,7 @@ class Supervisor:
                 return
             worker.process = process
             worker.channel = parent_end
-            LOGGER.info("Started worker %d", process.pid)
+            LOGGER.log(self._routine, "Started worker %d", process.pid)
             if worker.retiring:  # asked while it was being started
                 worker.tell(STOP)
             if worker.hurried:
@@ -495,7 +557,8 @@ class Supervisor:
     def _mark_ready(self, worker: _Worker) -> None:
         worker.ready = True
         self.ever_ready = True
-        LOGGER.info(
+        LOGGER.log(
+            self._routine,
             "Worker %d is serving (ready after %.1fs)",
             worker.pid,
             trio.current_time() - worker.started_at,
@@ -508,11 +571,17 @@ class Supervisor:
         lived = now - worker.started_at
         how = describe_exit(returncode)
         if self.stopping or worker.retiring:
-            LOGGER.info("Worker %d exited (%s)", worker.pid, how)
+            LOGGER.log(self._routine, "Worker %d exited (%s)", worker.pid, how)
         elif worker.generation < self.generation:
             # A reload is replacing it anyway: nothing to start in its place.
-            level = logging.INFO if returncode == 0 else logging.WARNING
+            level = self._routine if returncode == 0 else logging.WARNING
             LOGGER.log(level, "Worker %d exited (%s) during a reload", worker.pid, how)
+        elif not worker.ready and self.reload_on_change:
+            # The error is on stderr already, from the worker: wait for a fix.
+            LOGGER.error(
+                "Worker %d failed to boot (%s): waiting for a change to the code", worker.pid, how
+            )
+            self.next_spawn_at = math.inf
         elif not worker.ready and not self.ever_ready:
             LOGGER.error(
                 "Worker %d failed to boot (%s) before any worker was serving: stopping",
