@@ -205,7 +205,7 @@ def _reload_certificates() -> None:
         reload_certificates()
     except ConfigError as exc:
         LOGGER.error(
-            "Received SIGHUP: keeping the current TLS files, the new ones do not load: %s", exc
+            "Received SIGHUP: the TLS files do not load, keeping the current ones: %s", exc
         )
         return
     LOGGER.info("Received SIGHUP: TLS files read again; new connections use them")
