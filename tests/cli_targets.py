@@ -49,6 +49,10 @@ def _tls_echo(environ: Environ, start_response: Any) -> Iterable[bytes]:
     return [body]
 
 
+def _raises(environ: Environ, start_response: Any) -> Iterable[bytes]:
+    raise RuntimeError("raised on purpose by the app")
+
+
 def _slow_upload(environ: Environ, start_response: Any) -> Iterable[bytes]:
     """Say on stderr that the request is in flight, then read the whole body and report it.
 
@@ -91,6 +95,7 @@ application = _text_app("default attribute\n")
 
 environ_echo = validator(_environ)
 tls_echo = validator(_tls_echo)
+raises = validator(_raises)
 slow_upload = validator(_slow_upload)
 wait_for_fifo = validator(_wait_for_fifo)
 

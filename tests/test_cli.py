@@ -162,9 +162,10 @@ async def serving(
     cwd: Path = ROOT,
     listeners: int = 1,
     stop: Callable[[RunningCLI], Awaitable[None]] = kill,
+    log_stream: str = "stderr",
 ) -> AsyncIterator[RunningCLI]:
-    """Start the command, wait for its ``Listening on`` line(s), and always ``stop`` it
-    at the end (by default: kill it)."""
+    """Start the command, wait for its ``Listening on`` line(s) on ``log_stream``, and
+    always ``stop`` it at the end (by default: kill it)."""
     process = await trio.lowlevel.open_process(
         [*command, *args],
         cwd=cwd,
@@ -182,7 +183,9 @@ async def serving(
             nursery.start_soon(cli._pump, "stderr", process.stderr)
             try:
                 for line in range(1, listeners + 1):
-                    match = await cli.wait_for_line(r"Listening on (\S+)", nth=line)
+                    match = await cli.wait_for_line(
+                        r"Listening on ([^\s\"]+)", nth=line, stream=log_stream
+                    )
                     cli.addresses.append(match.group(1))
                 yield cli
             finally:

@@ -138,7 +138,12 @@ def load_log_config(path: str) -> None:
         raise ConfigError(f"--log-config {path}: not valid {kind[1:].upper()}: {exc}") from None
     except Exception as exc:
         # dictConfig wraps the real problem ("Unable to configure handler 'x'"): say both.
-        reason = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else repr(exc)
+        if exc.__cause__ is not None:
+            reason = f"{exc}: {exc.__cause__}"
+        elif isinstance(exc, KeyError):  # fileConfig: a section or option it needs
+            reason = f"missing {exc}"
+        else:
+            reason = str(exc) or type(exc).__name__
         raise ConfigError(f"--log-config {path}: {reason}") from None
 
 
