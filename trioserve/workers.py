@@ -53,8 +53,9 @@ end of a socketpair (descriptor named by ``TRIOSERVE_READY_FD``;
 * the worker writes one byte once its app is imported and it serves; the parent
   counts a worker as booted only then: that is what a reload waits for before
   stopping the old workers, and what separates "failed to boot" from "died";
-* the parent asks a worker to stop by writing ``S`` (gracefully) or ``Q`` (at
-  once) rather than by sending it SIGTERM: under systemd's default
+* the parent asks a worker to stop by writing ``S`` (gracefully; ``s`` for the
+  routine replacements of ``--reload``, which the worker logs at debug level) or
+  ``Q`` (at once) rather than by sending it SIGTERM: under systemd's default
   ``KillMode=control-group`` every process of the service gets SIGTERM at the
   same moment, and a worker would count that one and a forwarded one as two
   signals, turning every graceful stop into an immediate one. A request sent
@@ -71,6 +72,10 @@ that reconciles wanted and actual workers):
 * a worker that dies (non-zero status or a signal) or exits before it was ready
   is replaced after a delay that starts at 0.1 s and doubles up to 10 s, so a
   crashing app does not spin; a worker that lived 10 s resets the delay;
+* with ``--reload`` (:mod:`trioserve.reloader`), a change to a watched file is a
+  reload, and a worker that fails to boot is not retried: the supervisor waits
+  for the next change (the worker has shown its error), while an older worker,
+  if any, keeps serving;
 * a worker that fails to boot before any worker has ever been ready stops
   everything, with that worker's exit status (2 for "no such module"): at
   startup such a failure is nearly always a mistake a retry will not fix (a
@@ -156,6 +161,7 @@ def ignore_terminal_signals() -> None:
 READY = b"R"  # worker -> parent: serving
 STOP = b"S"  # parent -> worker: stop gracefully
 QUIT = b"Q"  # parent -> worker: stop now
+RETIRE = b"s"  # parent -> worker: stop gracefully, a routine replacement (--reload): quietly
 
 
 async def report_ready(server: Server, cancel_scope: trio.CancelScope) -> None:
@@ -183,8 +189,9 @@ async def report_ready(server: Server, cancel_scope: trio.CancelScope) -> None:
                     LOGGER.info("Supervisor: stop now")
                     cancel_scope.cancel()
                     return
-                if STOP in data:
-                    LOGGER.info(
+                if STOP in data or RETIRE in data:
+                    LOGGER.log(
+                        logging.INFO if STOP in data else logging.DEBUG,
                         "Supervisor: stop gracefully; finishing in-flight requests (up to %.0fs)",
                         server.config.graceful_timeout,
                     )
@@ -297,6 +304,7 @@ class _Worker:
     retiring: bool = False  # we asked it to stop
     hurried: bool = False  # ... and then to stop now
     kill_at: float = math.inf  # SIGKILL if still running then
+    stop_message: bytes = STOP  # how it is asked to stop gracefully (RETIRE: quietly)
 
     def tell(self, message: bytes) -> None:
         """Send a stop request (ignored if the worker is gone, or not started: see _run_worker)."""
@@ -429,7 +437,8 @@ class Supervisor:
         """Ask a worker to stop gracefully, with a deadline for SIGKILL."""
         worker.retiring = True
         worker.kill_at = now + self.config.graceful_timeout + KILL_MARGIN
-        worker.tell(STOP)
+        worker.stop_message = RETIRE if self.reload_on_change and not self.stopping else STOP
+        worker.tell(worker.stop_message)
 
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -520,7 +529,7 @@ class Supervisor:
             worker.channel = parent_end
             LOGGER.log(self._routine, "Started worker %d", process.pid)
             if worker.retiring:  # asked while it was being started
-                worker.tell(STOP)
+                worker.tell(worker.stop_message)
             if worker.hurried:
                 worker.tell(QUIT)
             channel = trio.socket.from_stdlib_socket(parent_end)
