@@ -145,7 +145,7 @@ async def test_reload_with_two_workers(tmp_path: Path) -> None:
     ("flags", "message"),
     [
         (["--reload-dir", "examples"], "--reload-dir needs --reload"),
-        (["--reload", "--reload-dir", "/nonexistent"], "--reload-dir /nonexistent: not a directory"),
+        (["--reload", "--reload-dir", "/no/dir"], "--reload-dir /no/dir: not a directory"),
     ],
 )  # fmt: skip
 async def test_bad_reload_options(flags: list[str], message: str) -> None:
