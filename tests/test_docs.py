@@ -457,10 +457,11 @@ async def test_nursery_start_idiom_runs(nursery: trio.Nursery) -> None:
         await server.stop()
 
 
-async def test_testing_example_runs() -> None:
-    """The trioserve.testing block, with an upload handler that reads until the body ends."""
+@pytest.mark.parametrize("index", [0, 1], ids=["get", "reset"])
+async def test_testing_example_runs(index: int) -> None:
+    """Each trioserve.testing block, with an upload handler that reads until the body ends."""
     blocks = code_blocks(section("Testing your app with `trioserve.testing`"), "python")
-    assert blocks
+    assert len(blocks) == 2
 
     def my_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         while environ["wsgi.input"].read(1024):
@@ -469,7 +470,7 @@ async def test_testing_example_runs() -> None:
         return []
 
     namespace: dict[str, Any] = {"__name__": "readme_testing", "my_app": my_app}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    exec(compile(blocks[index], "README.md", "exec"), namespace)
     tests = [value for name, value in namespace.items() if name.startswith("test_")]
     assert len(tests) == 1
     with trio.fail_after(TIMEOUT):
