@@ -1,21 +1,57 @@
-"""Developer tasks: ``nox -s tests`` (the test suite) and ``nox -s lint`` (ruff + mypy --strict)."""
+"""Developer tasks: ``nox -s tests`` (the test suite) and ``nox -s lint`` (ruff + mypy --strict).
+
+``tests`` runs once per supported Python found on this machine (``tests-3.11``,
+``tests-3.12``, ``tests-3.13``), so someone with only 3.12 gets the suite run on
+3.12 rather than a skipped session. Only when none of them is installed does
+nox fail, naming the interpreters it looked for. CI has all three.
+"""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+
 import nox
+
+SUPPORTED_PYTHONS = ("3.11", "3.12", "3.13")
+# The supported versions this machine has (nox also uses its own interpreter for
+# its own version); if it has none, all of them, so that nox reports each as
+# missing and fails (error_on_missing_interpreters) instead of skipping the
+# suite and exiting 0.
+RUNNING = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _runs(program: str) -> bool:
+    """Is ``program`` on PATH and does it start? (pyenv puts a shim for every version it
+    has on PATH, and a shim of a version not selected fails when run.)"""
+    path = shutil.which(program)
+    if path is None:
+        return False
+    try:
+        return subprocess.run([path, "-c", ""], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+FOUND_PYTHONS = [
+    version for version in SUPPORTED_PYTHONS if version == RUNNING or _runs(f"python{version}")
+]
 
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
 
 
-@nox.session(python="3.11")
+@nox.session(python=FOUND_PYTHONS or list(SUPPORTED_PYTHONS))
 def tests(session: nox.Session) -> None:
     """Run the test suite (end-to-end tests use curl/nghttp/h2load when installed)."""
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
 
 
-@nox.session(python="3.11")
+# lint and soak run on the Python nox itself runs on: whichever the machine has.
+@nox.session(python=None)
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check) and mypy --strict on the package."""
     session.install("-e", ".[lint]")
@@ -24,7 +60,7 @@ def lint(session: nox.Session) -> None:
     session.run("mypy", "--strict", "trioserve")
 
 
-@nox.session(python="3.11")
+@nox.session(python=None)
 def soak(session: nox.Session) -> None:
     """Opt-in, longer hostile-client run (not in CI): the attack tests, the fuzzers with 50
     times the examples, then tests/test_soak.py (good and hostile clients against one
@@ -55,6 +91,4 @@ def bench(session: nox.Session) -> None:
 
     ``nox -s bench -- --quick`` passes its arguments on; see bench/README.md.
     """
-    import sys
-
     session.run(sys.executable, "bench/run.py", *session.posargs, external=True)

@@ -37,6 +37,22 @@ def _environ(environ: Environ, start_response: Any) -> Iterable[bytes]:
     return [body]
 
 
+def _tls_echo(environ: Environ, start_response: Any) -> Iterable[bytes]:
+    """Echo mod_ssl's SSL_* variables, the protocol and the scheme as JSON."""
+    echoed = {key: value for key, value in environ.items() if key.startswith("SSL_")}
+    echoed["SERVER_PROTOCOL"] = environ["SERVER_PROTOCOL"]
+    echoed["wsgi.url_scheme"] = environ["wsgi.url_scheme"]
+    body = json.dumps(echoed).encode()
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
+
+
+def _raises(environ: Environ, start_response: Any) -> Iterable[bytes]:
+    raise RuntimeError("raised on purpose by the app")
+
+
 def _slow_upload(environ: Environ, start_response: Any) -> Iterable[bytes]:
     """Say on stderr that the request is in flight, then read the whole body and report it.
 
@@ -78,6 +94,8 @@ def _wait_for_fifo(environ: Environ, start_response: Any) -> Iterable[bytes]:
 application = _text_app("default attribute\n")
 
 environ_echo = validator(_environ)
+tls_echo = validator(_tls_echo)
+raises = validator(_raises)
 slow_upload = validator(_slow_upload)
 wait_for_fifo = validator(_wait_for_fifo)
 

@@ -162,9 +162,10 @@ async def serving(
     cwd: Path = ROOT,
     listeners: int = 1,
     stop: Callable[[RunningCLI], Awaitable[None]] = kill,
+    log_stream: str = "stderr",
 ) -> AsyncIterator[RunningCLI]:
-    """Start the command, wait for its ``Listening on`` line(s), and always ``stop`` it
-    at the end (by default: kill it)."""
+    """Start the command, wait for its ``Listening on`` line(s) on ``log_stream``, and
+    always ``stop`` it at the end (by default: kill it)."""
     process = await trio.lowlevel.open_process(
         [*command, *args],
         cwd=cwd,
@@ -182,7 +183,9 @@ async def serving(
             nursery.start_soon(cli._pump, "stderr", process.stderr)
             try:
                 for line in range(1, listeners + 1):
-                    match = await cli.wait_for_line(r"Listening on (\S+)", nth=line)
+                    match = await cli.wait_for_line(
+                        r"Listening on ([^\s\"]+)", nth=line, stream=log_stream
+                    )
                     cli.addresses.append(match.group(1))
                 yield cli
             finally:
@@ -373,17 +376,30 @@ async def test_module_raising_on_import_shows_its_traceback(tmp_path: Path) -> N
     assert "RuntimeError: boom while importing" in stderr
 
 
-async def test_missing_dependency_of_the_app_is_not_reported_as_missing_app(
-    tmp_path: Path,
-) -> None:
-    # The module exists; an import inside it fails. That is the app's bug: show it.
+async def test_missing_dependency_of_the_app_is_one_line_naming_it(tmp_path: Path) -> None:
+    # The module exists; a package it imports is not installed (the README's
+    # examples.flask_app without Flask): one line naming the missing package, exit 2.
     (tmp_path / "needs_dep.py").write_text("import not_installed_dependency_xyz\napp = None\n")
     result = await run_cli("needs_dep:app", "-b", "127.0.0.1:0", cwd=tmp_path)
+    line = assert_one_line_error(result, 2)
+    assert line == (
+        "trioserve: error: cannot import module 'needs_dep': it needs"
+        " 'not_installed_dependency_xyz', which is not installed"
+        " (--log-level debug shows the traceback)"
+    )
+
+
+async def test_missing_dependency_traceback_at_log_level_debug(tmp_path: Path) -> None:
+    (tmp_path / "needs_dep.py").write_text("import not_installed_dependency_xyz\napp = None\n")
+    result = await run_cli(
+        "needs_dep:app", "-b", "127.0.0.1:0", "--log-level", "debug", cwd=tmp_path
+    )
     stderr = result.stderr.decode()
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" in stderr
+    assert 'needs_dep.py", line 1' in stderr
     assert "No module named 'not_installed_dependency_xyz'" in stderr
-    assert "no such module" not in stderr
+    assert stderr.splitlines()[-1].startswith("trioserve: error: cannot import module 'needs_dep'")
 
 
 async def test_port_in_use() -> None:

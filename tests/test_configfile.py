@@ -3,7 +3,8 @@
 The agreement test generates a file that sets every field of
 :class:`trioserve.config.Config` to a value other than its default, so a new
 field is covered the day it is added (and fails here if no value of its type
-can be generated: then add it to ``SPECIAL``).
+can be generated: then add it to ``SPECIAL``). ``--log-config`` excludes the
+other log options, so it has a document of its own (``EXCLUSIVE``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,19 @@ SPECIAL: dict[str, Any] = {
     "forwarded_allow_ips": ["10.0.0.0/8", "unix"],
     "unix_socket_mode": "660",
     "root": "static",
+    "static_charset": "utf-8",
+    "error_log": "-",
+    "log_format": "json",
+    "keyfile_password": "env:TRIOSERVE_KEY_PASSWORD",
+    "ca_certs": "ca.pem",
+    "cert_reqs": "required",
+    "ciphers": "ECDHE+AESGCM",
+    "tls_min_version": "1.3",
+    "reload_dir": ["src"],
+    "umask": "027",
 }
+# Fields that cannot be set together with the others: each gets a document of its own.
+EXCLUSIVE: dict[str, Any] = {"log_config": "logging.toml"}
 
 
 def non_default_value(field: dataclasses.Field[Any], kind: Any) -> Any:
@@ -67,7 +80,11 @@ def toml_value(value: Any) -> str:
 def every_field(dash: bool = False) -> tuple[str, dict[str, Any]]:
     """A TOML document setting every field, and the values it sets."""
     hints = get_type_hints(Config)
-    values = {field.name: non_default_value(field, hints[field.name]) for field in options()}
+    values = {
+        field.name: non_default_value(field, hints[field.name])
+        for field in options()
+        if field.name not in EXCLUSIVE
+    }
     lines = [
         f"{name.replace('_', '-') if dash else name} = {toml_value(value)}"
         for name, value in values.items()
@@ -95,12 +112,23 @@ def test_every_field_has_a_file_key(tmp_path: Path, dash: bool) -> None:
     text, values = every_field(dash)
     path = write(tmp_path, text)
     loaded = load_config_file(path)
-    assert set(loaded) == {field.name for field in options()}
+    assert set(loaded) | set(EXCLUSIVE) == {field.name for field in options()}
     expected = Config(**values)
     for field in options():
-        assert getattr(expected, field.name) != getattr(DEFAULTS, field.name), field.name
+        if field.name not in EXCLUSIVE:
+            assert getattr(expected, field.name) != getattr(DEFAULTS, field.name), field.name
     assert Config(**loaded) == expected
     # The same through the command line: --config alone gives the file's values.
+    assert from_cli("--config", path) == expected
+
+
+@pytest.mark.parametrize("name", sorted(EXCLUSIVE))
+@pytest.mark.parametrize("dash", [False, True], ids=["snake_case", "dash-case"])
+def test_exclusive_fields_have_a_file_key(tmp_path: Path, name: str, dash: bool) -> None:
+    key = name.replace("_", "-") if dash else name
+    path = write(tmp_path, f"{key} = {toml_value(EXCLUSIVE[name])}\n")
+    expected = DEFAULTS.replace(**{name: EXCLUSIVE[name]})
+    assert Config(**load_config_file(path)) == expected
     assert from_cli("--config", path) == expected
 
 
@@ -108,8 +136,8 @@ def test_every_flag_is_a_field_and_every_field_a_flag() -> None:
     parser = build_parser()
     dests = {action.dest for action in parser._actions if action.option_strings}
     fields = {field.name for field in options()}
-    # --help and --config are the only flags that are not options of the server.
-    assert dests - fields == {"help", "config"}
+    # --help, --version and --config are the only flags that are not options of the server.
+    assert dests - fields == {"help", "version", "config"}
     assert fields <= dests
     for field in options():
         flags = field.metadata["flags"] or ("--" + field.name.replace("_", "-"),)

@@ -459,10 +459,11 @@ async def test_nursery_start_idiom_runs(nursery: trio.Nursery) -> None:
         await server.stop()
 
 
-async def test_testing_example_runs() -> None:
-    """The trioserve.testing block, with an upload handler that reads until the body ends."""
+@pytest.mark.parametrize("index", [0, 1], ids=["get", "reset"])
+async def test_testing_example_runs(index: int) -> None:
+    """Each trioserve.testing block, with an upload handler that reads until the body ends."""
     blocks = code_blocks(section("Testing your app with `trioserve.testing`"), "python")
-    assert blocks
+    assert len(blocks) == 2
 
     def my_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         while environ["wsgi.input"].read(1024):
@@ -471,7 +472,7 @@ async def test_testing_example_runs() -> None:
         return []
 
     namespace: dict[str, Any] = {"__name__": "readme_testing", "my_app": my_app}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    exec(compile(blocks[index], "README.md", "exec"), namespace)
     tests = [value for name, value in namespace.items() if name.startswith("test_")]
     assert len(tests) == 1
     with trio.fail_after(TIMEOUT):
@@ -482,7 +483,8 @@ async def test_testing_example_runs() -> None:
 
 
 def test_config_file_example_is_valid(tmp_path: Path) -> None:
-    blocks = code_blocks(section("Deployment"), "toml")
+    # The --config example (the --log-config one runs in tests/test_logs.py).
+    blocks = [block for block in code_blocks(section("Deployment"), "toml") if "--config" in block]
     assert len(blocks) == 1
     path = tmp_path / "trioserve.toml"
     path.write_text(blocks[0])

@@ -196,8 +196,6 @@ async def test_lookup(site: Site, http2: bool, target: str, body: bytes) -> None
     "target",
     [
         "/missing.txt",
-        "/empty_dir/",  # a directory without index.html: no listing
-        "/empty_dir",  # ... and no redirect to a page that does not exist
         "/hello.txt/",  # a file is not a directory
         "/hello.txt/x",
         "/%FF.txt",  # not UTF-8: no file can have that name
@@ -210,6 +208,20 @@ async def test_not_found(site: Site, http2: bool, target: str) -> None:
     assert response.body == b"404 Not Found\n"
     assert response.header("Content-Type") == "text/plain; charset=utf-8"
     assert response.header("Content-Length") == str(len(response.body))
+
+
+@both_protocols
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/empty_dir/",  # a directory without index.html: no listing, as nginx and Apache
+        "/empty_dir",  # ... and no redirect to a page that does not exist
+    ],
+)
+async def test_directory_without_index_is_forbidden(site: Site, http2: bool, target: str) -> None:
+    response = await fetch(static_app(site.root), target, http2=http2)
+    assert response.status == 403
+    assert response.body == b"403 Forbidden\n"
 
 
 @both_protocols
@@ -251,7 +263,7 @@ async def test_custom_index(site: Site) -> None:
     (site.root / "sub" / "default.htm").write_bytes(b"default")
     app = static_app(site.root, index="default.htm")
     assert (await fetch(app, "/sub/", http2=False)).body == b"default"
-    assert (await fetch(app, "/", http2=False)).status == 404
+    assert (await fetch(app, "/", http2=False)).status == 403  # index.html is not the index here
 
 
 @both_protocols
@@ -418,7 +430,7 @@ async def test_exact_headers(site: Site, http2: bool) -> None:
     assert response.status == 200
     assert response.body == HELLO
     expected = {
-        "Content-Type": "text/plain; charset=utf-8",
+        "Content-Type": "text/plain",
         "Content-Length": str(len(HELLO)),
         "Last-Modified": HELLO_LAST_MODIFIED,
         "ETag": HELLO_ETAG,
@@ -475,11 +487,11 @@ def test_content_type_table_covers_what_the_issue_lists() -> None:
 @pytest.mark.parametrize(
     ("name", "content_type"),
     [
-        ("page.html", "text/html; charset=utf-8"),
-        ("style.css", "text/css; charset=utf-8"),
-        ("app.js", "text/javascript; charset=utf-8"),
+        ("page.html", "text/html"),  # bare, as nginx and Apache send them by default
+        ("style.css", "text/css"),
+        ("app.js", "text/javascript"),
         ("data.json", "application/json"),
-        ("notes.txt", "text/plain; charset=utf-8"),
+        ("notes.txt", "text/plain"),
         ("photo.jpg", "image/jpeg"),
         ("photo.jpeg", "image/jpeg"),
         ("PHOTO.PNG", "image/png"),  # extensions are case-insensitive
@@ -504,7 +516,29 @@ async def test_content_type_follows_the_name_asked_for(tmp_path: Path) -> None:
     (tmp_path / "v1.2.bin").write_bytes(b"x")
     (tmp_path / "latest.css").symlink_to("v1.2.bin")
     response = await fetch(static_app(tmp_path), "/latest.css", http2=False)
-    assert response.header("Content-Type") == "text/css; charset=utf-8"
+    assert response.header("Content-Type") == "text/css"
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type"),
+    [
+        ("page.html", "text/html; charset=utf-8"),
+        ("app.js", "text/javascript; charset=utf-8"),
+        ("notes.txt", "text/plain; charset=utf-8"),
+        ("data.json", "application/json"),  # not text/*: never a charset
+        ("photo.png", "image/png"),
+        ("doc.rst", "text/x-rst; charset=latin-1"),  # given with its own parameter: kept
+    ],
+)
+async def test_charset_is_added_to_text_types_when_asked_for(
+    tmp_path: Path, name: str, content_type: str
+) -> None:
+    (tmp_path / name).write_bytes(b"x")
+    app = static_app(
+        tmp_path, charset="utf-8", content_types={".rst": "text/x-rst; charset=latin-1"}
+    )
+    response = await fetch(app, "/" + name, http2=False)
+    assert response.header("Content-Type") == content_type
 
 
 async def test_content_types_can_be_extended(tmp_path: Path) -> None:
@@ -1005,7 +1039,7 @@ async def test_curl(
     get.check(200, version)
     assert get.body == HELLO
     assert etag == [HELLO_ETAG]
-    assert header_values(get.headers, "content-type") == ["text/plain; charset=utf-8"]
+    assert header_values(get.headers, "content-type") == ["text/plain"]
     assert header_values(get.headers, "last-modified") == [HELLO_LAST_MODIFIED]
     if version == "1.1":
         # Conventional capitalisation on the wire (curl's -D dump keeps it).

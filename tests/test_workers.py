@@ -311,7 +311,7 @@ async def pids_answering(address: str, expected: set[int], target: str = "/") ->
 
 def test_worker_command_keeps_every_option_but_bind_and_workers(tmp_path: Path) -> None:
     config_file = tmp_path / "trioserve.toml"
-    config_file.write_text('server_header = "from-file"\nthreads = 3\n')
+    config_file.write_text('server_header = "from-file"\nthreads = 3\nmax_requests = 9\n')
     argv = [
         "pidapp:app",
         "-w",
@@ -319,7 +319,7 @@ def test_worker_command_keeps_every_option_but_bind_and_workers(tmp_path: Path) 
         "-b",
         "127.0.0.1:0",
         "--bind=unix:/tmp/x.sock",
-        f"--config={config_file.name}",
+        f"--config={config_file}",
         "--threads",
         "7",
         "--no-proxy-protocol",
@@ -334,25 +334,26 @@ def test_worker_command_keeps_every_option_but_bind_and_workers(tmp_path: Path) 
         "--server-header=-dash-",
         "--unix-socket-mode",
         "600",
+        "--pid",
+        str(tmp_path / "trioserve.pid"),
+        "--umask",
+        "027",
     ]
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        args = build_parser().parse_args(argv)
-        parent = config_from_args(args)
-        command = workers.worker_command(args, ["fd://5", "fd://6"])
-        assert command[:3] == list(MODULE)
-        worker_args = build_parser().parse_args(command[3:])
-        worker = config_from_args(worker_args)
-    finally:
-        os.chdir(cwd)
+    parent = config_from_args(build_parser().parse_args(argv))
+    command = workers.worker_command(parent, "pidapp:app", ["fd://5", "fd://6"])
+    assert command[:3] == list(MODULE)
+    worker_args = build_parser().parse_args(command[3:])
+    worker = config_from_args(worker_args)
     assert worker_args.app == "pidapp:app"
-    assert worker_args.config == str(config_file)  # absolute: the same file from anywhere
+    assert worker_args.config is None  # the supervisor read the file; its values are flags
     assert worker.bind == ("fd://5", "fd://6")
     assert worker.workers == 1
     assert parent.workers == 3
-    assert worker == parent.replace(bind=("fd://5", "fd://6"), workers=1)
+    # What only the supervisor does (the pid file, the umask) is not repeated by workers.
+    assert (worker.pid, worker.umask) == (None, None)
+    assert worker == parent.replace(bind=("fd://5", "fd://6"), workers=1, pid=None, umask=None)
     assert worker.threads == 7  # the flag, over the file
+    assert worker.max_requests == 9  # from the file
     assert worker.server_header == "-dash-"
 
 

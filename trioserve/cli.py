@@ -8,29 +8,45 @@ becomes the supervisor of N worker processes and never imports the app
 (:mod:`trioserve.workers`).
 
 Misconfiguration ends the process with one line on stderr and exit status 2
-(bad flags, app not importable) or 1 (cannot bind, unreadable certificate);
-never with a traceback, except when the app's own module fails while importing.
+(bad flags, app not importable, a log file that cannot be opened) or 1 (cannot
+bind, unreadable certificate): the error's ``exit_status``. Never with a
+traceback, except when the app's own module fails while importing; with
+``--log-level debug`` an error caused by an exception (a package the app needs
+is missing) shows that exception's traceback above the line.
+
+Before serving (see :mod:`trioserve.process`): ``--chdir`` and ``--umask``,
+the logs (:mod:`trioserve.logs`), the pid file; the app is imported before the
+sockets are bound, except with ``--user``/``--group``, where it is imported only
+after binding and switching user. ``--reload`` runs the supervisor with one
+worker, restarted when a Python file changes (:mod:`trioserve.reloader`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import signal
 import sys
+import traceback
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, get_type_hints
 
 import trio
 
+from . import __version__
 from .config import Config, ConfigError, options
 from .configfile import load_config_file
 from .importer import import_app
-from .listeners import systemd_listeners
+from .listeners import bind_listeners, remove_socket_files, systemd_listeners
+from .logs import configure_logging
+from .process import Identity, drop_privileges, pid_file, prepare_process
+from .reloader import check_reload_available
 from .server import Server, serve_wsgi
+from .tls import reload_certificates
 from .workers import ignore_terminal_signals, in_worker, report_ready, run_supervisor
 from .wsgi import WSGIApp
 
@@ -49,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the WSGI application, e.g. examples.hello:app (ATTR defaults to 'application');"
         " omitted with --root DIR",
     )
+    parser.add_argument("--version", action="version", version=f"trioserve {__version__}")
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -102,47 +119,43 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
     return {field.name: getattr(args, field.name) for field in options() if field.name in args}
 
 
-def setup_logging(config: Config) -> None:
-    """Error log to stderr at ``--log-level``; access log to ``--access-log``."""
-    formatter = logging.Formatter(
-        f"[%(asctime)s] [{os.getpid()}] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S %z"
-    )
-    error_handler = logging.StreamHandler(sys.stderr)
-    error_handler.setFormatter(formatter)
-    root = logging.getLogger("trioserve")
-    root.handlers[:] = [error_handler]
-    root.setLevel(config.log_level.upper())
-    access = logging.getLogger("trioserve.access")
-    access.propagate = False
-    access.setLevel(logging.INFO)
-    if config.access_log:
-        handler: logging.Handler
-        if config.access_log == "-":
-            handler = logging.StreamHandler(sys.stdout)
-        else:
-            handler = logging.FileHandler(config.access_log)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access.handlers[:] = [handler]
-
-
-async def run_until_signalled(app: WSGIApp, config: Config) -> None:
+async def run_until_signalled(
+    config: Config, load: Callable[[], WSGIApp], identity: Identity | None = None
+) -> None:
     """Serve until SIGINT/SIGTERM: the first stops gracefully, a second one at once.
 
+    ``load`` gives the app. With ``identity`` (``--user``/``--group``) the
+    sockets are bound first, then the process becomes that user, and only then
+    is the app loaded. With TLS, SIGHUP reads the certificate files again
+    (:func:`trioserve.tls.reload_certificates`); without TLS it keeps its
+    default meaning.
+
     A worker process (see :mod:`trioserve.workers`) stops on SIGTERM only (its
-    parent handles SIGINT), serves the sockets it was given rather than systemd's,
-    and reports to its parent once it serves.
+    parent handles SIGINT and SIGHUP), serves the sockets it was given rather
+    than systemd's, and reports to its parent once it serves.
     """
     worker = in_worker()
-    stop_signals = (signal.SIGTERM,) if worker else (signal.SIGINT, signal.SIGTERM)
-    with trio.open_signal_receiver(*stop_signals) as signals:
+    watched: tuple[signal.Signals, ...] = (signal.SIGTERM,)
+    if not worker:
+        watched += (signal.SIGINT,)
+    if config.certfile and not worker:
+        watched += (signal.SIGHUP,)
+    with trio.open_signal_receiver(*watched) as signals:
         async with trio.open_nursery() as nursery:
             activated = [] if worker else systemd_listeners()
             if activated:
                 LOGGER.info("Serving %d socket(s) from systemd (LISTEN_FDS)", len(activated))
-            server = await serve_wsgi(app, nursery, config=config, listeners=activated or None)
+            listeners = activated or None
+            if identity is not None:
+                listeners = listeners or await bind_listeners(config)
+                app = _load_as(identity, load, listeners)
+            else:
+                app = load()
+            server = await serve_wsgi(app, nursery, config=config, listeners=listeners)
             for address in server.addresses:
                 scheme = "https" if config.certfile else "http"
-                LOGGER.info(
+                LOGGER.log(
+                    logging.DEBUG if worker else logging.INFO,
                     "Worker serving %s" if worker else "Listening on %s",
                     address if address.startswith("unix:") else f"{scheme}://{address}",
                 )
@@ -153,9 +166,26 @@ async def run_until_signalled(app: WSGIApp, config: Config) -> None:
             nursery.cancel_scope.cancel()
 
 
+def _load_as(
+    identity: Identity, load: Callable[[], WSGIApp], listeners: list[trio.SocketListener]
+) -> WSGIApp:
+    """Become ``identity``, then load the app; the listeners are closed if that fails."""
+    try:
+        drop_privileges(identity)
+        return load()
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        remove_socket_files(listeners)
+        raise
+
+
 async def _watch_signals(signals: Any, server: Server, cancel_scope: trio.CancelScope) -> None:
     count = 0
     async for signum in signals:
+        if signum == signal.SIGHUP:
+            _reload_certificates()
+            continue
         count += 1
         if count == 1:
             LOGGER.info(
@@ -170,6 +200,17 @@ async def _watch_signals(signals: Any, server: Server, cancel_scope: trio.Cancel
             return
 
 
+def _reload_certificates() -> None:
+    try:
+        reload_certificates()
+    except ConfigError as exc:
+        LOGGER.error(
+            "Received SIGHUP: the TLS files do not load, keeping the current ones: %s", exc
+        )
+        return
+    LOGGER.info("Received SIGHUP: TLS files read again; new connections use them")
+
+
 def load_app(spec: str | None, config: Config) -> WSGIApp:
     """The app to serve: MODULE:ATTR imported, or StaticFiles for ``--root DIR`` (exactly one)."""
     check_app_source(spec, config)
@@ -180,7 +221,7 @@ def load_app(spec: str | None, config: Config) -> WSGIApp:
 
     assert config.root is not None
     try:
-        return StaticFiles(config.root)
+        return StaticFiles(config.root, charset=config.static_charset)
     except OSError as exc:
         raise ConfigError(f"--root {config.root}: not a directory") from exc
 
@@ -198,33 +239,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         ignore_terminal_signals()
     parser = build_parser()
     args = parser.parse_args(argv)
-    # More than one worker: this process supervises and never imports the app.
-    app: WSGIApp | None = None
+    if args.config:
+        args.config = os.path.abspath(args.config)  # read again on SIGHUP, after --chdir
+    config: Config | None = None
     try:
         config = config_from_args(args)
-        if config.workers > 1 and not in_worker():
-            check_app_source(args.app, config)
-        else:
-            app = load_app(args.app, config)
-    except ConfigError as exc:
-        print(f"trioserve: error: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config)
-    try:
-        if app is None:
-            status: int = trio.run(run_supervisor, args, config)
-            return status
-        trio.run(run_until_signalled, app, config)
+        identity = prepare_process(config)
+        check_app_source(args.app, config)
+        if config.reload:
+            check_reload_available()
+        configure_logging(config)
+        # --workers above 1 or --reload: this process supervises and never imports the app.
+        supervise = (config.workers > 1 or config.reload) and not in_worker()
+        app: WSGIApp | None = None
+        if not supervise and identity is None:
+            app = load_app(args.app, config)  # before binding: a bad app costs no socket
+        with pid_file(config.pid):
+            if supervise:
+                after_bind = (
+                    None if identity is None else functools.partial(drop_privileges, identity)
+                )
+                reread = functools.partial(config_from_args, args)
+                status: int = trio.run(run_supervisor, config, args.app, reread, after_bind)
+                return status
+            load = functools.partial(load_app, args.app, config) if app is None else lambda: app
+            trio.run(run_until_signalled, config, load, identity)
     except BaseExceptionGroup as group:
         error = _only_config_error(group)
         if error is None:
             raise
-        print(f"trioserve: error: {error}", file=sys.stderr)
-        return 1
+        return _refuse(error, config)
     except ConfigError as exc:
-        print(f"trioserve: error: {exc}", file=sys.stderr)
-        return 1
+        return _refuse(exc, config)
     return 0
+
+
+def _refuse(error: ConfigError, config: Config | None) -> int:
+    """Report ``error`` in one line (its cause's traceback too at --log-level debug)."""
+    if config is not None and config.log_level.lower() == "debug" and error.__cause__ is not None:
+        traceback.print_exception(error.__cause__, file=sys.stderr)
+    print(f"trioserve: error: {error}", file=sys.stderr)
+    return error.exit_status
 
 
 def _only_config_error(group: BaseExceptionGroup[BaseException]) -> ConfigError | None:

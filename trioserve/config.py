@@ -23,7 +23,14 @@ COMMON_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s'
 
 
 class ConfigError(ValueError):
-    """An option has an invalid value. The message is one line, fit for a terminal."""
+    """An option has an invalid value. The message is one line, fit for a terminal.
+
+    ``exit_status`` is what the trioserve command exits with when this ends it:
+    2 for a bad option; subclasses for what fails only when used (binding an
+    address, reading a TLS file) say 1.
+    """
+
+    exit_status = 2
 
 
 def _option(default: Any, help: str, *, flags: tuple[str, ...] = (), metavar: str = "") -> Any:
@@ -69,9 +76,24 @@ class Config:
         "serve the static files under DIR (trioserve.static.StaticFiles) instead of MODULE:ATTR",
         metavar="DIR",
     )
+    static_charset: str | None = _option(
+        # nginx and Apache send no charset unless configured, and clients that
+        # compare Content-Type whole (test suites, some caches) expect none.
+        None,
+        "charset parameter added to the text/* Content-Types of --root files (e.g. utf-8);"
+        " none: the bare type",
+        metavar="CHARSET",
+    )
     factory: bool = _option(False, "treat MODULE:ATTR as a factory: call it to get the app")
+    # ---- logs ----------------------------------------------------------------------
     log_level: str = _option(
         "info", "error log level: debug, info, warning, error, critical", metavar="LEVEL"
+    )
+    error_log: str | None = _option(
+        # stderr: what a service manager (systemd, Docker, Kubernetes) collects.
+        None,
+        "write the error log to FILE (appended; reopened if rotated away), or - for stderr",
+        metavar="FILE",
     )
     access_log: str | None = _option(
         None, "write an access log line per request to FILE, or - for stdout", metavar="FILE"
@@ -81,10 +103,57 @@ class Config:
         "access log format: gunicorn-style %(atom)s fields (the default is the common log format)",
         metavar="FORMAT",
     )
+    log_format: str = _option(
+        # Text for people at a terminal; json is opted into by log shippers.
+        "text",
+        "text, or json: one JSON object per line (time, level, logger, message; access"
+        " lines add their fields) for the error and access logs",
+        metavar="FORMAT",
+    )
+    log_config: str | None = _option(
+        None,
+        "configure logging from FILE: a logging.config dictConfig in .json or .toml, or a"
+        " fileConfig .ini; replaces --error-log, --access-log and --log-format",
+        metavar="FILE",
+    )
+    # ---- TLS ---------------------------------------------------------------------
     certfile: str | None = _option(
         None, "TLS certificate chain (PEM); enables HTTPS", metavar="FILE"
     )
     keyfile: str | None = _option(None, "TLS private key (PEM)", metavar="FILE")
+    keyfile_password: str | None = _option(
+        # OpenSSL's pass phrase syntax (openssl-passphrase-options(1)), so the
+        # secret itself need not be on the command line: env: and file: keep it
+        # out of ps and shell history, and workers get the source, not the secret.
+        None,
+        "password of an encrypted --keyfile: env:VAR (from an environment variable),"
+        " file:PATH (first line of a file) or pass:TEXT (the password itself)",
+        metavar="SOURCE",
+    )
+    ca_certs: str | None = _option(
+        None,
+        "CA certificates (PEM) that client certificates must chain to; with --cert-reqs",
+        metavar="FILE",
+    )
+    cert_reqs: str = _option(
+        # Client certificates are for the few deployments that ask for them.
+        "none",
+        "client certificates: none (not asked for), optional (verified if sent) or required",
+        metavar="MODE",
+    )
+    ciphers: str | None = _option(
+        # None: ECDHE/DHE with AES-GCM or ChaCha20 only, what RFC 9113 §9.2 lets
+        # HTTP/2 use; TLS 1.3's suites are OpenSSL's and not affected.
+        None,
+        "OpenSSL cipher list for TLS 1.2 (e.g. ECDHE+AESGCM); none: the AEAD suites HTTP/2 allows",
+        metavar="CIPHERS",
+    )
+    tls_min_version: str = _option(
+        # HTTP/2 needs 1.2 or later (RFC 9113 §9.2); 1.3 alone shuts out some older clients.
+        "1.2",
+        "oldest TLS version accepted: 1.2 or 1.3",
+        metavar="VERSION",
+    )
     keep_alive_timeout: float = _option(
         # Long enough to reuse a connection between a page and its assets,
         # short enough that idle clients do not pin sockets (nginx 75 s, uvicorn 5 s).
@@ -183,6 +252,44 @@ class Config:
         0,
         "add a random 0..N to max-requests per worker, so workers do not restart together",
     )
+    reload: bool = _option(
+        # Development only: watching files costs a little and restarts drop state.
+        False,
+        "restart the worker when a Python file under the --reload-dir directories changes"
+        " (development)",
+    )
+    reload_dir: tuple[str, ...] = _option(
+        (".",),
+        "directory watched by --reload (its subdirectories too); repeatable",
+        metavar="DIR",
+    )
+    pid: str | None = _option(
+        None, "write the server's process id to FILE (removed on exit)", metavar="FILE"
+    )
+    chdir: str | None = _option(
+        None,
+        "change to DIR before anything else (app import, relative paths)",
+        metavar="DIR",
+    )
+    user: str | None = _option(
+        # Bind as root (port 443, a root-only key), serve as someone who cannot
+        # do much: the app is imported only after the switch.
+        None,
+        "after binding, switch to this user (name or uid); needs root",
+        metavar="USER",
+    )
+    group: str | None = _option(
+        None,
+        "after binding, switch to this group (name or gid); default with --user: the user's"
+        " group; needs root",
+        metavar="GROUP",
+    )
+    umask: str | None = _option(
+        # None: keep the umask the server was started with.
+        None,
+        "file mode creation mask, in octal (e.g. 027), set before anything is created",
+        metavar="MASK",
+    )
     # ---- timeouts ----------------------------------------------------------------
     header_timeout: float = _option(
         # Slowloris defence: a real client sends its headers in one round trip.
@@ -276,21 +383,17 @@ class Config:
             _check(value > 0, f"{name.replace('_', '-')} must be positive, not {value}")
         _check(self.max_connections >= 0, "max-connections cannot be negative")
         _check(self.max_requests_in_flight >= 0, "max-requests-in-flight cannot be negative")
-        allow: Any = self.forwarded_allow_ips
-        object.__setattr__(
-            self, "forwarded_allow_ips", (allow,) if isinstance(allow, str) else tuple(allow)
-        )
+        for name in ("forwarded_allow_ips", "reload_dir"):
+            items: Any = getattr(self, name)  # a single string is accepted here too
+            object.__setattr__(self, name, (items,) if isinstance(items, str) else tuple(items))
         from .proxy import parse_allow_list  # here: proxy imports this module
 
         parse_allow_list(self.forwarded_allow_ips)  # raises ConfigError for a bad entry
-        if self.unix_socket_mode is not None:
-            try:
-                mode = int(self.unix_socket_mode, 8)
-            except ValueError:
-                mode = -1
+        for name, example in (("unix_socket_mode", "660"), ("umask", "027")):
+            text = getattr(self, name)
             _check(
-                0 <= mode <= 0o777,
-                f"unix-socket-mode must be octal, e.g. 660: {self.unix_socket_mode!r}",
+                text is None or 0 <= _octal(text) <= 0o777,
+                f"{name.replace('_', '-')} must be octal, e.g. {example}: {text!r}",
             )
         _check(
             1 <= self.h2_max_concurrent_streams <= 2**31 - 1,
@@ -311,10 +414,38 @@ class Config:
             (self.certfile is None) == (self.keyfile is None),
             "--certfile and --keyfile go together",
         )
+        from .tls import check_tls_options  # here: tls imports this module
+
+        check_tls_options(self)
+        _check(
+            self.log_format in ("text", "json"),
+            f"log-format must be text or json, not {self.log_format!r}",
+        )
+        from .accesslog import check_format  # here: accesslog imports this module
+
+        check_format(self.access_log_format)
+        for name in ("error_log", "access_log", "log_format"):
+            default = Config.__dataclass_fields__[name].default
+            _check(
+                self.log_config is None or getattr(self, name) == default,
+                f"--log-config configures the logs: give no --{name.replace('_', '-')}"
+                " (configure it in the file)",
+            )
+        _check(
+            self.reload or self.reload_dir == (".",),
+            "--reload-dir needs --reload",
+        )
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _octal(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        return -1
 
 
 def _check(condition: bool, message: str) -> None:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import trio
 
-from .accesslog import AccessLog, FinishedRequest
+from .accesslog import FinishedRequest, access_log_for
 from .config import Config
 from .http1 import HTTP1Connection
 from .http2 import HTTP2Connection
@@ -119,7 +119,7 @@ def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
     """
     ssl_context = None
     if config.certfile:
-        ssl_context = make_ssl_context(config.certfile, config.keyfile)
+        ssl_context = make_ssl_context(config)
     return ServerContext(
         app=app,
         config=config,
@@ -128,5 +128,5 @@ def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
         forwarding=parse_allow_list(config.forwarded_allow_ips),
         root_path=config.root_path.rstrip("/"),
         server_header=config.server_header.encode("latin-1") or None,
-        access_log=AccessLog(config.access_log_format) if config.access_log else None,
+        access_log=access_log_for(config),
     )

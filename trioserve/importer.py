@@ -2,7 +2,9 @@
 
 Attribute paths are resolved with ``getattr`` one name at a time (never
 ``eval``). Every way this can go wrong raises :class:`AppImportError` with a
-message that says which part was wrong.
+message that says which part was wrong, including a module the app imports that
+is not installed (its traceback is the error's ``__cause__``). Any other error
+raised while the app's module runs is the app's own and propagates unchanged.
 """
 
 from __future__ import annotations
@@ -45,7 +47,15 @@ def import_app(spec: str, *, factory: bool = False) -> Any:
             module_name == exc.name or module_name.startswith(exc.name + ".")
         ):
             raise AppImportError(f"cannot import module {module_name!r}: no such module") from None
-        raise  # the module exists but an import inside it failed: show the real traceback
+        if exc.name is None:
+            raise  # raised by hand, with no module named: the app's own error
+        # The module exists; something it imports does not (a package not
+        # installed, most often). One line says which; the traceback stays on
+        # the exception for --log-level debug.
+        raise AppImportError(
+            f"cannot import module {module_name!r}: it needs {exc.name!r}, which is not"
+            " installed (--log-level debug shows the traceback)"
+        ) from exc
     obj: Any = module
     walked = module_name
     for name in attr_path.split("."):

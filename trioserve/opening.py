@@ -27,6 +27,7 @@ from .context import SHUTDOWN_FIRST_BYTES_GRACE, ServerContext
 from .events import ServerProtocol
 from .http2 import PREFACE
 from .proxy import ProxyHeader, ProxyHeaderError, parse_proxy_header
+from .tls import tls_environ
 from .wsgi import ConnectionInfo
 
 LOGGER = logging.getLogger("trioserve.error")
@@ -185,6 +186,7 @@ async def _handshake(opening: _Opening, ctx: ServerContext) -> bool:
         with trio.fail_after(config.tls_handshake_timeout):
             await tls_stream.do_handshake()
         opening.http2 = tls_stream.selected_alpn_protocol() == "h2"
+        opening.info = dataclasses.replace(opening.info, tls=tls_environ(tls_stream))
         return True
     if not await _sniff_preface(opening.stream, opening.initial, config.keep_alive_timeout):
         return False  # silent for a whole keep-alive period: an idle connection

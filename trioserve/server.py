@@ -27,7 +27,7 @@ import trio
 
 from .config import Config, ConfigError
 from .context import ServerContext, context_from_config
-from .listeners import format_sockname, open_listeners, parse_bind
+from .listeners import bind_listeners, format_sockname, remove_socket_files
 from .opening import serve_connection
 from .wsgi import WSGIApp
 
@@ -166,20 +166,7 @@ async def serve_wsgi(
         return started
     config = (config or Config()).replace(**options) if options else (config or Config())
     ctx = context_from_config(app, config)  # TLS files are read here, before binding
-    bound: list[trio.SocketListener] = []
-    try:
-        if listeners is None:
-            for text in config.bind:
-                address = parse_bind(text)
-                bound.extend(
-                    await open_listeners(address, config.backlog, unix_mode=config.unix_socket_mode)
-                )
-        else:
-            bound.extend(listeners)
-    except BaseException:
-        for listener in bound:
-            await trio.aclose_forcefully(listener)
-        raise
+    bound = await bind_listeners(config) if listeners is None else list(listeners)
     server = Server(config, bound)
     server._context = ctx
     if config.max_requests:
@@ -201,6 +188,7 @@ async def serve_wsgi(
             with trio.CancelScope(shield=True):
                 for listener in bound:
                     await trio.aclose_forcefully(listener)
+            remove_socket_files(bound)
         finally:
             server._stopped.set()
     return server

@@ -60,12 +60,16 @@ HTTP behaviour
 - A directory serves its ``index.html`` (the ``index`` argument). A directory
   path without a trailing slash is redirected (301) to the slash form, so that
   relative links in the index page resolve against the directory. A directory
-  without an index is 404: there are no listings.
+  without an index is 403 Forbidden, as nginx and Apache answer when listings
+  are off: there are no listings.
 - The query string is ignored for the lookup (and kept in redirects).
 - ``Content-Type`` from the extension of the name asked for (the index's name
   for a directory), looked up in an explicit table (:data:`CONTENT_TYPES`, so
-  the answer does not depend on the machine's ``/etc/mime.types``); text types
-  with ``; charset=utf-8``; anything else is ``application/octet-stream``.
+  the answer does not depend on the machine's ``/etc/mime.types``); anything
+  else is ``application/octet-stream``. Types go out bare, as nginx and Apache
+  send them unless told otherwise (and as test suites that compare the whole
+  header expect); ``charset="utf-8"`` adds ``; charset=utf-8`` to ``text/*``
+  types (``--static-charset``).
 - ``Content-Length``, ``Last-Modified``, a strong ``ETag`` built from the size
   and the modification time in nanoseconds, ``Accept-Ranges: bytes``, and
   ``Cache-Control`` only if the ``cache_control`` argument is given.
@@ -105,21 +109,19 @@ StartResponse = Callable[..., Callable[[bytes], None]]
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
 
-_UTF8 = "; charset=utf-8"
-
 #: Content-Type by lower-cased file extension. Explicit, so that responses do
 #: not depend on the machine's mime.types. Extend it with ``content_types=``.
 CONTENT_TYPES: Mapping[str, str] = {
-    ".html": "text/html" + _UTF8,
-    ".htm": "text/html" + _UTF8,
-    ".css": "text/css" + _UTF8,
-    ".js": "text/javascript" + _UTF8,  # RFC 9239
-    ".mjs": "text/javascript" + _UTF8,
+    ".html": "text/html",
+    ".htm": "text/html",
+    ".css": "text/css",
+    ".js": "text/javascript",  # RFC 9239
+    ".mjs": "text/javascript",
     ".json": "application/json",  # RFC 8259: always UTF-8, no charset parameter
     ".map": "application/json",
-    ".txt": "text/plain" + _UTF8,
-    ".md": "text/markdown" + _UTF8,
-    ".csv": "text/csv" + _UTF8,
+    ".txt": "text/plain",
+    ".md": "text/markdown",
+    ".csv": "text/csv",
     ".xml": "application/xml",
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
@@ -246,6 +248,8 @@ class StaticFiles:
       block_size: bytes per block handed to ``wsgi.file_wrapper``.
       content_types: extra or overriding entries for :data:`CONTENT_TYPES`
         (lower-case extensions with their dot, e.g. ``{".mjs": ...}``).
+      charset: added as ``; charset=...`` to ``text/*`` types that have no
+        parameters yet (e.g. ``"utf-8"``); None sends the bare types.
     """
 
     def __init__(
@@ -256,6 +260,7 @@ class StaticFiles:
         cache_control: str | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         content_types: Mapping[str, str] | None = None,
+        charset: str | None = None,
     ) -> None:
         real = os.path.realpath(os.fspath(root))
         if not os.path.isdir(real):
@@ -271,6 +276,10 @@ class StaticFiles:
         self.content_types: dict[str, str] = dict(CONTENT_TYPES)
         if content_types:
             self.content_types.update({ext.lower(): kind for ext, kind in content_types.items()})
+        if charset:
+            for ext, kind in self.content_types.items():
+                if kind.startswith("text/") and ";" not in kind:
+                    self.content_types[ext] = f"{kind}; charset={charset}"
 
     # ---- the WSGI entry point ---------------------------------------------------
 
@@ -292,7 +301,11 @@ class StaticFiles:
             if stat.S_ISDIR(mode):
                 name = self.index
                 path = self._resolve([*segments, self.index])
-                mode = os.stat(path).st_mode
+                try:
+                    mode = os.stat(path).st_mode
+                except FileNotFoundError:
+                    # No index and no listings: forbidden, as nginx and Apache say.
+                    raise _Refused("403 Forbidden") from None
                 if stat.S_ISREG(mode) and not path_info.endswith("/"):
                     return self._redirect(environ, segments, start_response, head)
             elif path_info.endswith("/"):
@@ -346,7 +359,7 @@ class StaticFiles:
             "301 Moved Permanently",
             [
                 ("Location", location),
-                ("Content-Type", "text/plain" + _UTF8),
+                ("Content-Type", "text/plain; charset=utf-8"),  # our own ASCII text
                 ("Content-Length", str(len(body))),
             ],
         )
@@ -479,7 +492,7 @@ def _error(
     start_response(
         status,
         [
-            ("Content-Type", "text/plain" + _UTF8),
+            ("Content-Type", "text/plain; charset=utf-8"),  # our own ASCII text
             ("Content-Length", str(len(body))),
             *(headers or ()),
         ],

@@ -30,9 +30,13 @@ matters little for a WSGI server whose workers accept only when they can serve.
 **Workers are fresh processes, not forks.** Each worker is
 ``python -m trioserve <the same app and options> --bind fd://A --bind fd://B
 --workers 1`` with the sockets passed as those descriptors (``pass_fds``):
-:func:`worker_command` rebuilds the command line from the options actually
-given (and ``--config FILE``, so a worker reads the same file, re-read on every
-start: a reload picks up its changes). The worker imports the app itself; the
+:func:`worker_command` writes the supervisor's :class:`~trioserve.config.Config`
+back as flags (every field that differs from its default, except those only
+the supervisor acts on: binding, the pid file, the working directory, the user,
+the umask and ``--reload``, whose effects the workers inherit). On SIGHUP the
+supervisor reads its options again (``--config FILE`` included) through the
+``load_config`` callable it was given, so a reload picks up a changed file;
+options that do not load keep the running workers. The worker imports the app itself; the
 parent never imports or runs app code. So a reload (SIGHUP) really loads new
 code, an app's import-time state (threads, connections, an asyncio loop) is
 never forked half-made, and a crash in app code can only take down a worker.
@@ -49,8 +53,9 @@ end of a socketpair (descriptor named by ``TRIOSERVE_READY_FD``;
 * the worker writes one byte once its app is imported and it serves; the parent
   counts a worker as booted only then: that is what a reload waits for before
   stopping the old workers, and what separates "failed to boot" from "died";
-* the parent asks a worker to stop by writing ``S`` (gracefully) or ``Q`` (at
-  once) rather than by sending it SIGTERM: under systemd's default
+* the parent asks a worker to stop by writing ``S`` (gracefully; ``s`` for the
+  routine replacements of ``--reload``, which the worker logs at debug level) or
+  ``Q`` (at once) rather than by sending it SIGTERM: under systemd's default
   ``KillMode=control-group`` every process of the service gets SIGTERM at the
   same moment, and a worker would count that one and a forwarded one as two
   signals, turning every graceful stop into an immediate one. A request sent
@@ -67,6 +72,10 @@ that reconciles wanted and actual workers):
 * a worker that dies (non-zero status or a signal) or exits before it was ready
   is replaced after a delay that starts at 0.1 s and doubles up to 10 s, so a
   crashing app does not spin; a worker that lived 10 s resets the delay;
+* with ``--reload`` (:mod:`trioserve.reloader`), a change to a watched file is a
+  reload, and a worker that fails to boot is not retried: the supervisor waits
+  for the next change (the worker has shown its error), while an older worker,
+  if any, keeps serving;
 * a worker that fails to boot before any worker has ever been ready stops
   everything, with that worker's exit status (2 for "no such module"): at
   startup such a failure is nearly always a mistake a retry will not fix (a
@@ -100,7 +109,6 @@ worker's start, readiness and exit (with exit status or signal).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -109,14 +117,15 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
-from .config import Config, options
-from .listeners import format_sockname, open_listeners, parse_bind, systemd_listeners
+from . import reloader
+from .config import Config, ConfigError, options
+from .listeners import bind_listeners, format_sockname, remove_socket_files, systemd_listeners
 from .server import Server
-from .tls import make_ssl_context
+from .tls import check_tls_files
 
 LOGGER = logging.getLogger("trioserve.error")
 
@@ -152,6 +161,7 @@ def ignore_terminal_signals() -> None:
 READY = b"R"  # worker -> parent: serving
 STOP = b"S"  # parent -> worker: stop gracefully
 QUIT = b"Q"  # parent -> worker: stop now
+RETIRE = b"s"  # parent -> worker: stop gracefully, a routine replacement (--reload): quietly
 
 
 async def report_ready(server: Server, cancel_scope: trio.CancelScope) -> None:
@@ -179,8 +189,9 @@ async def report_ready(server: Server, cancel_scope: trio.CancelScope) -> None:
                     LOGGER.info("Supervisor: stop now")
                     cancel_scope.cancel()
                     return
-                if STOP in data:
-                    LOGGER.info(
+                if STOP in data or RETIRE in data:
+                    LOGGER.log(
+                        logging.INFO if STOP in data else logging.DEBUG,
                         "Supervisor: stop gracefully; finishing in-flight requests (up to %.0fs)",
                         server.config.graceful_timeout,
                     )
@@ -191,26 +202,35 @@ async def report_ready(server: Server, cancel_scope: trio.CancelScope) -> None:
     server.stop_nowait()
 
 
-def worker_command(args: argparse.Namespace, binds: Sequence[str]) -> list[str]:
-    """The command line of a worker: the parent's app and options, ``binds``, ``--workers 1``.
+# Options whose effect a worker inherits from the supervisor rather than acts on:
+# the sockets (passed as descriptors), the pid file, the working directory, the
+# user and group, the umask, and watching files for --reload.
+SUPERVISOR_ONLY = frozenset(
+    {"bind", "workers", "pid", "chdir", "user", "group", "umask", "reload", "reload_dir"}
+)
 
-    Built from the flags actually given (not the merged Config), plus
-    ``--config FILE``, so a worker started later reads the file as it is then.
+
+def worker_command(config: Config, app: str | None, binds: Sequence[str]) -> list[str]:
+    """The command line of a worker: ``app``, ``config`` as flags, ``binds``, ``--workers 1``.
+
+    Only fields that differ from their defaults are written, and none of
+    :data:`SUPERVISOR_ONLY`; parsing the result gives back ``config`` with the
+    worker's ``bind`` and ``workers`` (and the supervisor-only fields at their
+    defaults).
     """
     command = [sys.executable, "-m", "trioserve"]
-    if args.app is not None:
-        command.append(args.app)
-    if args.config:
-        command.append(f"--config={os.path.abspath(args.config)}")
+    if app is not None:
+        command.append(app)
+    defaults = Config()
     for field in options():
-        if field.name in ("bind", "workers") or field.name not in args:
+        value = getattr(config, field.name)
+        if field.name in SUPERVISOR_ONLY or value == getattr(defaults, field.name):
             continue
         flags = field.metadata["flags"] or ("--" + field.name.replace("_", "-"),)
         flag = next(flag for flag in flags if flag.startswith("--"))
-        value = getattr(args, field.name)
         if isinstance(value, bool):
             command.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
+        elif isinstance(value, tuple):
             command.extend(f"{flag}={item}" for item in value)
         else:
             command.append(f"{flag}={value}")  # "=": a value may start with "-"
@@ -219,26 +239,36 @@ def worker_command(args: argparse.Namespace, binds: Sequence[str]) -> list[str]:
     return command
 
 
-async def run_supervisor(args: argparse.Namespace, config: Config) -> int:
+async def run_supervisor(
+    config: Config,
+    app: str | None,
+    load_config: Callable[[], Config] | None = None,
+    after_bind: Callable[[], None] | None = None,
+) -> int:
     """Bind, run ``config.workers`` workers until stopped; the exit status for the parent.
+
+    Args:
+      config: the options (with ``reload``, a change to a watched file reloads).
+      app: ``MODULE:ATTR`` for the workers (None with ``--root``).
+      load_config: reads the options again on SIGHUP (the command line over
+        ``--config FILE``); None keeps ``config``.
+      after_bind: called once the sockets are bound, before the TLS files are
+        read and any worker starts (the place to drop root privileges).
 
     Raises:
       ConfigError: an address cannot be bound or the TLS files cannot be read
         (checked here too, so the error is reported once, before any worker).
     """
-    if config.certfile:
-        make_ssl_context(config.certfile, config.keyfile)
     listeners = systemd_listeners()
     if listeners:
         LOGGER.info("Serving %d socket(s) from systemd (LISTEN_FDS)", len(listeners))
     try:
         if not listeners:
-            for text in config.bind:
-                listeners.extend(
-                    await open_listeners(
-                        parse_bind(text), config.backlog, unix_mode=config.unix_socket_mode
-                    )
-                )
+            listeners = await bind_listeners(config)
+        if after_bind is not None:
+            after_bind()
+        if config.certfile:
+            check_tls_files(config)
         scheme = "https" if config.certfile else "http"
         for listener in listeners:
             address = format_sockname(listener.socket)
@@ -246,12 +276,12 @@ async def run_supervisor(args: argparse.Namespace, config: Config) -> int:
                 "Listening on %s",
                 address if address.startswith("unix:") else f"{scheme}://{address}",
             )
-        binds = [f"fd://{listener.socket.fileno()}" for listener in listeners]
-        supervisor = Supervisor(config, worker_command(args, binds), listeners)
+        supervisor = Supervisor(config, app, listeners, load_config)
         return await supervisor.run()
     finally:
         for listener in listeners:
             listener.socket.close()
+        remove_socket_files(listeners)
 
 
 def describe_exit(returncode: int) -> str:
@@ -274,6 +304,7 @@ class _Worker:
     retiring: bool = False  # we asked it to stop
     hurried: bool = False  # ... and then to stop now
     kill_at: float = math.inf  # SIGKILL if still running then
+    stop_message: bytes = STOP  # how it is asked to stop gracefully (RETIRE: quietly)
 
     def tell(self, message: bytes) -> None:
         """Send a stop request (ignored if the worker is gone, or not started: see _run_worker)."""
@@ -292,18 +323,31 @@ class Supervisor:
     """Runs and replaces the worker processes; see the module docstring.
 
     Args:
-      config: the parent's options (workers, graceful_timeout).
-      command: the worker command line (see :func:`worker_command`).
+      config: the parent's options (workers, graceful_timeout, the workers' options).
+      app: ``MODULE:ATTR`` for the workers' command line.
       listeners: the bound sockets the workers inherit; closed by the caller.
+      load_config: reads the options again for a reload (see :meth:`reload`).
     """
 
     def __init__(
-        self, config: Config, command: list[str], listeners: Sequence[trio.SocketListener]
+        self,
+        config: Config,
+        app: str | None,
+        listeners: Sequence[trio.SocketListener],
+        load_config: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
-        self.command = command
+        self.app = app
+        self.load_config = load_config
         self.listeners = list(listeners)
         self.fds = tuple(listener.socket.fileno() for listener in self.listeners)
+        self.binds = [f"fd://{fd}" for fd in self.fds]
+        self.command = worker_command(config, app, self.binds)
+        # --reload: a worker that fails to boot waits for the next change, and
+        # starting and stopping workers is routine, so only the reload itself
+        # is announced at INFO.
+        self.reload_on_change = config.reload
+        self._routine = logging.DEBUG if config.reload else logging.INFO
         self.target = config.workers
         self.generation = 0
         self.workers: list[_Worker] = []
@@ -325,7 +369,9 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._handle_signals, signals)
-                LOGGER.info("Starting %d worker processes", self.target)
+                if self.reload_on_change:
+                    nursery.start_soon(reloader.watch, self.config.reload_dir, self.reload)
+                LOGGER.log(self._routine, "Starting %d worker processes", self.target)
                 await self._supervise()
                 nursery.cancel_scope.cancel()
         return self.exit_status
@@ -371,7 +417,8 @@ class Supervisor:
         elif all(worker.ready for worker in current):
             old = [w for w in self.workers if w.generation < self.generation and not w.retiring]
             if old:
-                LOGGER.info(
+                LOGGER.log(
+                    self._routine,
                     "New workers are ready: stopping %d old worker(s) gracefully (%s)",
                     len(old),
                     ", ".join(str(worker.pid) for worker in old),
@@ -390,7 +437,8 @@ class Supervisor:
         """Ask a worker to stop gracefully, with a deadline for SIGKILL."""
         worker.retiring = True
         worker.kill_at = now + self.config.graceful_timeout + KILL_MARGIN
-        worker.tell(STOP)
+        worker.stop_message = RETIRE if self.reload_on_change and not self.stopping else STOP
+        worker.tell(worker.stop_message)
 
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -415,11 +463,7 @@ class Supervisor:
             elif self.stopping:
                 LOGGER.info("Received %s while stopping: ignored", name)
             elif signum == signal.SIGHUP:
-                self.generation += 1
-                LOGGER.info(
-                    "Received SIGHUP: starting %d new workers, then stopping the old ones",
-                    self.target,
-                )
+                self.reload("Received SIGHUP")
             elif signum == signal.SIGTTIN:
                 self.target += 1
                 LOGGER.info("Received SIGTTIN: %d workers", self.target)
@@ -428,6 +472,33 @@ class Supervisor:
                     self.target -= 1
                 LOGGER.info("Received SIGTTOU: %d worker(s)", self.target)
             self._notify()
+
+    def reload(self, reason: str) -> None:
+        """Replace every worker by a new one, with the options read again.
+
+        Options that no longer load (a broken ``--config`` file, TLS files
+        that do not load) are logged and the running workers kept.
+        """
+        if self.load_config is not None:
+            try:
+                config = self.load_config()
+                if config.certfile:
+                    check_tls_files(config)
+            except ConfigError as exc:
+                LOGGER.error("%s: not reloading, the options do not load: %s", reason, exc)
+                return
+            self.config = config
+            self.command = worker_command(config, self.app, self.binds)
+        self.generation += 1
+        self.next_spawn_at = -math.inf  # new code: no backoff left over from the old
+        if self.reload_on_change:
+            workers = "the worker" if self.target == 1 else f"{self.target} workers"
+            LOGGER.info("%s: restarting %s", reason, workers)
+        else:
+            LOGGER.info(
+                "%s: starting %d new workers, then stopping the old ones", reason, self.target
+            )
+        self._notify()
 
     def _begin_stop(self, now: float) -> None:
         self.stopping = True
@@ -456,9 +527,9 @@ class Supervisor:
                 return
             worker.process = process
             worker.channel = parent_end
-            LOGGER.info("Started worker %d", process.pid)
+            LOGGER.log(self._routine, "Started worker %d", process.pid)
             if worker.retiring:  # asked while it was being started
-                worker.tell(STOP)
+                worker.tell(worker.stop_message)
             if worker.hurried:
                 worker.tell(QUIT)
             channel = trio.socket.from_stdlib_socket(parent_end)
@@ -495,7 +566,8 @@ class Supervisor:
     def _mark_ready(self, worker: _Worker) -> None:
         worker.ready = True
         self.ever_ready = True
-        LOGGER.info(
+        LOGGER.log(
+            self._routine,
             "Worker %d is serving (ready after %.1fs)",
             worker.pid,
             trio.current_time() - worker.started_at,
@@ -508,11 +580,17 @@ class Supervisor:
         lived = now - worker.started_at
         how = describe_exit(returncode)
         if self.stopping or worker.retiring:
-            LOGGER.info("Worker %d exited (%s)", worker.pid, how)
+            LOGGER.log(self._routine, "Worker %d exited (%s)", worker.pid, how)
         elif worker.generation < self.generation:
             # A reload is replacing it anyway: nothing to start in its place.
-            level = logging.INFO if returncode == 0 else logging.WARNING
+            level = self._routine if returncode == 0 else logging.WARNING
             LOGGER.log(level, "Worker %d exited (%s) during a reload", worker.pid, how)
+        elif not worker.ready and self.reload_on_change:
+            # The error is on stderr already, from the worker: wait for a fix.
+            LOGGER.error(
+                "Worker %d failed to boot (%s): waiting for a change to the code", worker.pid, how
+            )
+            self.next_spawn_at = math.inf
         elif not worker.ready and not self.ever_ready:
             LOGGER.error(
                 "Worker %d failed to boot (%s) before any worker was serving: stopping",

@@ -44,7 +44,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
@@ -130,6 +130,8 @@ class ConnectionInfo:
     client_port: str | None
     root_path: str = ""
     forwarding: AllowList | None = None  # trusted proxies (None: forwarding headers kept as is)
+    # TLS connections: mod_ssl's SSL_* variables (trioserve.tls.tls_environ), same every request.
+    tls: Mapping[str, str] = field(default_factory=dict)
 
 
 def _raise_cancelled() -> None:
@@ -318,6 +320,8 @@ def build_environ(
     if info.client_addr is not None:
         environ["REMOTE_ADDR"] = info.client_addr
         environ["REMOTE_PORT"] = info.client_port
+    if info.tls:
+        environ.update(info.tls)
     if request.authority is not None:
         environ["HTTP_HOST"] = request.authority.decode("latin-1")
     for name, value in request.headers:
