@@ -1010,25 +1010,41 @@ SLOW_READ_THREADS = 10
 CHUNK = 16 * KiB
 
 
+@pytest.mark.parametrize("spill", [False, True], ids=["threads-wait", "spilled"])
 @pytest.mark.parametrize("window", [0, 1])
 async def test_zero_window_streams_are_reset_after_write_timeout(
-    window: int, patient_clock: trio.testing.MockClock
+    window: int, spill: bool, patient_clock: trio.testing.MockClock
 ) -> None:
     """SETTINGS_INITIAL_WINDOW_SIZE 0 (or 1, and no credit ever after), 100 streams
-    each asking for a 1 MiB streamed body. Each app writes until its stream's queue
-    reaches STREAM_HIGH_WATER, then blocks; after write_timeout without progress the
-    stream is reset (RST_STREAM(CANCEL)), the app's write raises and close() runs; then
-    the next waiting stream gets the thread. Live apps never exceed the thread limit;
-    memory stays under threads x (STREAM_HIGH_WATER + two chunks) + 3 MiB (100 streams'
-    state, both clients). Measured peak: 4.2 to 4.4 MiB.
+    each asking for a 1 MiB streamed body. Either way each stream is reset
+    (RST_STREAM(CANCEL)) after write_timeout without progress, close() runs once, and
+    live apps never exceed the thread limit.
+
+    threads-wait (--spill-after 0): each app writes until its stream's queue reaches
+    STREAM_HIGH_WATER, then blocks; the reset cancels it (its write raises) and the
+    next waiting stream gets the thread. Memory stays under threads x
+    (STREAM_HIGH_WATER + two chunks) + 3 MiB (100 streams' state, both clients).
+    Measured peak: 4.2 to 4.4 MiB.
+
+    spilled (the default): each app blocks for --spill-after, then writes the rest of
+    its body to disk and finishes, so every app has finished (none cancelled) long
+    before the resets, and the good client is answered seconds (not minutes) later: it
+    queues for a thread behind the attacker's streams, each of which now gives its
+    thread back after --spill-after. (One connection's streams queueing ahead of
+    everyone else is what --max-threads-per-connection is for.) Nothing of a spilled
+    stream is kept in memory beyond its (zero) window: the same memory bound holds
+    with all 100 streams spilled, and the disk is given back.
     """
     app = LiveApps()
     probe = AppProbe(app)
     ended_at: dict[int, float] = {}
     settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+    options = {} if spill else {"spill_after": 0}
     with TraceMemory() as memory:
         async with (
-            open_test_server(probe, threads=SLOW_READ_THREADS, write_timeout=60) as server,
+            open_test_server(
+                probe, threads=SLOW_READ_THREADS, write_timeout=60, **options
+            ) as server,
             server.connect(http2=True, h2_settings=settings) as attacker,
             server.connect(http2=True) as good_connection,
         ):
@@ -1046,12 +1062,19 @@ async def test_zero_window_streams_are_reset_after_write_timeout(
                 for stream in streams:
                     nursery.start_soon(watch, stream)
                 await GoodClient(good_connection).one()  # answered, if late (see below)
-            good_done = trio.current_time()
+                good_done = trio.current_time()
+                if spill:
+                    await settle()
+                    apps_done = trio.current_time()
+                    assert all(record.finished.is_set() for record in probe.records)
+                    assert server.context.spill_budget.used > 0
             assert attacker.goaway_received is None  # the connection itself is fine
+            assert server.context.spill_budget.used == 0
         await no_threads_left()
     print(
-        f"window {window}: {len(ended_at)} streams reset by t={max(ended_at.values()):.0f},"
-        f" max live {app.max_live}, good answered at t={good_done:.0f}, peak {memory.peak}"
+        f"window {window}, {'spilled' if spill else 'threads wait'}: {len(ended_at)} streams"
+        f" reset by t={max(ended_at.values()):.0f}, max live {app.max_live}, good answered"
+        f" at t={good_done:.1f}, peak {memory.peak}"
     )
     for i, stream in enumerate(streams):
         assert stream.reset_code == CANCEL, (i, stream.reset_code)
@@ -1060,8 +1083,14 @@ async def test_zero_window_streams_are_reset_after_write_timeout(
     assert len(probe.records) == SLOW_READ_STREAMS + 1
     for record in probe.records:
         if record.path.startswith("/big"):
-            assert record.cancelled, record.path
+            assert record.cancelled != spill, record.path
             assert record.close_calls == 1, record.path
+    if spill:
+        # The thread limiter is first come, first served: the good request waits for
+        # the attacker's 100 streams to take a thread and give it back after
+        # --spill-after, 10 threads at a time (10 x 0.25 s), instead of 10 x 60 s.
+        assert good_done < SLOW_READ_STREAMS / SLOW_READ_THREADS * 0.25 + 1
+        assert apps_done < 60  # every app ended before the first reset
     assert_thread_bounds(app, SLOW_READ_THREADS)
     assert memory.peak < SLOW_READ_THREADS * (STREAM_HIGH_WATER + 2 * CHUNK) + 3 * MiB
 

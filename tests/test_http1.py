@@ -27,7 +27,7 @@ from trioserve.events import (
     StreamReset,
     UpgradeToH2,
 )
-from trioserve.http1 import MAX_DRAIN, MAX_UPGRADE_BODY, HTTP1Connection, describe
+from trioserve.http1 import MAX_DRAIN, MAX_UPGRADE_BODY, MAX_WRITE, HTTP1Connection, describe
 
 OK_EMPTY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
@@ -1208,3 +1208,32 @@ def test_options_asterisk_is_accepted() -> None:
     events = feed(server, b"OPTIONS * HTTP/1.1\r\nHost: example.com\r\n\r\n")
     assert isinstance(events[0], RequestReceived)
     assert events[0].target == b"*"
+
+
+def test_data_to_send_hands_over_at_most_max_write_at_a_time() -> None:
+    """A client that stops reading holds what the sender has taken (one write's worth)
+    plus the queue, not the whole response: writes are cut at MAX_WRITE, in order."""
+    server = HTTP1Connection()
+    feed(server, get("/"))
+    body = bytes(range(256)) * (5 * 1024)  # 1.25 MiB in one chunk
+    server.send_response(1, 200, [(b"Content-Length", str(len(body)).encode())])
+    server.send_body(1, b"")
+    server.send_body(1, body[:1000])
+    server.send_body(1, body[1000:])
+    server.end_stream(1)
+    pieces = []
+    while data := server.data_to_send():
+        pieces.append(data)
+        assert len(data) <= MAX_WRITE
+    assert len(pieces) > 1
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(b"".join(pieces))
+    assert isinstance(client.next_event(), h11.Response)
+    received = b""
+    while isinstance(event := client.next_event(), h11.Data):
+        received += event.data
+    assert received == body
+    assert isinstance(event, h11.EndOfMessage)
+    assert server.output_size == 0

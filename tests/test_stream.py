@@ -82,6 +82,15 @@ class RecordingOwner:
     async def wait_output_progress(self) -> None:
         await trio.sleep_forever()
 
+    def output_room(self, stream_id: int) -> int:
+        return 1 << 20
+
+    def take_output(self, stream_id: int) -> list[bytes | memoryview]:
+        return []
+
+    def watch_output(self, stream: RequestStream, watching: bool) -> None:
+        self.calls.append(("watch", watching))
+
     def body_consumed(self, stream_id: int, size: int) -> None:
         self.calls.append(("consumed", size))
 

@@ -328,6 +328,37 @@ class Config:
         0,
         "requests in progress per worker beyond which new ones get 503 at once; 0 no limit",
     )
+    # ---- slow clients ----------------------------------------------------------------
+    spill_after: float = _option(
+        # A client taking a quarter of a second to accept the next piece is far
+        # slower than the app: at that point the app thread is worth more than
+        # the disk its response takes. Short enough that clients that stall or
+        # trickle-read cannot hold the threads for long (Security and limits).
+        0.25,
+        "an app thread that has waited this long for a slow client writes the rest of its"
+        " response to a temporary file and moves on; 0 never spills",
+        metavar="SECONDS",
+    )
+    max_spill_per_response: int = _option(
+        # waitress' outbuf_high_watermark: larger responses to slow clients
+        # hold their thread again beyond it (back-pressure, never unbounded).
+        16 * MiB,
+        "bytes of one response kept on disk at once; beyond, its thread waits for the client",
+        metavar="BYTES",
+    )
+    max_spill_total: int = _option(
+        # Disk, not memory: 200 slow clients' worth of 10 MiB responses, or 128
+        # full 16 MiB ones. 0 disables spilling.
+        2 * GiB,
+        "bytes all spilled responses may take on disk together; beyond, threads wait for clients",
+        metavar="BYTES",
+    )
+    spill_dir: str | None = _option(
+        None,
+        "directory for spilled responses (their files are unlinked at once); default: $TMPDIR,"
+        " else /var/tmp (disk, where /tmp may be memory), else the system's temporary directory",
+        metavar="DIR",
+    )
     # ---- proxies ---------------------------------------------------------------------
     forwarded_allow_ips: tuple[str, ...] = _option(
         # Only a proxy on this machine may speak for the client by default.
@@ -383,6 +414,10 @@ class Config:
             _check(value > 0, f"{name.replace('_', '-')} must be positive, not {value}")
         _check(self.max_connections >= 0, "max-connections cannot be negative")
         _check(self.max_requests_in_flight >= 0, "max-requests-in-flight cannot be negative")
+        _check(self.spill_after >= 0, f"spill-after cannot be negative, not {self.spill_after}")
+        _check(self.max_spill_per_response >= 1, "max-spill-per-response must be at least 1")
+        _check(self.max_spill_total >= 0, "max-spill-total cannot be negative")
+
         for name in ("forwarded_allow_ips", "reload_dir"):
             items: Any = getattr(self, name)  # a single string is accepted here too
             object.__setattr__(self, name, (items,) if isinstance(items, str) else tuple(items))

@@ -236,6 +236,7 @@ class Connection:
         self._idle_goaway_sent = False
         self._idle_since: float | None = None  # when the last request finished
         self._pipeline_waiting = False  # HTTP/1.1: next request held back until output drains
+        self._watchers: set[RequestStream] = set()  # told of every write (spilling streams)
         if ctx.shutting_down:
             proto.start_shutdown()
 
@@ -434,7 +435,10 @@ class Connection:
                         self._phase = _Phase.ABORTED
                         self._cancel_all()
                 case WindowOpened():
-                    pass  # the sender is woken after every read anyway
+                    # The sender is woken after every read anyway; spilling
+                    # streams queue what the new window lets out.
+                    for stream in list(self._watchers):
+                        stream.output_progressed()
 
     def _start_stream(self, event: RequestReceived) -> None:
         ctx = self.ctx
@@ -559,6 +563,18 @@ class Connection:
     def output_blocked(self, stream_id: int) -> bool:
         return self.proto.stream_blocked(stream_id)
 
+    def output_room(self, stream_id: int) -> int:
+        return self.proto.stream_send_room(stream_id)
+
+    def take_output(self, stream_id: int) -> list[bytes | memoryview]:
+        return self.proto.take_stream_output(stream_id)
+
+    def watch_output(self, stream: RequestStream, watching: bool) -> None:
+        if watching:
+            self._watchers.add(stream)
+        else:
+            self._watchers.discard(stream)
+
     async def wait_output_progress(self) -> None:
         if self._output_drained is None:
             self._output_drained = trio.Event()
@@ -636,6 +652,8 @@ class Connection:
         while True:
             if await self._send_pending(write_scope):
                 self._in_flight = 0
+                for stream in list(self._watchers):
+                    stream.output_progressed()
                 drained = self._output_drained
                 if drained is not None:
                     self._output_drained = None

@@ -22,6 +22,7 @@ from .config import Config
 from .http1 import HTTP1Connection
 from .http2 import HTTP2Connection
 from .proxy import AllowList, parse_allow_list
+from .spill import SpillBudget
 from .tls import make_ssl_context
 from .wsgi import WSGIApp
 
@@ -63,6 +64,7 @@ class ServerContext:
     # their first bytes: a graceful stop shortens these to the first-bytes grace.
     opening: set[trio.CancelScope] = dataclasses.field(default_factory=set)
     _connections_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+    spill_budget: SpillBudget = dataclasses.field(default_factory=lambda: SpillBudget(0))
 
     @functools.cached_property
     def trio_token(self) -> trio.lowlevel.TrioToken:
@@ -129,4 +131,5 @@ def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
         root_path=config.root_path.rstrip("/"),
         server_header=config.server_header.encode("latin-1") or None,
         access_log=access_log_for(config),
+        spill_budget=SpillBudget(config.max_spill_total),
     )

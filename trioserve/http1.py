@@ -71,6 +71,11 @@ MAX_UPGRADE_BODY = 64 * 1024
 # Beyond it, closing is cheaper than draining (nginx's lingering_close logic).
 MAX_DRAIN = 256 * 1024
 
+# data_to_send() hands over at most this much at a time: what a stalled client
+# leaves stuck in the sender is this, on top of the queue (the stream's high
+# water), and a large response goes out while the app produces the next part.
+MAX_WRITE = 256 * 1024
+
 # h11's RemoteProtocolError messages in trioserve's words, looked up by the
 # start of h11's text once the data it quotes is cut off (responses.in_words).
 # A message not listed is shown as in_words leaves it, so a change of wording
@@ -135,7 +140,7 @@ class HTTP1Connection:
         self._max_header_count = max_header_count
         self._max_body_size = max_body_size
         self._allow_h2c_upgrade = allow_h2c_upgrade
-        self._outbound: list[bytes | FileSegment] = []
+        self._outbound: list[bytes | memoryview | FileSegment] = []
         self._outbound_size = 0
         self._files_queued = 0  # FileSegments in _outbound
         self._stream_id = 0  # id of the current (or last) request
@@ -550,6 +555,14 @@ class HTTP1Connection:
         self._closed = True
         self._active = False
 
+    def stream_send_room(self, stream_id: int) -> int:
+        """HTTP/1.1 has no flow-control window: as much as the socket takes."""
+        return MAX_WRITE
+
+    def take_stream_output(self, stream_id: int) -> list[bytes | memoryview]:
+        """Nothing: what is queued here is already framed for the wire (chunked coding)."""
+        return []
+
     def acknowledge_body(self, stream_id: int, size: int) -> None:
         """HTTP/1.1 has no flow-control credit: the driver resumes reading instead."""
 
@@ -562,29 +575,36 @@ class HTTP1Connection:
         self._no_keep_alive = True
 
     def data_to_send(self) -> bytes:
-        """Everything queued for the socket, coalesced into one write.
+        """What is queued for the socket, coalesced into one write of at most MAX_WRITE.
 
         Stops at a queued file: :meth:`file_to_send` hands that over next.
         """
         outbound = self._outbound
         if not outbound:
             return b""
-        if self._files_queued:
-            count = 0
-            while count < len(outbound) and not isinstance(outbound[count], FileSegment):
-                count += 1
-            parts = cast(list[bytes], outbound[:count])
-            del outbound[:count]
-            data = b"".join(parts)
-            self._outbound_size -= len(data)
-            return data
-        if len(outbound) == 1:
-            data = cast(bytes, outbound[0])
-        else:
-            data = b"".join(cast(list[bytes], outbound))
-        outbound.clear()
-        self._outbound_size = 0
-        return data
+        if len(outbound) == 1 and self._outbound_size <= MAX_WRITE:
+            first = outbound[0]
+            if not isinstance(first, FileSegment):  # the common case: one small response
+                outbound.clear()
+                self._outbound_size = 0
+                return bytes(first)
+        parts: list[bytes | memoryview] = []
+        size = 0
+        while outbound and size < MAX_WRITE:
+            part = outbound[0]
+            if isinstance(part, FileSegment):
+                break
+            room = MAX_WRITE - size
+            if len(part) > room:
+                view = memoryview(part)
+                outbound[0] = view[room:]
+                part = view[:room]
+            else:
+                del outbound[0]
+            parts.append(part)
+            size += len(part)
+        self._outbound_size -= size
+        return parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
 
     def file_to_send(self) -> FileSegment | None:
         """The file to send next with ``os.sendfile``, once the bytes before it are out."""

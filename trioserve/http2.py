@@ -475,8 +475,9 @@ class HTTP2Connection:
                 self._last_stream_id = self._h2.highest_inbound_stream_id
                 self._send_goaway(self._last_stream_id)
         elif isinstance(event, h2.events.WindowUpdated):
-            if self._ready:
-                emit(WindowOpened())
+            # Also with nothing queued: a stream whose response waits on disk
+            # (stream.py's spilling) reads its next piece back when told.
+            emit(WindowOpened())
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._peer_closed = True
             code = int(event.error_code or 0)
@@ -654,6 +655,32 @@ class HTTP2Connection:
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
             pass  # already closed on the wire: nothing to reset
         self._pull_control()
+
+    def stream_send_room(self, stream_id: int) -> int:
+        """Window the peer granted ``stream_id`` (and the connection) beyond what is queued."""
+        out = self._outbound.get(stream_id)
+        if out is None:
+            return 0
+        try:
+            window = self._h2.local_flow_control_window(stream_id)
+        except h2.exceptions.StreamClosedError:
+            return 0
+        return max(0, window - out.size)
+
+    def take_stream_output(self, stream_id: int) -> list[bytes | memoryview]:
+        """Take back ``stream_id``'s queued body bytes that are not framed yet.
+
+        They are the app's bytes as it gave them: the caller sends them again
+        later with :meth:`send_body`, in order, before anything newer.
+        """
+        out = self._outbound.get(stream_id)
+        if out is None or not out.chunks:
+            return []
+        taken: list[bytes | memoryview] = list(out.chunks)
+        out.chunks.clear()
+        out.size = 0
+        out.counted -= sum(map(len, taken))  # they are counted again when sent again
+        return taken
 
     def acknowledge_body(self, stream_id: int, size: int) -> None:
         """The app consumed ``size`` body bytes of ``stream_id``: return the credit."""

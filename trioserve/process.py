@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import ConfigError
+from .spill import writable_directory
 
 if TYPE_CHECKING:
     from .config import Config
@@ -60,6 +61,8 @@ def prepare_process(config: Config) -> Identity | None:
             raise ConfigError(f"--chdir {config.chdir}: {exc.strerror or exc}") from None
     if config.umask is not None:
         os.umask(int(config.umask, 8))
+    if config.spill_dir is not None and not writable_directory(config.spill_dir):
+        raise ConfigError(f"--spill-dir {config.spill_dir}: not a directory this process can write")
     if config.reload:
         for directory in config.reload_dir:
             if not os.path.isdir(directory):

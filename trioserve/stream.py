@@ -65,6 +65,7 @@ import trio
 
 from .context import ServerContext
 from .events import FileSegment, InvalidResponse, RequestReceived, ResetReason
+from .spill import Spill
 from .wakeup import Wakeup
 from .wsgi import AppResult, ConnectionInfo, ResponseHead, StreamCancelled, call_app
 
@@ -79,11 +80,15 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 # --h2-max-concurrent-streams of them.
 STREAM_HIGH_WATER = 256 * 1024
 
-# The same for HTTP/1.1, where one response at a time has the connection: as
-# much as the connection's output bound (connection.OUTPUT_HIGH_WATER). Four
-# times fewer waits than 256 KiB: each wait is a thread handoff, and a streamed
-# download runs about 1.6x faster for it.
-HTTP1_HIGH_WATER = 1024 * 1024
+# The same for HTTP/1.1, where one response at a time has the connection. Twice
+# STREAM_HIGH_WATER: each wait is a thread handoff, and fewer of them make a
+# streamed download faster; no more, because a client that stops reading holds
+# this much memory (plus the sender's MAX_WRITE) for the write timeout.
+HTTP1_HIGH_WATER = 512 * 1024
+
+# A spilling stream (spill.py) keeps at most this much of its response queued in
+# memory, reading the next piece back from its file as the client takes it.
+SPILL_REFILL = 64 * 1024
 
 # The most request body awaited before the app gets a thread (--body-prebuffer): the
 # HTTP/1.1 reader stops reading at BODY_HIGH_WATER (64 KiB) until the app reads,
@@ -124,6 +129,18 @@ class StreamOwner(Protocol):
 
     async def wait_output_progress(self) -> None:
         """Return once the sender has written something (or the connection ends)."""
+        ...
+
+    def output_room(self, stream_id: int) -> int:
+        """Body bytes of this stream the peer would accept now (HTTP/2 flow control)."""
+        ...
+
+    def take_output(self, stream_id: int) -> list[bytes | memoryview]:
+        """Take back this stream's queued body bytes not yet framed (HTTP/2; HTTP/1.1: none)."""
+        ...
+
+    def watch_output(self, stream: RequestStream, watching: bool) -> None:
+        """Call ``stream.output_progressed()`` after each write (or stop, if not ``watching``)."""
         ...
 
     def body_consumed(self, stream_id: int, size: int) -> None:
@@ -228,6 +245,10 @@ class RequestStream:
         self._pushed_size = 0
         self._take_scheduled = False
         self._queued = 0  # the stream's queued output, as of the last take
+        # Set once the app thread has waited --spill-after for this client: the
+        # rest of the response goes through a file (see spill.py).
+        self._spill: Spill | None = None
+        self._spill_backlog: list[bytes | memoryview] = []  # taken back at the switch: first
         self.high_water = STREAM_HIGH_WATER if owner.multiplexed else HTTP1_HIGH_WATER
         self._trio_token = ctx.trio_token
         if refuse is not None:
@@ -350,15 +371,27 @@ class RequestStream:
         mark. So a stream holds no more response data than when every chunk was
         a round trip.
         """
+        spill = self._spill
+        if spill is not None:
+            keep_going = self._push_to_spill(spill, data)
+            data = b""  # only the news that the file grew goes to trio
         with self._push_lock:
-            self._pushed.append((head, data))
-            self._pushed_size += len(data)
+            if data or head is not None:
+                self._pushed.append((head, data))
+                self._pushed_size += len(data)
+                keep_going = self._pushed_size + self._queued < self.high_water
             schedule = not self._take_scheduled
             self._take_scheduled = True
-            keep_going = self._pushed_size + self._queued < self.high_water
         if schedule:
             self._trio_token.run_sync_soon(self.take_pushed)
         return keep_going
+
+    def _push_to_spill(self, spill: Spill, data: bytes) -> bool:
+        """App thread: append to the spill file (what was taken back goes first)."""
+        backlog, self._spill_backlog = self._spill_backlog, []
+        for chunk in backlog:
+            spill.write(chunk)
+        return spill.write(data)
 
     def take_pushed(self) -> None:
         """Trio side: queue what the app thread pushed, in order.
@@ -370,15 +403,13 @@ class RequestStream:
         """
         with self._push_lock:
             pushed = self._pushed
-            if not pushed:
-                self._take_scheduled = False
-                return
-            self._pushed = []
-            # Count what is being taken as queued until the exact figure below:
-            # a push() in between must not see these bytes counted nowhere.
-            self._queued += self._pushed_size
-            self._pushed_size = 0
             self._take_scheduled = False
+            if pushed:
+                self._pushed = []
+                # Count what is being taken as queued until the exact figure
+                # below: a push() in between must not see these bytes nowhere.
+                self._queued += self._pushed_size
+                self._pushed_size = 0
         owner = self._owner
         if self.cancel_scope.cancel_called or self.response is Response.ENDED or owner.torn_down:
             return
@@ -390,6 +421,8 @@ class RequestStream:
                 if data:
                     owner.send_body(sid, data)
                     self.bytes_sent += len(data)
+            if self._spill is not None:
+                self._refill(self._spill)
         except InvalidResponse as exc:
             # The app broke HTTP framing (e.g. more bytes than its Content-Length).
             self._abort(f"invalid response: {exc}")
@@ -399,6 +432,34 @@ class RequestStream:
             self._abort("internal error")
             return
         self._queued = owner.output_queued(sid)
+
+    def output_progressed(self) -> None:
+        """The connection wrote something: a spilling stream reads its next piece back."""
+        spill = self._spill
+        if spill is None or self.cancel_scope.cancel_called or self.response is Response.ENDED:
+            return
+        try:
+            self._refill(spill)
+        except InvalidResponse as exc:
+            self._abort(f"invalid response: {exc}")
+
+    def _refill(self, spill: Spill) -> None:
+        """Queue spilled bytes back: at most SPILL_REFILL in memory, and no more than the
+        peer's window."""
+        if spill.failed is not None:
+            self._abort(f"cannot write the response to {spill.failed.filename or 'disk'}")
+            return
+        owner = self._owner
+        sid = self.stream_id
+        while spill.unread:
+            # No more than the peer would take now: a client that opens no
+            # window costs no memory here, however many streams it has.
+            room = min(SPILL_REFILL - owner.output_queued(sid), owner.output_room(sid))
+            if room <= 0:
+                return
+            data = spill.read(room)
+            owner.send_body(sid, data)
+            self.bytes_sent += len(data)
 
     async def wait_writable(self) -> None:
         """Block the app thread until its queued output drains below the high-water mark.
@@ -410,8 +471,52 @@ class RequestStream:
         """
         self.take_pushed()
         await trio.lowlevel.checkpoint_if_cancelled()
+        spill = self._spill
+        if spill is not None:
+            # Its file is full (or the server's spill budget is used up): the
+            # thread waits until the client has read all of it back, then the
+            # file is reused from its start.
+            await self._wait_for_output(self._spill_drained)
+            spill.rewind()
+            return
+        config = self._ctx.config
+        if config.spill_after and self._ctx.spill_budget.has_room:
+            with trio.move_on_after(config.spill_after):
+                await self._wait_for_output(self._writable)
+                self._queued = self._owner.output_queued(self.stream_id)
+                return
+            self._start_spill()
+            return
         await self._wait_for_output(self._writable)
         self._queued = self._owner.output_queued(self.stream_id)
+
+    def _start_spill(self) -> None:
+        """This client is slow: from now on the app thread writes to a file (spill.py)."""
+        config = self._ctx.config
+        self._spill = Spill(self._ctx.spill_budget, config.max_spill_per_response, config.spill_dir)
+        # Data queued but not yet framed goes to the file too (HTTP/2), so that
+        # a spilling stream holds about SPILL_REFILL of memory, not its high water.
+        self._spill_backlog = self._owner.take_output(self.stream_id)
+        self._owner.watch_output(self, True)
+        LOGGER.debug(
+            "%s %s: the client takes more than %.2gs; spilling the response",
+            self.request.method.decode("latin-1"),
+            self.request.target.decode("latin-1"),
+            config.spill_after,
+        )
+
+    async def _drain_spill(self, spill: Spill) -> None:
+        """The app has returned: send what it left in the file (and backlog), then end."""
+        backlog, self._spill_backlog = self._spill_backlog, []
+        for chunk in backlog:  # the app stopped before it wrote these out
+            self._owner.send_body(self.stream_id, bytes(chunk))
+            self.bytes_sent += len(chunk)
+        self._refill(spill)
+        await self._wait_for_output(self._spill_drained)
+
+    def _spill_drained(self) -> bool:
+        spill = self._spill
+        return spill is None or (not spill.unread and spill.failed is None)
 
     def _writable(self) -> bool:
         return self._owner.output_queued(self.stream_id) < self.high_water
@@ -419,15 +524,20 @@ class RequestStream:
     def _all_sent(self) -> bool:
         return not self._owner.output_queued(self.stream_id)
 
+    def _remaining(self) -> int:
+        """Response bytes not yet handed to the socket: queued, and still in the file."""
+        queued = self._owner.output_queued(self.stream_id)
+        return queued + self._spill.unread if self._spill is not None else queued
+
     async def _wait_for_output(self, ready: Callable[[], bool]) -> None:
         owner = self._owner
         timeout = self._ctx.config.write_timeout
-        queued = owner.output_queued(self.stream_id)
+        queued = self._remaining()
         deadline = trio.current_time() + timeout
         while not ready():
             with trio.move_on_at(deadline):
                 await owner.wait_output_progress()
-            now_queued = owner.output_queued(self.stream_id)
+            now_queued = self._remaining()
             if now_queued < queued:
                 queued = now_queued
                 deadline = trio.current_time() + timeout
@@ -451,8 +561,12 @@ class RequestStream:
             if self.cancel_reason is None:  # refused before it started (503) otherwise
                 with self.cancel_scope:
                     await self._wait_for_body_start()
-                    await self._run_app()
+                    result = await self._run_app()
                     self.app_done = True
+                    if result is not None:
+                        if self._spill is not None:
+                            await self._drain_spill(self._spill)
+                        self._complete(result)
                     if self._file is not None and not self._file.sent:
                         await self._wait_file_sent(self._file)
                     if self._owner.output_blocked(self.stream_id):
@@ -465,6 +579,9 @@ class RequestStream:
             self.app_done = True
             if self._file is not None:
                 self._file.release()  # the app's iterable (wsgi.file_wrapper) closes the file
+            if self._spill is not None:
+                self._owner.watch_output(self, False)
+                self._spill.close()
             self._finish()
             self._owner.stream_done(self)
 
@@ -477,7 +594,8 @@ class RequestStream:
         while not segment.sent:
             await self._owner.wait_output_progress()
 
-    async def _run_app(self) -> None:
+    async def _run_app(self) -> AppResult | None:
+        """The app's result, or None if it failed (and the stream has been answered)."""
         initial = self.body.take() if self.body.size else b""
         if initial:
             self._owner.body_consumed(self.stream_id, len(initial))
@@ -501,11 +619,11 @@ class RequestStream:
                 self._send_error(500)
             else:
                 self._abort("the application failed after the response started")
-            return
+            return None
         if result.file is not None:
             result.file.close_file = result.close
             self._file = result.file
-        self._complete(result)
+        return result
 
     async def _call_app(self, initial: bytes) -> AppResult:
         ctx = self._ctx
