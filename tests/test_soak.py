@@ -346,6 +346,31 @@ async def zero_window_round(server: TestServer, name: str) -> RoundResult:
     return outcome, codes == [CANCEL] * ZERO_WINDOW_STREAMS and goaway is None
 
 
+async def slow_reader_round(server: TestServer, name: str) -> RoundResult:
+    """A client asking for a 2 MiB streamed body and reading none of it (HTTP/1.1: its
+    socket; HTTP/2: its window): its app spills the body to disk and finishes (the
+    spill budget is in use meanwhile); the client itself is dropped (HTTP/2: reset)
+    after write_timeout, and the disk given back with it."""
+    http2 = name == "h2"
+    async with server.connect(http2=http2) as attacker:
+        attacker.pause_reading(socket=not http2)
+        stream = await attacker.open_stream("GET", f"/big/slow-{name}?n=128")
+        await trio.sleep(1)  # past --spill-after, well before write_timeout
+        spilling = server.context.spill_budget.used > 0
+        if http2:
+            with trio.move_on_after(ROUND_LIMIT / 2):
+                await stream.ended.wait()
+            ended = stream.reset_code == CANCEL
+        else:
+            await trio.sleep(SERVER_OPTIONS["write_timeout"] + 1)  # the server gives up...
+            await attacker.resume_reading()  # ...so reading now finds the connection cut
+            with trio.move_on_after(ROUND_LIMIT / 2):
+                await stream.read_response()
+            ended = not stream.response.complete
+    outcome = f"{'spilled' if spilling else 'not spilled'}, {'ended' if ended else 'not ended'}"
+    return outcome, spilling and ended
+
+
 async def continuation_round(server: TestServer, name: str) -> RoundResult:
     """HEADERS without END_HEADERS, then CONTINUATION frames that never end the block:
     trickled (one a TRICKLE: GOAWAY at header_timeout) or flooded (empty frames: h2
@@ -443,6 +468,7 @@ async def test_soak_good_and_hostile_clients_memory_flat_no_thread_leak() -> Non
                     ("flood", flood_round, ["ping", "settings"]),
                     *[("slowloris", slowloris_round, [str(i)]) for i in range(SLOWLORIS_LOOPS)],
                     ("zero-window", zero_window_round, ["big"]),
+                    ("slow-reader", slow_reader_round, ["h1", "h2"]),
                     ("continuation", continuation_round, ["trickle", "flood"]),
                 ]
                 for kind, mount, variants in hostile:
@@ -516,7 +542,14 @@ async def test_soak_good_and_hostile_clients_memory_flat_no_thread_leak() -> Non
     assert all(soak.quarters), f"a quarter of the run without good answers: {soak.quarters}"
     # Every hostile loop ran, and every round ended as the defences promise.
     assert soak.unexpected == []
-    assert set(kinds) == {"reset", "flood", "slowloris", "zero-window", "continuation"}
+    assert set(kinds) == {
+        "reset",
+        "flood",
+        "slowloris",
+        "zero-window",
+        "slow-reader",
+        "continuation",
+    }
     # Memory flat.
     assert len(samples) >= 9, f"{len(samples)} samples: run at least 30 s for a trend"
     assert growth < MEMORY_GROWTH_BOUND, f"traced memory grew {growth / KiB:.0f} KiB"
