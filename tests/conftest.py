@@ -6,6 +6,7 @@ import ssl
 from collections.abc import Iterator
 
 import pytest
+import trio.testing
 import trustme
 
 
@@ -35,3 +36,14 @@ def client_ssl_context(tls_ca: trustme.CA) -> Iterator[ssl.SSLContext]:
     context = ssl.create_default_context()
     tls_ca.configure_trust(context)
     return context
+
+
+@pytest.fixture
+def patient_clock() -> trio.testing.MockClock:
+    """A mock clock that jumps only after 0.1 s of real idleness.
+
+    ``autojump_clock`` jumps as soon as every trio task waits, also while an app
+    thread computes, so the time a request takes would include jumps to unrelated
+    deadlines. Tests that time a good client's requests use this one instead.
+    """
+    return trio.testing.MockClock(autojump_threshold=0.1)

@@ -123,17 +123,6 @@ def short_linger(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trioserve.connection, "CLOSE_TIMEOUT", 0.05)
 
 
-@pytest.fixture
-def patient_clock() -> trio.testing.MockClock:
-    """A mock clock that jumps only after 0.1 s of real idleness.
-
-    ``autojump_clock`` jumps as soon as every trio task waits, also while an app
-    thread computes, so the time a request takes would include jumps to unrelated
-    deadlines. Tests that time a good client's requests use this one instead.
-    """
-    return trio.testing.MockClock(autojump_threshold=0.1)
-
-
 class LiveApps:
     """The app under attack: counts invocations per path and live invocations at once.
 

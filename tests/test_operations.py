@@ -103,7 +103,7 @@ def body_reader(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 
 @both_protocols
 async def test_stalled_body_times_out_and_the_apps_read_raises(
-    http2: bool, autojump_clock: trio.testing.MockClock
+    http2: bool, patient_clock: trio.testing.MockClock
 ) -> None:
     probe = AppProbe(body_reader)
     async with open_test_client(probe, http2=http2, body_timeout=20) as client:
@@ -124,7 +124,7 @@ async def test_stalled_body_times_out_and_the_apps_read_raises(
 
 @both_protocols
 async def test_a_slow_but_steady_upload_is_not_a_stall(
-    http2: bool, autojump_clock: trio.testing.MockClock
+    http2: bool, patient_clock: trio.testing.MockClock
 ) -> None:
     async with open_test_client(body_reader, http2=http2, body_timeout=20) as client:
         stream = await client.open_stream(
@@ -144,7 +144,7 @@ async def test_a_slow_but_steady_upload_is_not_a_stall(
 
 @both_protocols
 async def test_client_that_stops_reading_is_dropped_after_write_timeout(
-    http2: bool, autojump_clock: trio.testing.MockClock
+    http2: bool, patient_clock: trio.testing.MockClock
 ) -> None:
     def endless(environ: dict[str, Any], start_response: Any) -> Any:
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
@@ -171,7 +171,7 @@ async def test_client_that_stops_reading_is_dropped_after_write_timeout(
 
 @both_protocols
 async def test_stream_stalled_on_flow_control_is_reset_after_write_timeout(
-    http2: bool, autojump_clock: trio.testing.MockClock
+    http2: bool, patient_clock: trio.testing.MockClock
 ) -> None:
     """HTTP/2: the client keeps reading but never grants window; HTTP/1.1: it stops reading."""
 

@@ -80,11 +80,6 @@ def endless(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
         yield b"e" * CHUNK
 
 
-@pytest.fixture
-def patient_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0.1)
-
-
 async def stalled(client: TestClient, path: str) -> TestStream:
     """Ask for ``path``, and read nothing of the answer."""
     client.pause_reading(socket=not client.http2)

@@ -186,6 +186,88 @@ async def _discard(receive: Callable[[int], Awaitable[bytes | bytearray]]) -> No
         total += len(data)
 
 
+class _SocketIO:
+    """A plain TCP or unix socket, read and written with non-blocking system calls.
+
+    The event loop is asked to wait only when the kernel says so (EAGAIN), so a
+    request that arrives whole and a response that fits the socket buffer cost
+    one read, one write and no epoll registration or deadline of their own.
+    Cheaper than ``trio.SocketStream``'s general path, which brackets every
+    call with checkpoints. A reader that keeps finding data yields every
+    ``_SPINS`` reads all the same, so a fast sender cannot starve other tasks.
+    """
+
+    __slots__ = ("_fd", "_spins")
+    _SPINS = 4
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._spins = 0
+
+    async def receive(self) -> bytes:
+        """The next bytes from the peer; b"" at EOF."""
+        while True:
+            try:
+                data = os.read(self._fd, READ_SIZE)
+            except BlockingIOError:
+                self._spins = 0
+                await trio.lowlevel.wait_readable(self._fd)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
+            self._spins += 1
+            if self._spins >= self._SPINS:
+                self._spins = 0
+                await trio.lowlevel.checkpoint()
+            return data
+
+    async def send_all(self, data: bytes, scope: trio.CancelScope, timeout: float) -> None:
+        """Write all of ``data``; a wait for room longer than ``timeout`` cancels ``scope``."""
+        fd = self._fd
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        while view:
+            scope.deadline = trio.current_time() + timeout  # progress since the last wait
+            await trio.lowlevel.wait_writable(fd)
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
+
+
+class _StreamIO:
+    """Any other trio stream (TLS, after a PROXY header, in-memory): its own methods,
+    with the write timeout set per piece of at most WRITE_CHUNK."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+
+    async def receive(self) -> bytes | bytearray:
+        return await self._stream.receive_some(READ_SIZE)
+
+    async def send_all(self, data: bytes, scope: trio.CancelScope, timeout: float) -> None:
+        if len(data) <= WRITE_CHUNK:
+            scope.deadline = trio.current_time() + timeout
+            await self._stream.send_all(data)
+            return
+        view = memoryview(data)
+        while view:
+            scope.deadline = trio.current_time() + timeout
+            await self._stream.send_all(view[:WRITE_CHUNK])
+            view = view[WRITE_CHUNK:]
+
+
 class _Phase(enum.Enum):
     """Where the connection is on its way to closing.
 
@@ -214,6 +296,12 @@ class Connection:
         info: ConnectionInfo,
     ) -> None:
         self.stream = stream
+        # Plain sockets get the lean path; the raw descriptor stays owned by the stream.
+        self._io: _SocketIO | _StreamIO = (
+            _SocketIO(stream.socket.fileno())
+            if type(stream) is trio.SocketStream
+            else _StreamIO(stream)
+        )
         self.proto = proto
         self.ctx = ctx
         self.info = info
@@ -234,7 +322,9 @@ class Connection:
         self._read_scope: trio.CancelScope | None = None  # the reader's current wait
         self._head_started: float | None = None  # when the current partial request head began
         self._idle_goaway_sent = False
-        self._idle_since: float | None = None  # when the last request finished
+        # When the last request finished (None: one is in progress); the reader's
+        # deadline is moved only to make it earlier (see _read_loop).
+        self._idle_since: float | None = trio.current_time()
         self._pipeline_waiting = False  # HTTP/1.1: next request held back until output drains
         self._watchers: set[RequestStream] = set()  # told of every write (spilling streams)
         if ctx.shutting_down:
@@ -290,9 +380,11 @@ class Connection:
             await self._output_wanted.wait()
 
     async def _read_loop(self) -> None:
-        # One cancel scope for many reads: its deadline is moved as the
-        # connection turns busy or idle (_update_idle_deadline), which is much
-        # cheaper than a new scope per read.
+        # One cancel scope for many reads. Its deadline is only ever moved
+        # earlier (a request head begins; the connection turns idle with no
+        # deadline set); when it fires, the real deadline is worked out, and if
+        # it is still ahead (the connection was busy meanwhile) the wait goes
+        # on. So a keep-alive connection changes no deadline per request.
         while True:
             with trio.CancelScope(deadline=self._idle_deadline()) as idle:
                 self._read_scope = idle
@@ -301,7 +393,7 @@ class Connection:
                         if self._reading_paused():
                             await self._reader_wakeup.wait()
                             continue
-                        self._receive(await self.stream.receive_some(READ_SIZE))
+                        self._receive(await self._io.receive())
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._connection_lost()
                     return
@@ -309,7 +401,9 @@ class Connection:
                     self._read_scope = None
             if not self._reading:
                 return  # cancelled by _stop_reader, or the input ended meanwhile
-            if idle.cancelled_caught and self._idle_expired():
+            if not idle.cancelled_caught or trio.current_time() < self._idle_deadline():
+                continue  # the deadline was stale: wait on with the real one
+            if self._idle_expired():
                 return
 
     def _receive(self, data: bytes | bytearray) -> None:
@@ -318,7 +412,12 @@ class Connection:
         if not data and self._phase is _Phase.OPEN:
             self._phase = _Phase.INPUT_ENDED
         self._dispatch(proto.next_events())
-        self._update_idle_deadline()  # a request head may have just begun, or ended
+        if proto.partial_request:
+            if self._head_started is None:  # a request head has begun: header_timeout
+                self._head_started = trio.current_time()
+                self._tighten_deadline()
+        elif self._head_started is not None:
+            self._head_started = None
         if proto.output_size or proto.has_queued_streams or proto.closing:
             self._wake_sender()
 
@@ -334,18 +433,11 @@ class Connection:
           or ``h2_idle_timeout`` (HTTP/2), counted from when it became idle;
           PINGs and other control frames do not make it busy.
         """
-        now = trio.current_time()
         config = self.ctx.config
-        if self.proto.partial_request:
-            if self._head_started is None:
-                self._head_started = now
+        if self._head_started is not None:
             return self._head_started + config.header_timeout
-        self._head_started = None
-        if self.streams or self.proto.buffered_input:
-            self._idle_since = None
+        if self._idle_since is None or self.streams or self.proto.buffered_input:
             return math.inf
-        if self._idle_since is None:
-            self._idle_since = now
         if self.multiplexed:
             return self._idle_since + config.h2_idle_timeout
         return self._idle_since + config.keep_alive_timeout
@@ -370,13 +462,13 @@ class Connection:
         self.start_shutdown()
         return False
 
-    def _update_idle_deadline(self) -> None:
-        # The reader may already be waiting when the connection turns idle or
-        # busy: move its deadline rather than waiting for its next read.
-        if self._read_scope is not None:
+    def _tighten_deadline(self) -> None:
+        """Bring the reader's deadline forward if the real one is earlier (see _read_loop)."""
+        scope = self._read_scope
+        if scope is not None:
             deadline = self._idle_deadline()
-            if self._read_scope.deadline != deadline:
-                self._read_scope.deadline = deadline
+            if deadline < scope.deadline:
+                scope.deadline = deadline
 
     def _reading_paused(self) -> bool:
         if self.proto.output_size + self._in_flight > OUTPUT_HIGH_WATER:
@@ -463,7 +555,7 @@ class Connection:
             ctx.requests_in_flight += 1
         stream = RequestStream(self, ctx, self.info, event, refuse=refuse)
         self.streams[event.stream_id] = stream
-        self._update_idle_deadline()
+        self._idle_since = None  # busy (the reader's deadline catches up lazily)
         assert self._nursery is not None
         self._nursery.start_soon(stream.run)
 
@@ -500,6 +592,7 @@ class Connection:
             stream.feed_body(event.body)
             proto.note_upgrade_body(len(event.body))
         self.streams[1] = stream
+        self._idle_since = None
         assert self._nursery is not None
         self._nursery.start_soon(
             stream.run, name=f"stream 1 (upgraded) from {self.info.client_addr}"
@@ -612,7 +705,9 @@ class Connection:
         if ctx.access_log is not None:
             ctx.access_log(stream)
         self._start_next_request()
-        self._update_idle_deadline()
+        if not self.streams:
+            self._idle_since = trio.current_time()
+            self._tighten_deadline()  # only if no deadline is set (busy since it fired)
         proto = self.proto
         if proto.output_size or proto.has_queued_streams or proto.closing or self._aborted:
             # Something to send, or the sender may now close the connection. A
@@ -675,7 +770,8 @@ class Connection:
                 if self._phase is not _Phase.LOST:
                     self._phase = _Phase.DONE
                 return
-            write_scope.deadline = math.inf
+            if write_scope.deadline != math.inf:
+                write_scope.deadline = math.inf  # idle: no write to time out
             await self._output_wanted.wait()
 
     async def _send_pending(self, write_scope: trio.CancelScope) -> bool:
@@ -683,7 +779,7 @@ class Connection:
         data = self.proto.data_to_send()
         if data:
             self._in_flight = len(data)
-            await self._send_with_deadline(data, write_scope)
+            await self._io.send_all(data, write_scope, self.ctx.config.write_timeout)
             return True
         segment = self.proto.file_to_send()
         if segment is not None:
@@ -691,19 +787,6 @@ class Connection:
             await self._sendfile(segment, write_scope)
             return True
         return False
-
-    async def _send_with_deadline(self, data: bytes, scope: trio.CancelScope) -> None:
-        """Write ``data``, each piece due within ``write_timeout`` of the last one."""
-        timeout = self.ctx.config.write_timeout
-        if len(data) <= WRITE_CHUNK:
-            scope.deadline = trio.current_time() + timeout
-            await self.stream.send_all(data)
-            return
-        view = memoryview(data)
-        while view:
-            scope.deadline = trio.current_time() + timeout
-            await self.stream.send_all(view[:WRITE_CHUNK])
-            view = view[WRITE_CHUNK:]
 
     async def _sendfile(self, segment: FileSegment, scope: trio.CancelScope) -> None:
         """Send ``segment`` from its file with ``os.sendfile`` (plain-TCP HTTP/1.1 only)."""

@@ -700,12 +700,12 @@ def _split_target(method: bytes, target: bytes) -> tuple[bytes, bytes | None, st
     Host field, §3.2.2). A WSGI app cannot answer CONNECT's authority-form, and
     anything else has no PATH_INFO to give it.
     """
+    if method == b"CONNECT":  # whatever its target: a 2xx would turn the connection into a tunnel
+        return target, None, "CONNECT is not supported"
     if target[:1] == b"/":
         return target, None, None
     if target == b"*" and method == b"OPTIONS":
         return target, None, None
-    if method == b"CONNECT":
-        return target, None, "CONNECT is not supported"
     match = _ABSOLUTE_FORM.fullmatch(target)
     if match is None:
         return target, None, "invalid request target"
@@ -721,6 +721,9 @@ def _split_target(method: bytes, target: bytes) -> tuple[bytes, bytes | None, st
 _CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
 def _raw_head_problem(raw: bytes) -> tuple[bool, str | None]:
     """What is wrong with a raw request head that h11 would quietly accept.
 
@@ -733,13 +736,13 @@ def _raw_head_problem(raw: bytes) -> tuple[bool, str | None]:
     Returns (whether the head is complete, what is wrong with it or None).
     """
     raw = raw.lstrip(b"\r\n")  # empty lines before a request line are allowed
-    end = raw.find(b"\r\n\r\n")
-    bare = raw.find(b"\n\n")
-    if bare >= 0 and (end < 0 or bare < end):
-        return True, "bare LF line ending"
-    if end < 0:
+    # Where h11 sees the head end: a line ending (CRLF or a bare LF) and an empty line.
+    end_match = _HEAD_END.search(raw)
+    if end_match is None:
         return False, None
-    head = raw[:end]
+    if end_match[0] != b"\r\n\r\n":
+        return True, "bare LF line ending"
+    head = raw[: end_match.start()]
     if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
         return True, "bare LF or CR in the request head"
     if _CONTROL_CHARACTER.search(head):
