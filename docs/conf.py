@@ -45,6 +45,9 @@ nitpick_ignore_regex = [
     (r"py:class", r"trioserve\.testing\._pipe\._Pipe"),
 ]
 
+# Quotes and ellipses only: "--threads" must not become an en dash.
+smartquotes_action = "qe"
+
 myst_heading_anchors = 3
 myst_enable_extensions = ["deflist"]
 

@@ -518,6 +518,27 @@ def test_migration_tables_name_real_options_with_their_defaults() -> None:
     assert not wrong, "\n".join(wrong)
 
 
+def test_defaults_quoted_in_prose_are_the_code_defaults() -> None:
+    """A default given in passing, ``{option}`--threads` (40)``, is the Config default:
+    the parenthetical's first part, read as a default cell (``5 s``: seconds)."""
+    actions = parser_options()
+    pattern = re.compile(r"\{option\}`(--?[\w-]+)[^`]*` \(([^()]+)\)")
+    wrong, checked = [], 0
+    for path in pages():
+        for flag, quoted in pattern.findall(path.read_text(encoding="utf-8")):
+            cell = re.split(r"[;,]", quoted)[0].strip().removesuffix(" s")
+            try:
+                stated = parse_default(cell)
+            except AssertionError:
+                continue  # a remark, not a default
+            checked += 1
+            truth = expected_default(actions[flag])
+            if not same_default(stated, truth):
+                wrong.append(f"{path.name}: {flag} ({quoted}), the default is {truth!r}")
+    assert checked >= 5
+    assert not wrong, "\n".join(wrong)
+
+
 # ---- the performance page's data -----------------------------------------------------------
 
 

@@ -337,10 +337,15 @@ def runs_table(results: Results) -> tuple[list[str], list[list[str]]]:
     for entry in results.files:
         machine = entry["machine"]
         packages = machine.get("packages", {})
+        peers = ", ".join(
+            f"{name} {packages[name]}"
+            for name in ("gunicorn", "waitress", "hypercorn", "granian")
+            if name in packages
+        )
         where = (
             f"{machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs, Python"
             f" {machine.get('python', '?')}, trio {packages.get('trio', '?')},"
-            f" h11 {packages.get('h11', '?')}, h2 {packages.get('h2', '?')}"
+            f" h11 {packages.get('h11', '?')}, h2 {packages.get('h2', '?')}; {peers}"
         )
         scenarios = ", ".join(used.get(entry["path"], [])) or "none (all re-measured later)"
         rows.append(
@@ -353,12 +358,3 @@ def runs_table(results: Results) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return header, rows
-
-
-def peer_versions(results: Results) -> str:
-    """`gunicorn 27.0.1, waitress 3.0.2, ...` from the last file."""
-    if not results.files:
-        return ""
-    packages = results.files[-1]["machine"].get("packages", {})
-    names = ["gunicorn", "waitress", "hypercorn", "granian"]
-    return ", ".join(f"{name} {packages[name]}" for name in names if name in packages)
