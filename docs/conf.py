@@ -63,4 +63,5 @@ napoleon_custom_sections = [
 
 html_theme = "furo"
 html_title = f"trioserve {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["trioserve.css"]
