@@ -1,4 +1,5 @@
-"""Developer tasks: ``nox -s tests`` (the test suite) and ``nox -s lint`` (ruff + mypy --strict).
+"""Developer tasks: ``nox -s tests`` (the test suite), ``nox -s lint`` (ruff + mypy --strict)
+and ``nox -s docs`` (the documentation site, warnings as errors, and its examples run).
 
 ``tests`` runs once per supported Python found on this machine (``tests-3.11``,
 ``tests-3.12``, ``tests-3.13``), so someone with only 3.12 gets the suite run on
@@ -38,7 +39,7 @@ FOUND_PYTHONS = [
     version for version in SUPPORTED_PYTHONS if version == RUNNING or _runs(f"python{version}")
 ]
 
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "lint", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -56,9 +57,22 @@ def lint(session: nox.Session) -> None:
     """ruff (lint + format check) and mypy --strict on the package."""
     # The optional runtime extras too: mypy checks the modules that import them.
     session.install("-e", ".[lint,reload]")
-    session.run("ruff", "check", "trioserve", "tests", "examples", "noxfile.py")
-    session.run("ruff", "format", "--check", "trioserve", "tests", "examples", "noxfile.py")
+    session.run("ruff", "check", "trioserve", "tests", "examples", "docs", "noxfile.py")
+    session.run("ruff", "format", "--check", "trioserve", "tests", "examples", "docs", "noxfile.py")
     session.run("mypy", "--strict", "trioserve")
+
+
+@nox.session(python=None)
+def docs(session: nox.Session) -> None:
+    """Build the site into docs/_build/html with every warning an error (``-W``), broken
+    internal references included (``-n``), then run the examples its pages show
+    (tests/test_docs.py). ``nox -s docs -- -k options`` passes arguments to pytest."""
+    session.install("-e", ".[docs,test]")
+    session.run(
+        *("sphinx-build", "-W", "--keep-going", "-n", "-E", "-q"),
+        *("-b", "html", "docs", "docs/_build/html"),
+    )
+    session.run("pytest", "tests/test_docs.py", *session.posargs)
 
 
 @nox.session(python=None)

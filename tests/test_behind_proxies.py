@@ -10,7 +10,7 @@ trioserve runs in-process (``serve_wsgi`` in the pytest-trio nursery).
 To tell the client's address from the proxy's, clients connect *from* 127.0.0.2 (any
 127.0.0.0/8 address is local on Linux) while the proxies reach trioserve from 127.0.0.1; the
 client's source port comes from its own socket (``getsockname()``, or curl's
-``%{local_port}``). The README's "Deployment" section quotes these configurations.
+``%{local_port}``). docs/deployment/proxies.md quotes these configurations.
 
 Ports: a proxy's port is found by binding port 0 and closing the socket just before the proxy
 starts. Another process could take the port in between (a tiny race); the proxy then fails to
@@ -790,7 +790,7 @@ async def test_nginx_x_forwarded(
     """nginx adds X-Forwarded-For/-Proto/-Host; trioserve (trusting 127.0.0.1 and unix peers
     by default) applies them. A client's own X-Forwarded-For is appended to by nginx, and the
     spoofed part left of the real client is ignored; -Proto and -Host are overwritten, and a
-    client's own Forwarded is dropped by the README's config. Both clients' requests travel
+    client's own Forwarded is dropped by the documented config. Both clients' requests travel
     over one keep-alive upstream connection."""
     echo = EnvironEcho()
     forwarding = [line for line in X_FORWARDED if "Proto" not in line]

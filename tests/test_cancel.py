@@ -1,6 +1,6 @@
 """Resets, disconnects and cancellation: what the app and the wire see when a client gives up.
 
-The guarantee (README, "What your app sees when the client goes away"), checked in
+The guarantee (docs/cancellation.md, "What your app sees"), checked in
 every scenario here:
 
 - the app thread's next read of ``wsgi.input``, ``write()`` or next chunk raises

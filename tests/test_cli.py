@@ -377,7 +377,7 @@ async def test_module_raising_on_import_shows_its_traceback(tmp_path: Path) -> N
 
 
 async def test_missing_dependency_of_the_app_is_one_line_naming_it(tmp_path: Path) -> None:
-    # The module exists; a package it imports is not installed (the README's
+    # The module exists; a package it imports is not installed (like
     # examples.flask_app without Flask): one line naming the missing package, exit 2.
     (tmp_path / "needs_dep.py").write_text("import not_installed_dependency_xyz\napp = None\n")
     result = await run_cli("needs_dep:app", "-b", "127.0.0.1:0", cwd=tmp_path)

@@ -27,7 +27,7 @@ import trio
 
 from tests.apps import hello as hello_app
 from tests.test_cli import TIMEOUT, assert_one_line_error, request, run_cli, serving
-from tests.test_docs import code_blocks, section
+from tests.test_docs import example
 from trioserve import accesslog, serve_wsgi
 from trioserve.config import COMMON_LOG_FORMAT, ConfigError
 
@@ -198,29 +198,22 @@ async def test_error_log_on_a_full_disk_is_reported_once_on_stderr(tmp_path: Pat
 # ---- --log-config -----------------------------------------------------------------------------
 
 
-def readme_log_config() -> str:
-    blocks = [
-        block for block in code_blocks(section("Deployment"), "toml") if "--log-config" in block
-    ]
-    assert len(blocks) == 1
-    return blocks[0]
-
-
-async def test_log_config_toml_from_the_readme(tmp_path: Path) -> None:
+async def test_log_config_toml_from_the_docs(tmp_path: Path) -> None:
+    """The --log-config example of docs/logging.md (marked ``test: log-config``)."""
     path = tmp_path / "logging.toml"
-    path.write_text(readme_log_config())
+    path.write_text(example("log-config").text)
     async with serving(
         APP, "-b", "127.0.0.1:0", "--log-config", str(path), log_stream="stdout"
     ) as cli:
-        result = await curl(cli.url + "/from-readme")
+        result = await curl(cli.url + "/from-the-docs")
         assert result.returncode == 0
-        await cli.wait_for_line("from-readme", stream="stdout")
+        await cli.wait_for_line("from-the-docs", stream="stdout")
     records = [json.loads(line) for line in cli.stdout]
     assert records[0]["message"].startswith("Listening on http://127.0.0.1:")
     assert records[0]["logger"] == "trioserve.error"
     access = [record for record in records if record["logger"] == "trioserve.access"]
     assert len(access) == 1
-    assert access[0]["path"] == "/from-readme"
+    assert access[0]["path"] == "/from-the-docs"
     assert access[0]["status"] == 200
     assert cli.stderr == []
 

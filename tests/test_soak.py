@@ -76,7 +76,7 @@ DURATION = float(os.environ.get("TRIOSERVE_SOAK_SECONDS", "120"))
 THREADS = 8
 SERVER_OPTIONS: dict[str, Any] = {
     "threads": THREADS,
-    # What the README advises where clients connect directly: one HTTP/2 connection (a
+    # What docs/security.md advises where clients connect directly: one HTTP/2 connection (a
     # zero-window or resetting attacker) holds at most this many of the threads.
     "max_threads_per_connection": 2,
     "header_timeout": 2,

@@ -93,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
             shown = " ".join(default)
         else:
             kwargs["type"] = _scalar_type(kind)
-            if meta["metavar"]:
-                kwargs["metavar"] = meta["metavar"]
+            # A count reads "--threads N" rather than argparse's "--threads THREADS".
+            metavar = meta["metavar"] or ("N" if kind is int else "")
+            if metavar:
+                kwargs["metavar"] = metavar
             shown = "none" if default is None else repr(default) if default == "" else str(default)
         kwargs["help"] = f"{meta['help']} (default: {shown})".replace("%", "%%")
         parser.add_argument(*flags, **kwargs)

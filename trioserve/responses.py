@@ -5,7 +5,7 @@ checks a response head against these rules when ``start_response`` is called,
 so a head that breaks them becomes a 500 before anything is sent; both
 protocol layers apply them again, and count the body, which only they can.
 
-The rule set (README "HTTP details"):
+The rule set (docs/wsgi-http.md, "Responses"):
 
 1. The status is final, 200 to 599, and its reason phrase holds only SP,
    HTAB, visible ASCII and obs-text: no CR, LF, NUL or other control character
