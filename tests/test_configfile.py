@@ -46,6 +46,7 @@ SPECIAL: dict[str, Any] = {
     "tls_min_version": "1.3",
     "reload_dir": ["src"],
     "umask": "027",
+    "metrics_bind": "127.0.0.1:9100",
 }
 # Fields that cannot be set together with the others: each gets a document of its own.
 EXCLUSIVE: dict[str, Any] = {"log_config": "logging.toml"}
