@@ -520,6 +520,8 @@ class Connection:
         self._protocol = HTTP2
         self._received_word = LAYOUT.received + HTTP2
         self._sent_word = LAYOUT.sent + HTTP2
+        # Admitted like any request (stream_done counts it out again).
+        self.ctx.requests_in_flight += 1
         stream = RequestStream(self, self.ctx, self.info, request)
         if event.body:
             stream.feed_body(event.body)

@@ -613,12 +613,29 @@ class RequestStream:
         self._reset(ResetReason.APP_ERROR)
         self.cancel(CancelReason.ABANDONED)
 
+    def _whole_body_queued(self) -> bool:
+        """Did all of a Content-Length response's body reach the connection?
+
+        Then the peer that went away had everything but the end marker (HTTP/2
+        END_STREAM, queued a moment later): one-shot clients such as curl close
+        as soon as they have Content-Length bytes. That is a complete response,
+        as it is on HTTP/1.1, where the end adds no bytes.
+        """
+        head = self.response_head
+        if head is None:
+            return False
+        for name, value in head.headers:
+            if name.lower() == b"content-length":
+                return value.isdigit() and int(value) == self.bytes_sent
+        return False
+
     def _finish(self) -> None:
         """Make sure the stream ended exactly one way (rule 3)."""
         if self.response is Response.ENDED:
             return
         if self.cancel_reason is CancelReason.PEER:
-            self.failure = Failure.CANCELLED
+            if not self._whole_body_queued():
+                self.failure = Failure.CANCELLED
             self.response = Response.ENDED  # nobody to tell
             return
         if self.error_status is not None:
