@@ -186,6 +186,35 @@ async def test_peer_reset_is_counted_as_peer_reset_with_no_status() -> None:
     assert failures(snapshot) == {"peer_reset": 1}
 
 
+@pytest.mark.parametrize("length", [None, "1048576"], ids=["streamed", "content-length"])
+async def test_peer_reset_mid_response_is_a_failure_with_the_status_sent(
+    length: str | None,
+) -> None:
+    """The head went out, the body had not all been queued: still a peer reset, counted
+    with the status class of the head (a Content-Length body is complete only once all
+    of it was queued)."""
+    blocker = Blocker()
+    headers = [] if length is None else [("Content-Length", length)]
+    app = validator(_with_headers(blocker, headers))
+    async with open_test_server(app) as server, server.connect(http2=True) as client:
+        stream = await client.open_stream("GET", "/stream")
+        await stream.receive_headers()
+        await stream.reset()
+        await trio.testing.wait_all_threads_completed()  # the app saw the reset
+        await trio.testing.wait_all_tasks_blocked()
+        snapshot = server.context.snapshot()
+    assert requests(snapshot, "HTTP/2") == {"2xx": 1}
+    assert failures(snapshot) == {"peer_reset": 1}
+
+
+def _with_headers(blocker: Blocker, headers: list[tuple[str, str]]) -> Any:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), *headers])
+        return blocker._body()
+
+    return app
+
+
 @both_protocols
 @pytest.mark.parametrize("abort", [False, True], ids=["close", "tcp-reset"])
 async def test_disconnect_mid_request_is_counted_as_connection_lost(
