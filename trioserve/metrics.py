@@ -69,6 +69,7 @@ PATH = "/metrics"
 METRICS_THREADS = 2
 
 _BOUNDS = [*(f"{bound:g}" for bound in DURATION_BUCKETS), "+Inf"]
+_ByProtocol = Callable[[Snapshot, str], int]
 
 
 class MetricsCollector:
@@ -138,31 +139,45 @@ def _families(s: Snapshot | None) -> Iterator[Metric]:
     ):
         yield GaugeMetricFamily(name, text, None if s is None else getattr(s, value))
 
-    metric = CounterMetricFamily(
-        "trioserve_connections",
-        "Connections served, by protocol (an h2c upgrade counts for both)",
-        labels=["protocol"],
-    )
-    gauge = GaugeMetricFamily(
-        "trioserve_open_connections", "Connections open now, by protocol", labels=["protocol"]
-    )
-    received = CounterMetricFamily(
-        "trioserve_received_bytes",
-        "HTTP bytes received (after TLS decryption), by protocol",
-        labels=["protocol"],
-    )
-    sent = CounterMetricFamily(
-        "trioserve_sent_bytes",
-        "HTTP bytes sent (before TLS encryption), by protocol",
-        labels=["protocol"],
-    )
-    if s is not None:
-        for protocol in PROTOCOLS:
-            metric.add_metric([protocol], s.connections(protocol))
-            gauge.add_metric([protocol], s.open(protocol))
-            received.add_metric([protocol], s.received_bytes(protocol))
-            sent.add_metric([protocol], s.sent_bytes(protocol))
-    yield from (metric, gauge, received, sent)
+    per_protocol: list[tuple[CounterMetricFamily | GaugeMetricFamily, _ByProtocol]] = [
+        (
+            CounterMetricFamily(
+                "trioserve_connections",
+                "Connections served, by protocol (an h2c upgrade counts for both)",
+                labels=["protocol"],
+            ),
+            Snapshot.connections,
+        ),
+        (
+            GaugeMetricFamily(
+                "trioserve_open_connections",
+                "Connections open now, by protocol",
+                labels=["protocol"],
+            ),
+            Snapshot.open,
+        ),
+        (
+            CounterMetricFamily(
+                "trioserve_received_bytes",
+                "HTTP bytes received (after TLS decryption), by protocol",
+                labels=["protocol"],
+            ),
+            Snapshot.received_bytes,
+        ),
+        (
+            CounterMetricFamily(
+                "trioserve_sent_bytes",
+                "HTTP bytes sent (before TLS encryption), by protocol",
+                labels=["protocol"],
+            ),
+            Snapshot.sent_bytes,
+        ),
+    ]
+    for family, read in per_protocol:
+        if s is not None:
+            for protocol in PROTOCOLS:
+                family.add_metric([protocol], read(s, protocol))
+        yield family
 
 
 def metrics_app(source: Callable[[], Snapshot]) -> WSGIApp:
