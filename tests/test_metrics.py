@@ -587,6 +587,13 @@ def test_a_worker_counts_into_the_block_its_supervisor_reads() -> None:
     assert total.in_flight == 2
 
 
+def test_gauges_are_never_published_below_zero() -> None:
+    stats = ServerStats()
+    stats.publish(in_flight=-1, threads_busy=2, threads_limit=4)
+    snapshot = stats.read()
+    assert (snapshot.in_flight, snapshot.threads_busy, snapshot.threads_limit) == (0, 2, 4)
+
+
 def test_a_block_of_another_layout_or_no_block_is_refused(tmp_path: Path) -> None:
     block = SharedStats()
     try:

@@ -186,11 +186,15 @@ class ServerStats:
     # ---- the reading side -------------------------------------------------
 
     def publish(self, in_flight: int, threads_busy: int, threads_limit: int) -> None:
-        """Write the gauges into the buffer (where a supervisor reads them)."""
+        """Write the gauges into the buffer (where a supervisor reads them).
+
+        Never below 0: the words are unsigned, and a miscount elsewhere must not
+        fail every scrape (or end a worker's channel task) from then on.
+        """
         counts = self.counts
-        counts[LAYOUT.in_flight] = in_flight
-        counts[LAYOUT.threads_busy] = threads_busy
-        counts[LAYOUT.threads_limit] = threads_limit
+        counts[LAYOUT.in_flight] = max(0, in_flight)
+        counts[LAYOUT.threads_busy] = max(0, threads_busy)
+        counts[LAYOUT.threads_limit] = max(0, threads_limit)
 
     def read(self) -> Snapshot:
         """The counters as they are now, with the gauges as last published."""
