@@ -37,7 +37,7 @@ root_doc = "index"
 # unlinked on purpose, and only they.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(trio|ssl|socket|logging|os|collections\.abc|typing|types)\..*"),
+    (r"py:.*", r"(trio|ssl|socket|logging|os|mmap|collections\.abc|typing|types)\..*"),
     (r"py:.*", r"(Stream|HalfCloseableStream|SendStream|ReceiveStream|AsyncResource)(\..*)?"),
     (r"py:class", r".*\[.*"),  # a generic type in an annotation, e.g. tuple[str, ...]
     # Private types that appear in public signatures (the test server's context).

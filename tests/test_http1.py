@@ -583,7 +583,7 @@ def test_errors_h11_finds_are_told_in_words(data: bytes, status: int, reason: st
     """Error bodies and BadRequest reasons say what was wrong, never quoting the
     offending bytes as a Python repr (h11's messages do: ``bytearray(b'...')``)."""
     server = HTTP1Connection()
-    assert feed(server, data) == [BadRequest(status, reason)]
+    assert feed(server, data) == [BadRequest(status, reason, answered=True)]
     response = server.data_to_send()
     assert response == error_response(status, reason)
     assert b"bytearray" not in response
@@ -637,7 +637,7 @@ def test_content_length_over_max_body_size_is_refused_before_any_body() -> None:
     server = HTTP1Connection(max_body_size=10)
     headers = [("Host", "example.com"), ("Content-Length", "11")]
     request = client_request("POST", "/", headers, [b"x" * 11])
-    assert feed(server, request) == [BadRequest(413, "request body too large", None)]
+    assert feed(server, request) == [BadRequest(413, "request body too large", None, answered=True)]
     assert server.data_to_send() == error_response(413, "request body too large")
     assert server.closing
 
@@ -675,7 +675,7 @@ def test_chunked_body_over_max_body_size_sent_with_its_head_never_reaches_the_ap
         [b"a" * 6, b"b" * 6, b"c" * 6],
     )
     reason = "chunk size beyond the request body limit"
-    assert feed(server, request + get("/next")) == [BadRequest(413, reason)]
+    assert feed(server, request + get("/next")) == [BadRequest(413, reason, answered=True)]
     assert server.data_to_send() == error_response(413, reason)
     assert server.closing
 
@@ -696,7 +696,9 @@ def test_chunk_size_that_came_with_the_head_is_refused_before_the_app(
     """h11 would accept these sizes (up to 20 hex digits) and wait for the data; the
     refusal comes at once, with no data sent after the size line."""
     server = HTTP1Connection(max_body_size=1024**3)
-    assert feed(server, CHUNKED_POST + size + b"\r\n") == [BadRequest(status, reason)]
+    assert feed(server, CHUNKED_POST + size + b"\r\n") == [
+        BadRequest(status, reason, answered=True)
+    ]
     assert server.data_to_send() == error_response(status, reason)
     assert server.closing
     assert feed(server, b"x" * 10 + b"\r\n0\r\n\r\n" + get("/next")) == []
@@ -746,7 +748,7 @@ def test_bad_chunk_size_in_a_body_being_drained_closes_the_connection() -> None:
     assert feed(server, CHUNKED_POST + b"5\r\nhello\r\n")[0] == CHUNKED_REQUEST
     assert respond(server, 1) == OK_EMPTY  # answered without reading the body: drained
     reason = "chunk size of more than 16 hex digits"
-    assert feed(server, b"ffffffffffffffffff\r\n") == [BadRequest(400, reason)]
+    assert feed(server, b"ffffffffffffffffff\r\n") == [BadRequest(400, reason, answered=False)]
     assert server.data_to_send() == b""  # the response went out already: only close
     assert server.closing
 

@@ -796,7 +796,7 @@ def test_content_length_over_max_body_size_is_answered_413() -> None:
     request(client, 1, [*POST, (b"content-length", b"200")], end=False)
     client_events, server_events = pump(client, server)
     # Answered by the layer itself: no live stream for the driver (stream_id None).
-    assert server_events == [BadRequest(413, "request body too large (stream 1)")]
+    assert server_events == [BadRequest(413, "request body too large (stream 1)", answered=True)]
     body = error_body(413)
     assert summary(client_events) == [
         (
@@ -819,7 +819,7 @@ def test_content_length_over_max_body_size_with_the_body_in_the_same_read() -> N
     client, server = connect(max_body_size=100)
     request(client, 1, [*POST, (b"content-length", b"200")], b"x" * 200)
     _, server_events = pump(client, server)
-    assert server_events == [BadRequest(413, "request body too large (stream 1)")]
+    assert server_events == [BadRequest(413, "request body too large (stream 1)", answered=True)]
 
 
 def test_streamed_body_over_max_body_size_is_reported_once() -> None:

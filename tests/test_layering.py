@@ -203,3 +203,32 @@ def test_no_module_imports_trio_asyncio() -> None:
         if imports_trio_asyncio(path.read_text(encoding="utf-8"))
     ]
     assert not offenders, f"these modules import trio_asyncio: {offenders}"
+
+
+def test_only_metrics_speaks_prometheus_client_and_the_counters_need_nothing() -> None:
+    """prometheus_client is an extra, imported only by metrics.py (and, to check that it
+    is there when --metrics-bind is given, inside a function of config.py); nothing
+    imports metrics.py at the top: it is loaded when --metrics-bind asks for it.
+    stats.py, on every request's path, imports no trio and no other trioserve module."""
+    users = [
+        path.stem
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if "prometheus_client" in imported_libraries(path.read_text(encoding="utf-8"))
+    ]
+    assert users == ["config", "metrics"]
+    config = ast.parse((PACKAGE / "config.py").read_text(encoding="utf-8"))
+    assert "prometheus_client" not in imported_libraries(
+        "\n".join(
+            ast.unparse(node)
+            for node in config.body
+            if not isinstance(node, ast.ClassDef | ast.FunctionDef)
+        )
+    )
+    stats = (PACKAGE / "stats.py").read_text(encoding="utf-8")
+    assert not imports_trio(stats)
+    assert trioserve_modules(stats) == set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top_level = [node for node in tree.body if isinstance(node, ast.ImportFrom | ast.Import)]
+        for node in top_level:
+            assert "metrics" not in trioserve_modules(ast.unparse(node)), path.name

@@ -47,7 +47,13 @@ from .process import Identity, drop_privileges, pid_file, prepare_process
 from .reloader import check_reload_available
 from .server import Server, serve_wsgi
 from .tls import reload_certificates
-from .workers import ignore_terminal_signals, in_worker, report_ready, run_supervisor
+from .workers import (
+    ignore_terminal_signals,
+    in_worker,
+    report_ready,
+    run_supervisor,
+    worker_stats,
+)
 from .wsgi import WSGIApp
 
 LOGGER = logging.getLogger("trioserve.error")
@@ -134,7 +140,8 @@ async def run_until_signalled(
 
     A worker process (see :mod:`trioserve.workers`) stops on SIGTERM only (its
     parent handles SIGINT and SIGHUP), serves the sockets it was given rather
-    than systemd's, and reports to its parent once it serves.
+    than systemd's, counts into the block its parent reads for ``/metrics``, and
+    reports to its parent once it serves.
     """
     worker = in_worker()
     watched: tuple[signal.Signals, ...] = (signal.SIGTERM,)
@@ -153,7 +160,8 @@ async def run_until_signalled(
                 app = _load_as(identity, load, listeners)
             else:
                 app = load()
-            server = await serve_wsgi(app, nursery, config=config, listeners=listeners)
+            stats = worker_stats() if worker else None  # shared with the supervisor (metrics)
+            server = await serve_wsgi(app, nursery, config=config, listeners=listeners, stats=stats)
             for address in server.addresses:
                 scheme = "https" if config.certfile else "http"
                 LOGGER.log(

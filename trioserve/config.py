@@ -116,6 +116,16 @@ class Config:
         " fileConfig .ini; replaces --error-log, --access-log and --log-format",
         metavar="FILE",
     )
+    # ---- metrics -------------------------------------------------------------------
+    metrics_bind: str | None = _option(
+        # Off: an open metrics port is a decision. On a listener of its own,
+        # never the app's: the app's URL space, its proxies and its clients
+        # never see it, and it can stay on loopback while the app does not.
+        None,
+        "serve Prometheus metrics at /metrics on ADDRESS (HOST:PORT or unix:PATH), counting"
+        " every worker; needs prometheus_client (the metrics extra)",
+        metavar="ADDRESS",
+    )
     # ---- TLS ---------------------------------------------------------------------
     certfile: str | None = _option(
         None, "TLS certificate chain (PEM); enables HTTPS", metavar="FILE"
@@ -470,10 +480,46 @@ class Config:
             self.reload or self.reload_dir == (".",),
             "--reload-dir needs --reload",
         )
+        if self.metrics_bind is not None:
+            _check_metrics_bind(self.metrics_bind, self.bind)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_metrics_bind(address: str, binds: tuple[str, ...]) -> None:
+    """A metrics address is well formed, not one of the app's, and prometheus_client is there."""
+    from .listeners import BindError, parse_bind
+
+    try:
+        metrics = parse_bind(address)
+    except BindError as exc:
+        raise ConfigError(f"--metrics-bind: {exc}") from None
+    _check(metrics.kind != "fd", f"--metrics-bind {address}: give HOST:PORT or unix:PATH")
+    for bind in binds:
+        app = parse_bind(bind)
+        if metrics.kind == app.kind == "unix":
+            same = metrics.path == app.path
+        elif metrics.kind == app.kind == "tcp":
+            wildcard = {None, "0.0.0.0", "::"}
+            same = (
+                metrics.port == app.port != 0  # port 0: two different free ports
+                and (metrics.host == app.host or {metrics.host, app.host} & wildcard != set())
+            )
+        else:
+            same = False
+        _check(
+            not same,
+            f"--metrics-bind {address} is also where the app listens (--bind {bind}):"
+            " metrics need an address of their own",
+        )
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--metrics-bind needs the prometheus_client package: pip install 'trioserve[metrics]'"
+        ) from None
 
 
 def _octal(text: str) -> int:

@@ -69,7 +69,8 @@ from .events import (
     UpgradeToH2,
     WindowOpened,
 )
-from .stream import CancelReason, RequestStream
+from .stats import HTTP1, HTTP2, LAYOUT, Cause
+from .stream import CancelReason, Failure, RequestStream
 from .wakeup import Wakeup
 from .wsgi import ConnectionInfo, ResponseHead
 
@@ -327,22 +328,35 @@ class Connection:
         self._idle_since: float | None = trio.current_time()
         self._pipeline_waiting = False  # HTTP/1.1: next request held back until output drains
         self._watchers: set[RequestStream] = set()  # told of every write (spilling streams)
+        # The server's counters (trioserve.stats), and this connection's words in them.
+        self._stats = ctx.stats
+        self._counts = ctx.stats.counts
+        self._protocol = HTTP2 if proto.multiplexed else HTTP1
+        self._received_word = LAYOUT.received + self._protocol
+        self._sent_word = LAYOUT.sent + self._protocol
+        self._lost_cause = Cause.CONNECTION_LOST  # what a LOST phase means for its streams
+        self._abort_code = 0  # the error code of an ABORTED connection (0: the peer's EOF)
         if ctx.shutting_down:
             proto.start_shutdown()
 
     # ---- lifecycle ----------------------------------------------------------
 
     async def run(self, initial: bytes = b"") -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if initial:
-                # Bytes read while choosing the protocol go in before any task
-                # runs, so nobody mistakes this connection for an idle one.
-                self._receive(initial)
-            nursery.start_soon(self._sender_task)
-            nursery.start_soon(self._reader_task)
-        if self._phase is _Phase.DONE:
-            await self._close_politely()
+        self._stats.connection_opened(self._protocol)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if initial:
+                    # Bytes read while choosing the protocol go in before any task
+                    # runs, so nobody mistakes this connection for an idle one.
+                    self._counts[self._received_word] += len(initial)
+                    self._receive(initial)
+                nursery.start_soon(self._sender_task)
+                nursery.start_soon(self._reader_task)
+            if self._phase is _Phase.DONE:
+                await self._close_politely()
+        finally:
+            self._stats.connection_closed(self._protocol)
 
     def start_shutdown(self) -> None:
         """Graceful stop: finish what is in flight, accept nothing new, then close."""
@@ -385,6 +399,7 @@ class Connection:
         # deadline set); when it fires, the real deadline is worked out, and if
         # it is still ahead (the connection was busy meanwhile) the wait goes
         # on. So a keep-alive connection changes no deadline per request.
+        counts = self._counts
         while True:
             with trio.CancelScope(deadline=self._idle_deadline()) as idle:
                 self._read_scope = idle
@@ -393,7 +408,9 @@ class Connection:
                         if self._reading_paused():
                             await self._reader_wakeup.wait()
                             continue
-                        self._receive(await self._io.receive())
+                        data = await self._io.receive()
+                        counts[self._received_word] += len(data)
+                        self._receive(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._connection_lost()
                     return
@@ -485,8 +502,10 @@ class Connection:
     def _wake_reader(self) -> None:
         self._reader_wakeup.set()
 
-    def _connection_lost(self) -> None:
-        """The socket broke: nobody is listening any more, cancel everything."""
+    def _connection_lost(self, cause: Cause = Cause.CONNECTION_LOST) -> None:
+        """The socket broke (or we dropped a client that reads nothing): cancel everything."""
+        if self._phase is not _Phase.LOST:
+            self._lost_cause = cause
         self._phase = _Phase.LOST
         self._cancel_all()
         self.proto.send_failed()
@@ -520,11 +539,12 @@ class Connection:
                     self._bad_request(event)
                 case UpgradeToH2():
                     self._upgrade(event)
-                case ConnectionClosed(abort=abort):
+                case ConnectionClosed(abort=abort, error_code=code):
                     # A clean HTTP/2 GOAWAY is not the end of reading: the peer
                     # still sends WINDOW_UPDATEs for the streams it lets finish.
                     if abort and self._phase is not _Phase.LOST:
                         self._phase = _Phase.ABORTED
+                        self._abort_code = code
                         self._cancel_all()
                 case WindowOpened():
                     # The sender is woken after every read anyway; spilling
@@ -539,6 +559,7 @@ class Connection:
             # Live app invocations (reset ones still running included) are
             # bounded per connection: refuse, the client may retry (RFC 9113 §8.7).
             self.proto.reset_stream(event.stream_id, ResetReason.REFUSED)
+            self._stats.request_done(HTTP2, 0, Cause.OVERLOADED, time.time())
             return
         limit = config.max_requests_in_flight
         refuse: int | None = None
@@ -573,6 +594,8 @@ class Connection:
     def _bad_request(self, event: BadRequest) -> None:
         client = self.info.client_addr or "unix socket"
         LOGGER.info("%d %s from %s", event.status, event.reason, client)
+        if event.answered:  # a request the protocol layer refused before any stream began
+            self._stats.request_done(self._protocol, event.status, Cause.REJECTED, time.time())
         if event.stream_id is not None:
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -587,6 +610,14 @@ class Connection:
         self.proto = proto
         self.multiplexed = True
         self.can_sendfile = False
+        # Counted as an HTTP/1.1 connection that closed and an HTTP/2 one that opened.
+        self._stats.connection_closed(HTTP1)
+        self._stats.connection_opened(HTTP2)
+        self._protocol = HTTP2
+        self._received_word = LAYOUT.received + HTTP2
+        self._sent_word = LAYOUT.sent + HTTP2
+        # Admitted like any request (stream_done counts it out again).
+        self.ctx.requests_in_flight += 1
         stream = RequestStream(self, self.ctx, self.info, request)
         if event.body:
             stream.feed_body(event.body)
@@ -702,6 +733,13 @@ class Connection:
         if stream.body_buffered and self.multiplexed:
             # Unread body: give the connection-level credit back.
             self.proto.acknowledge_body(stream.stream_id, stream.body_buffered)
+        failure = stream.failure
+        self._stats.request_done(
+            self._protocol,
+            stream.status,
+            0 if failure is None else self._failure_cause(stream, failure),
+            stream.started_at,
+        )
         if ctx.access_log is not None:
             ctx.access_log(stream)
         self._start_next_request()
@@ -714,6 +752,27 @@ class Connection:
             # keep-alive response already went out with the sender's last wake.
             self._wake_sender()
         self._wake_reader()
+
+    def _failure_cause(self, stream: RequestStream, failure: Failure) -> Cause:
+        """Why ``stream`` ended without the app's complete response (the counters' cause)."""
+        if failure is Failure.APP_ERROR:
+            return Cause.APP_ERROR
+        if failure is Failure.STALLED:
+            return Cause.STALLED_OUTPUT
+        if failure is Failure.REFUSED:
+            return Cause.REJECTED if stream.admitted else Cause.OVERLOADED
+        # CANCELLED: by whom?
+        if stream.cancel_reason is None:
+            return Cause.SHUTDOWN  # the connection's tasks were cancelled: a hard stop
+        if stream.cancel_reason is CancelReason.REFUSED:
+            return Cause.REJECTED  # refused after its response had started: reset
+        if self._phase is _Phase.LOST:
+            return self._lost_cause
+        if self._phase is _Phase.ABORTED:
+            # HTTP/2 reports the peer's EOF as an abort without an error code.
+            return Cause.PROTOCOL_ERROR if self._abort_code else Cause.CONNECTION_LOST
+        # A reset while the connection stayed up; HTTP/1.1 can only "reset" by closing.
+        return Cause.PEER_RESET if self.multiplexed else Cause.CONNECTION_LOST
 
     # ---- sender ---------------------------------------------------------------
 
@@ -736,7 +795,7 @@ class Connection:
                     self.info.client_addr or "a unix socket client",
                     self.ctx.config.write_timeout,
                 )
-                self._connection_lost()
+                self._connection_lost(Cause.STALLED_OUTPUT)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # Streams get cancelled; the nursery still waits for their threads.
             self._connection_lost()
@@ -780,6 +839,7 @@ class Connection:
         if data:
             self._in_flight = len(data)
             await self._io.send_all(data, write_scope, self.ctx.config.write_timeout)
+            self._counts[self._sent_word] += len(data)
             return True
         segment = self.proto.file_to_send()
         if segment is not None:
@@ -824,6 +884,7 @@ class Connection:
                     self.info.client_addr or "a unix socket client",
                 )
                 raise trio.BrokenResourceError("file ended early")
+            self._counts[self._sent_word] += sent
             offset += sent
             remaining -= sent
             await trio.lowlevel.checkpoint()  # a big file must not hold up other connections

@@ -3,7 +3,8 @@
 :class:`ServerContext` holds the :class:`~trioserve.config.Config` itself (every
 option and its default live there, once) plus what is built from it at start
 (the thread limiter, the TLS context, the trusted-proxy list, the access log)
-and what the server counts while it runs (connections, requests in flight).
+and what the server counts while it runs (connections, requests in flight, and
+the counters of :mod:`trioserve.stats` behind the metrics).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .http1 import HTTP1Connection
 from .http2 import HTTP2Connection
 from .proxy import AllowList, parse_allow_list
 from .spill import SpillBudget
+from .stats import ServerStats, Snapshot
 from .tls import make_ssl_context
 from .wsgi import WSGIApp
 
@@ -65,6 +67,15 @@ class ServerContext:
     opening: set[trio.CancelScope] = dataclasses.field(default_factory=set)
     _connections_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
     spill_budget: SpillBudget = dataclasses.field(default_factory=lambda: SpillBudget(0))
+    stats: ServerStats = dataclasses.field(default_factory=ServerStats)
+
+    def snapshot(self) -> Snapshot:
+        """The counters now, with the gauges read now (and published in ``stats``)."""
+        limiter = self.limiter
+        self.stats.publish(
+            self.requests_in_flight, limiter.borrowed_tokens, int(limiter.total_tokens)
+        )
+        return self.stats.read()
 
     @functools.cached_property
     def trio_token(self) -> trio.lowlevel.TrioToken:
@@ -114,10 +125,13 @@ class ServerContext:
         )
 
 
-def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
+def context_from_config(
+    app: WSGIApp, config: Config, stats: ServerStats | None = None
+) -> ServerContext:
     """The state every connection of a server shares, built from ``config``.
 
     TLS files are read here, so a bad certificate fails before anything binds.
+    The server counts into ``stats`` (a worker's shared block), else into its own.
     """
     ssl_context = None
     if config.certfile:
@@ -132,4 +146,5 @@ def context_from_config(app: WSGIApp, config: Config) -> ServerContext:
         server_header=config.server_header.encode("latin-1") or None,
         access_log=access_log_for(config),
         spill_budget=SpillBudget(config.max_spill_total),
+        stats=stats if stats is not None else ServerStats(),
     )

@@ -97,14 +97,16 @@ class BadRequest:
     """The peer sent something invalid.
 
     If ``stream_id`` is None the protocol layer has already queued the error
-    response (or GOAWAY) itself and nothing else needs doing but logging. If it
-    names a live stream, that stream must be cancelled and, if its response has
-    not started, answered with ``status``.
+    response (or GOAWAY) itself and nothing else needs doing but logging (and
+    counting: ``answered`` says a request got ``status`` that way, rather than
+    the connection a GOAWAY). If it names a live stream, that stream must be
+    cancelled and, if its response has not started, answered with ``status``.
     """
 
     status: int
     reason: str
     stream_id: int | None = None
+    answered: bool = False
 
 
 @dataclass(frozen=True, slots=True)

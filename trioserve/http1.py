@@ -461,9 +461,10 @@ class HTTP1Connection:
         """Answer a bad request ourselves if no response is under way, then close."""
         stream_id = self._stream_id if self._active else None
         self._closed = True
-        if stream_id is None and self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        answered = stream_id is None and self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+        if answered:
             self._write_error_response(status, reason)
-        return BadRequest(status=status, reason=reason, stream_id=stream_id)
+        return BadRequest(status=status, reason=reason, stream_id=stream_id, answered=answered)
 
     # ---- responses in, bytes out ------------------------------------------
 

@@ -555,7 +555,7 @@ class HTTP2Connection:
         """Answer a request ourselves, without the app; its body is discarded."""
         # The stream id is reported in the reason, not as a live stream: there
         # is no RequestReceived for it and so nothing for the driver to cancel.
-        self._events.append(BadRequest(status, f"{reason} (stream {sid})"))
+        self._events.append(BadRequest(status, f"{reason} (stream {sid})", answered=True))
         self._rejected.add(sid)
         self.send_error_response(sid, status)
 

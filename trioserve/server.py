@@ -7,6 +7,9 @@ Task tree of one server::
         ├── _accept_task x listeners      (in the accept cancel scope)
         └── serve_connection x connections
 
+With ``metrics_bind``, a second server in the same nursery serves the
+counters at ``/metrics`` (:mod:`trioserve.metrics`); it stops with this one.
+
 Stopping has two speeds. :meth:`Server.stop` is graceful: stop accepting,
 ask every connection to finish what it has (HTTP/1.1 answers its current
 request with ``Connection: close``; HTTP/2 sends GOAWAY), wait up to
@@ -29,6 +32,7 @@ from .config import Config, ConfigError
 from .context import ServerContext, context_from_config
 from .listeners import bind_listeners, format_sockname, remove_socket_files
 from .opening import serve_connection
+from .stats import ServerStats, Snapshot
 from .wsgi import WSGIApp
 
 LOGGER = logging.getLogger("trioserve.error")
@@ -54,6 +58,7 @@ class Server:
         self._addresses = [format_sockname(sock) for sock in sockets]
         self._ports = [_port_of(sock) for sock in sockets]
         self._context: ServerContext | None = None  # set by serve_wsgi
+        self._metrics: Server | None = None  # the /metrics server, with metrics_bind
         self._stop_requested = trio.Event()
         self._stopped = trio.Event()
         self._graceful_timeout = config.graceful_timeout
@@ -79,6 +84,20 @@ class Server:
             if not address.startswith("unix:"):
                 return f"{scheme}://{address}"
         raise RuntimeError("this server has no TCP listener")
+
+    @property
+    def metrics_address(self) -> str | None:
+        """Where ``/metrics`` is served (``config.metrics_bind``, port 0 resolved), if anywhere."""
+        return self._metrics.addresses[0] if self._metrics is not None else None
+
+    def snapshot(self) -> Snapshot:
+        """What this server has counted, and its gauges now: a :class:`~trioserve.stats.Snapshot`.
+
+        Reads plain integers: safe from any thread, e.g. as the source of a
+        :class:`trioserve.metrics.MetricsCollector` in the embedder's registry.
+        """
+        assert self._context is not None, "set by serve_wsgi"
+        return self._context.snapshot()
 
     @property
     def open_connections(self) -> int:
@@ -126,6 +145,7 @@ async def serve_wsgi(
     *,
     config: Config | None = None,
     listeners: list[trio.SocketListener] | None = None,
+    stats: ServerStats | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     **options: Any,
 ) -> Server:
@@ -148,10 +168,12 @@ async def serve_wsgi(
         (``bind="127.0.0.1:0"``, ``threads=8``, ...).
       listeners: already-bound listeners to serve instead of ``config.bind``
         (for worker processes and socket activation).
+      stats: count into these counters (a worker's shared memory block)
+        rather than new ones; see :meth:`Server.snapshot`.
 
     Resource handling:
-      Listeners are bound before the server reports itself started and are
-      closed when it stops. Each app call holds one token of the server's
+      Listeners (``metrics_bind``'s too) are bound before the server reports
+      itself started and are closed when it stops. Each app call holds one token of the server's
       own ``CapacityLimiter(config.threads)``.
 
     Error handling:
@@ -161,12 +183,20 @@ async def serve_wsgi(
       to their request or connection; they never stop the server.
     """
     if nursery is not None:
-        run = functools.partial(serve_wsgi, app, config=config, listeners=listeners, **options)
+        run = functools.partial(
+            serve_wsgi, app, config=config, listeners=listeners, stats=stats, **options
+        )
         started: Server = await nursery.start(run)
         return started
     config = (config or Config()).replace(**options) if options else (config or Config())
-    ctx = context_from_config(app, config)  # TLS files are read here, before binding
+    ctx = context_from_config(app, config, stats)  # TLS files are read here, before binding
     bound = await bind_listeners(config) if listeners is None else list(listeners)
+    try:
+        metrics_listeners = await _bind_metrics(config)
+    except BaseException:
+        if listeners is None:
+            _close(bound)
+        raise
     server = Server(config, bound)
     server._context = ctx
     if config.max_requests:
@@ -175,6 +205,8 @@ async def serve_wsgi(
         ctx.on_max_requests = server._max_requests_reached
     try:
         async with trio.open_nursery() as server_nursery:
+            if metrics_listeners:
+                server._metrics = await _start_metrics(server_nursery, ctx, metrics_listeners)
             for listener in bound:
                 server_nursery.start_soon(_accept_task, listener, ctx, server_nursery)
             task_status.started(server)
@@ -192,6 +224,32 @@ async def serve_wsgi(
         finally:
             server._stopped.set()
     return server
+
+
+async def _bind_metrics(config: Config) -> list[trio.SocketListener]:
+    if config.metrics_bind is None:
+        return []
+    from .metrics import bind_metrics  # prometheus_client: imported only when asked for
+
+    return await bind_metrics(config)
+
+
+async def _start_metrics(
+    nursery: trio.Nursery, ctx: ServerContext, listeners: list[trio.SocketListener]
+) -> Server:
+    from .metrics import serve_metrics
+
+    async def read() -> Snapshot:
+        return ctx.snapshot()
+
+    started: Server = await nursery.start(serve_metrics, read, listeners)
+    return started
+
+
+def _close(listeners: list[trio.SocketListener]) -> None:
+    for listener in listeners:
+        listener.socket.close()
+    remove_socket_files(listeners)
 
 
 async def _drain(server: Server, ctx: ServerContext, listeners: list[trio.SocketListener]) -> None:

@@ -172,6 +172,20 @@ class CancelReason(enum.Enum):
     ABANDONED = "abandoned"  # we gave up on it (output stalled, the app broke its response)
 
 
+class Failure(enum.Enum):
+    """How a stream ended without the app's complete response, as far as the stream knows.
+
+    Recorded where the ending is decided, for the server's counters; the
+    connection refines CANCELLED by how it was cancelled (a peer reset, a lost
+    connection, a shutdown: see ``Connection.stream_done``).
+    """
+
+    APP_ERROR = "app error"  # the app raised, or broke its own response
+    STALLED = "stalled"  # the client accepted none of its output for write_timeout
+    REFUSED = "refused"  # answered with error_status (or reset) instead of the app's response
+    CANCELLED = "cancelled"  # cut short by the peer, the connection or a stop
+
+
 class _BodyBuffer:
     """Request body bytes received but not yet handed to the app."""
 
@@ -230,6 +244,7 @@ class RequestStream:
         self.response_head: ResponseHead | None = None
         self.cancel_reason: CancelReason | None = None
         self.error_status: int | None = None  # the status a refused request is answered with
+        self.failure: Failure | None = None  # None: the app's complete response (or still going)
         self.admitted = refuse is None  # counts against ServerContext.requests_in_flight
         self.app_done = False  # the app has returned (its response may still be queued)
         self.reading_body = False  # the app has asked for body data (HTTP/1.1 reads ahead)
@@ -549,6 +564,7 @@ class RequestStream:
                     self.info.client_addr or "a unix socket client",
                     timeout,
                 )
+                self.failure = Failure.STALLED
                 self._reset(ResetReason.CANCEL)
                 self.cancel(CancelReason.ABANDONED)
                 await trio.lowlevel.checkpoint()  # raises Cancelled into the app thread
@@ -615,6 +631,7 @@ class RequestStream:
                 self.request.method.decode("latin-1"),
                 self.request.target.decode("latin-1"),
             )
+            self.failure = Failure.APP_ERROR
             if self.response is Response.PENDING:
                 self._send_error(500)
             else:
@@ -710,18 +727,41 @@ class RequestStream:
             self.request.target.decode("latin-1"),
             why,
         )
+        self.failure = Failure.APP_ERROR
         self._reset(ResetReason.APP_ERROR)
         self.cancel(CancelReason.ABANDONED)
+
+    def _whole_body_queued(self) -> bool:
+        """Did all of a Content-Length response's body reach the connection?
+
+        Then the peer that went away had everything but the end marker (HTTP/2
+        END_STREAM, queued a moment later): one-shot clients such as curl close
+        as soon as they have Content-Length bytes. That is a complete response,
+        as it is on HTTP/1.1, where the end adds no bytes.
+        """
+        head = self.response_head
+        if head is None:
+            return False
+        for name, value in head.headers:
+            if name.lower() == b"content-length":
+                return value.isdigit() and int(value) == self.bytes_sent
+        return False
 
     def _finish(self) -> None:
         """Make sure the stream ended exactly one way (rule 3)."""
         if self.response is Response.ENDED:
             return
         if self.cancel_reason is CancelReason.PEER:
+            if not self._whole_body_queued():
+                self.failure = Failure.CANCELLED
             self.response = Response.ENDED  # nobody to tell
             return
-        if self.error_status is not None and self.response is Response.PENDING:
-            self._send_error(self.error_status)
-            return
-        # Cancelled (shutdown, disconnect, protocol error) before finishing.
+        if self.error_status is not None:
+            self.failure = Failure.REFUSED
+            if self.response is Response.PENDING:
+                self._send_error(self.error_status)
+                return
+        else:
+            # Cancelled (shutdown, disconnect, protocol error) before finishing.
+            self.failure = Failure.CANCELLED
         self._reset(ResetReason.CANCEL)

@@ -62,7 +62,21 @@ end of a socketpair (descriptor named by ``TRIOSERVE_READY_FD``;
   to a worker still importing its app waits in the socket and takes effect
   once it serves. SIGKILL is the only signal the parent sends, as a last resort;
 * end-of-file means the parent is gone (even killed with SIGKILL): the worker
-  stops gracefully instead of serving on, orphaned.
+  stops gracefully instead of serving on, orphaned;
+* with ``--metrics-bind``, the parent writes ``P`` when scraped: the worker
+  writes its gauges into its counters' block and answers ``p`` (below).
+
+**Metrics** (``--metrics-bind``). The supervisor serves ``/metrics``
+(:mod:`trioserve.metrics`) and sums its workers. Each worker counts into a
+block of shared memory the supervisor made for it
+(:class:`trioserve.stats.SharedStats`; descriptor named by
+``TRIOSERVE_STATS_FD``), so its counters are read directly, exact and current,
+with no message per request. Only gauges (requests in flight, busy threads)
+are asked for, once per scrape, over the channel, and awaited at most
+``PUBLISH_TIMEOUT``; a worker that does not answer in time is counted with its
+last published gauges. When a worker exits, whatever ended it (recycling,
+reload, crash, SIGKILL), its last counts are folded into a retired total and
+its block is freed: counters never go backwards, gauges are the live workers'.
 
 **Supervision** (:class:`Supervisor`, one trio task per worker plus one loop
 that reconciles wanted and actual workers):
@@ -125,18 +139,23 @@ from . import reloader
 from .config import Config, ConfigError, options
 from .listeners import bind_listeners, format_sockname, remove_socket_files, systemd_listeners
 from .server import Server
+from .stats import ServerStats, SharedStats, Snapshot, attach_shared_stats
 from .tls import check_tls_files
 
 LOGGER = logging.getLogger("trioserve.error")
 
 WORKER_ENV = "TRIOSERVE_WORKER"
 READY_FD_ENV = "TRIOSERVE_READY_FD"
+STATS_FD_ENV = "TRIOSERVE_STATS_FD"
 
 BACKOFF_INITIAL = 0.1  # seconds before replacing a worker that died
 BACKOFF_MAX = 10.0
 STABLE_AFTER = 10.0  # a worker that lived this long resets the backoff
 KILL_MARGIN = 5.0  # beyond --graceful-timeout before a stopping worker is killed
 IMMEDIATE_GRACE = 5.0  # after a second stop signal, before the remaining workers are killed
+# A scrape waits this long for the workers' gauges: a worker's trio loop answers
+# in microseconds unless it is stuck, and Prometheus's scrape timeout is 10 s.
+PUBLISH_TIMEOUT = 1.0
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _SIGNALS = (*_STOP_SIGNALS, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
@@ -162,6 +181,8 @@ READY = b"R"  # worker -> parent: serving
 STOP = b"S"  # parent -> worker: stop gracefully
 QUIT = b"Q"  # parent -> worker: stop now
 RETIRE = b"s"  # parent -> worker: stop gracefully, a routine replacement (--reload): quietly
+PUBLISH = b"P"  # parent -> worker: write your gauges into your stats block (a scrape)
+PUBLISHED = b"p"  # worker -> parent: done
 
 
 async def report_ready(server: Server, cancel_scope: trio.CancelScope) -> None:
@@ -185,6 +206,9 @@ async def report_ready(server: Server, cancel_scope: trio.CancelScope) -> None:
         try:
             await channel.send(READY)
             while data := await channel.recv(64):
+                if PUBLISH in data:
+                    server.snapshot()  # publishes the gauges into the shared block
+                    await channel.send(PUBLISHED)
                 if QUIT in data:
                     LOGGER.info("Supervisor: stop now")
                     cancel_scope.cancel()
@@ -202,11 +226,38 @@ async def report_ready(server: Server, cancel_scope: trio.CancelScope) -> None:
     server.stop_nowait()
 
 
+def worker_stats() -> ServerStats | None:
+    """In a worker: the counters' block the supervisor shares with us, if it made one."""
+    fd = os.environ.get(STATS_FD_ENV)
+    if not fd:
+        return None
+    stats = attach_shared_stats(int(fd)) if fd.isdigit() else None
+    if stats is None:
+        LOGGER.warning(
+            "%s=%s is not a counters block of this trioserve version:"
+            " this worker's requests are missing from /metrics",
+            STATS_FD_ENV,
+            fd,
+        )
+    return stats
+
+
 # Options whose effect a worker inherits from the supervisor rather than acts on:
 # the sockets (passed as descriptors), the pid file, the working directory, the
-# user and group, the umask, and watching files for --reload.
+# user and group, the umask, watching files for --reload, and serving metrics.
 SUPERVISOR_ONLY = frozenset(
-    {"bind", "workers", "pid", "chdir", "user", "group", "umask", "reload", "reload_dir"}
+    {
+        "bind",
+        "workers",
+        "pid",
+        "chdir",
+        "user",
+        "group",
+        "umask",
+        "reload",
+        "reload_dir",
+        "metrics_bind",
+    }
 )
 
 
@@ -262,9 +313,14 @@ async def run_supervisor(
     listeners = systemd_listeners()
     if listeners:
         LOGGER.info("Serving %d socket(s) from systemd (LISTEN_FDS)", len(listeners))
+    metrics_listeners: list[trio.SocketListener] = []
     try:
         if not listeners:
             listeners = await bind_listeners(config)
+        if config.metrics_bind is not None:
+            from .metrics import bind_metrics  # prometheus_client: only when asked for
+
+            metrics_listeners = await bind_metrics(config)
         if after_bind is not None:
             after_bind()
         if config.certfile:
@@ -276,12 +332,12 @@ async def run_supervisor(
                 "Listening on %s",
                 address if address.startswith("unix:") else f"{scheme}://{address}",
             )
-        supervisor = Supervisor(config, app, listeners, load_config)
+        supervisor = Supervisor(config, app, listeners, load_config, metrics_listeners)
         return await supervisor.run()
     finally:
-        for listener in listeners:
+        for listener in (*listeners, *metrics_listeners):
             listener.socket.close()
-        remove_socket_files(listeners)
+        remove_socket_files([*listeners, *metrics_listeners])
 
 
 def describe_exit(returncode: int) -> str:
@@ -305,6 +361,8 @@ class _Worker:
     hurried: bool = False  # ... and then to stop now
     kill_at: float = math.inf  # SIGKILL if still running then
     stop_message: bytes = STOP  # how it is asked to stop gracefully (RETIRE: quietly)
+    stats: SharedStats | None = None  # its counters (--metrics-bind), until folded in
+    published: int = 0  # PUBLISHED answers received
 
     def tell(self, message: bytes) -> None:
         """Send a stop request (ignored if the worker is gone, or not started: see _run_worker)."""
@@ -327,6 +385,7 @@ class Supervisor:
       app: ``MODULE:ATTR`` for the workers' command line.
       listeners: the bound sockets the workers inherit; closed by the caller.
       load_config: reads the options again for a reload (see :meth:`reload`).
+      metrics_listeners: where to serve ``/metrics`` (bound ``--metrics-bind``), if anywhere.
     """
 
     def __init__(
@@ -335,6 +394,7 @@ class Supervisor:
         app: str | None,
         listeners: Sequence[trio.SocketListener],
         load_config: Callable[[], Config] | None = None,
+        metrics_listeners: Sequence[trio.SocketListener] = (),
     ) -> None:
         self.config = config
         self.app = app
@@ -359,6 +419,9 @@ class Supervisor:
         self.next_spawn_at = -math.inf
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self.metrics_listeners = list(metrics_listeners)
+        self.retired = Snapshot()  # the counters of workers that have exited
+        self._published = trio.Event()  # a worker answered PUBLISH, or exited
 
     def _notify(self) -> None:
         self._changed.set()
@@ -369,6 +432,10 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._handle_signals, signals)
+                if self.metrics_listeners:
+                    from .metrics import serve_metrics
+
+                    await nursery.start(serve_metrics, self.read_stats, self.metrics_listeners)
                 if self.reload_on_change:
                     nursery.start_soon(reloader.watch, self.config.reload_dir, self.reload)
                 LOGGER.log(self._routine, "Starting %d worker processes", self.target)
@@ -507,6 +574,32 @@ class Supervisor:
                 self._retire(worker, now)
         self._notify()
 
+    async def read_stats(self) -> Snapshot:
+        """Every worker's counts summed, exited ones' included; the live ones' gauges, fresh.
+
+        Asks the serving workers to publish their gauges and waits for their
+        answers (at most PUBLISH_TIMEOUT), then reads every block at once.
+        """
+        asked = [
+            (worker, worker.published)
+            for worker in self.workers
+            if worker.ready and worker.stats is not None and worker.channel is not None
+        ]
+        for worker, _ in asked:
+            worker.tell(PUBLISH)
+        with trio.move_on_after(PUBLISH_TIMEOUT):
+            while any(w.published == before and w in self.workers for w, before in asked):
+                await self._published.wait()
+        total = self.retired
+        for worker in self.workers:
+            if worker.stats is not None:
+                total += worker.stats.stats.read()
+        return total
+
+    def _answered(self) -> None:
+        self._published.set()
+        self._published = trio.Event()
+
     async def _run_worker(self, worker: _Worker) -> None:
         parent_end, child_end = socket.socketpair()
         try:
@@ -515,11 +608,13 @@ class Supervisor:
                     env = dict(os.environ)
                     env[WORKER_ENV] = "1"
                     env[READY_FD_ENV] = str(child_end.fileno())
+                    fds = (*self.fds, child_end.fileno())
+                    if self.metrics_listeners:
+                        worker.stats = SharedStats()
+                        env[STATS_FD_ENV] = str(worker.stats.fd)
+                        fds += (worker.stats.fd,)
                     process = await trio.lowlevel.open_process(
-                        self.command,
-                        stdin=subprocess.DEVNULL,
-                        pass_fds=(*self.fds, child_end.fileno()),
-                        env=env,
+                        self.command, stdin=subprocess.DEVNULL, pass_fds=fds, env=env
                     )
             except OSError as exc:
                 LOGGER.error("Cannot start a worker process: %s", exc)
@@ -535,7 +630,7 @@ class Supervisor:
             channel = trio.socket.from_stdlib_socket(parent_end)
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._wait_ready, worker, channel)
+                    nursery.start_soon(self._read_channel, worker, channel)
                     await process.wait()
                     nursery.cancel_scope.cancel()
             finally:
@@ -555,13 +650,20 @@ class Supervisor:
         assert process.returncode is not None
         self._worker_exited(worker, process.returncode)
 
-    async def _wait_ready(self, worker: _Worker, channel: trio.socket.SocketType) -> None:
-        try:
-            data = await channel.recv(1)
-        except OSError:
-            return
-        if data:
-            self._mark_ready(worker)
+    async def _read_channel(self, worker: _Worker, channel: trio.socket.SocketType) -> None:
+        """The worker's side of the channel: READY once, then PUBLISHED answers."""
+        while True:
+            try:
+                data = await channel.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if READY in data and not worker.ready:
+                self._mark_ready(worker)
+            if PUBLISHED in data:
+                worker.published += data.count(PUBLISHED)
+                self._answered()
 
     def _mark_ready(self, worker: _Worker) -> None:
         worker.ready = True
@@ -576,6 +678,11 @@ class Supervisor:
 
     def _worker_exited(self, worker: _Worker, returncode: int) -> None:
         self.workers.remove(worker)
+        if worker.stats is not None:
+            self.retired += worker.stats.stats.read().retired()
+            worker.stats.close()
+            worker.stats = None
+            self._answered()  # a scrape waiting for this worker waits no more
         now = trio.current_time()
         lived = now - worker.started_at
         how = describe_exit(returncode)

@@ -60,6 +60,11 @@ GROUPS: list[tuple[str, str, list[str]]] = [
         ["log_level", "error_log", "access_log", "access_log_format", "log_format", "log_config"],
     ),
     (
+        "Metrics",
+        "Prometheus' text format on a listener of its own. See {doc}`metrics`.",
+        ["metrics_bind"],
+    ),
+    (
         "TLS",
         "HTTPS, and with it HTTP/2 through ALPN. See {doc}`http2-tls`.",
         [
