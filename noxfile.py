@@ -39,7 +39,7 @@ FOUND_PYTHONS = [
     version for version in SUPPORTED_PYTHONS if version == RUNNING or _runs(f"python{version}")
 ]
 
-nox.options.sessions = ["tests", "lint", "docs"]
+nox.options.sessions = ["tests", "tests-h11", "lint", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -49,6 +49,14 @@ def tests(session: nox.Session) -> None:
     """Run the test suite (end-to-end tests use curl/nghttp/h2load when installed)."""
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(name="tests-h11", python=None)
+def tests_h11(session: nox.Session) -> None:
+    """The suite again, with h11 reading HTTP/1.1 request heads (the reference) where
+    the default run uses httptools: any difference between the two is a bug."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "--http1-parser=h11", *session.posargs)
 
 
 # lint and soak run on the Python nox itself runs on: whichever the machine has.

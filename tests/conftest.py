@@ -47,3 +47,37 @@ def patient_clock() -> trio.testing.MockClock:
     deadlines. Tests that time a good client's requests use this one instead.
     """
     return trio.testing.MockClock(autojump_threshold=0.1)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--http1-parser",
+        default="auto",
+        choices=("auto", "h11", "httptools"),
+        help="the HTTP/1.1 head parser servers in this run use where they are left to choose"
+        " ('auto'): nox runs the suite with httptools and again with h11, the reference",
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"HTTP/1.1 head parser: {config.getoption('--http1-parser')}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def http1_parser(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The parser of this run (--http1-parser), for every server started in this process
+    with --http1-parser auto (the default): trioserve.http1 reads "auto" as this one."""
+    import trioserve.http1
+
+    choice = request.config.getoption("--http1-parser")
+    if choice == "auto":
+        yield choice
+        return
+    original = trioserve.http1.head_parser
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            trioserve.http1,
+            "head_parser",
+            lambda wanted, size: original(choice if wanted == "auto" else wanted, size),
+        )
+        yield choice

@@ -1239,3 +1239,11 @@ def test_data_to_send_hands_over_at_most_max_write_at_a_time() -> None:
     assert received == body
     assert isinstance(event, h11.EndOfMessage)
     assert server.output_size == 0
+
+
+def test_the_run_reads_heads_with_the_parser_it_was_asked_for(http1_parser: str) -> None:
+    """nox runs the suite once with httptools and once with h11 (--http1-parser): this
+    shows which one the run's servers really use."""
+    expected = {"auto": "httptools", "h11": "h11", "httptools": "httptools"}[http1_parser]
+    assert HTTP1Connection().parser_name == expected
+    assert HTTP1Connection(parser="h11").parser_name == "h11"

@@ -102,8 +102,24 @@ class ChunkedScan:
 
         After a refusal, and once the body has ended, further bytes are ignored.
         """
+        return self._scan(data, None)[0]
+
+    def decode(self, data: bytes) -> tuple[Refusal | None, list[bytes], int]:
+        """Scan ``data`` and take the chunk data out of it.
+
+        Returns the refusal (if one is due), the chunk data found, in order, and
+        how many bytes of ``data`` belong to the body: once it has ended (see
+        :attr:`done`) the rest is the next request's.
+        """
+        pieces: list[bytes] = []
+        refusal, consumed = self._scan(data, pieces)
+        return refusal, pieces, consumed
+
+    def _scan(
+        self, data: bytes | bytearray, pieces: list[bytes] | None
+    ) -> tuple[Refusal | None, int]:
         if self._stage is _Stage.DONE or self._stage is _Stage.REFUSED:
-            return None
+            return None, 0
         if type(data) is not bytes:
             data = bytes(data)  # one copy, so lines are found without copying the rest
         position = 0
@@ -113,6 +129,8 @@ class ChunkedScan:
             stage = self._stage
             if stage is _Stage.DATA:
                 step = min(self._left, size - position)
+                if pieces is not None:
+                    pieces.append(data[position : position + step])
                 position += step
                 self._left -= step
                 if not self._left:
@@ -126,7 +144,7 @@ class ChunkedScan:
                 if not self._left:
                     self._stage = _Stage.SIZE_LINE
             elif stage is _Stage.DONE:
-                return None
+                break
             else:
                 end = data.find(b"\n", position)
                 if end < 0:
@@ -141,7 +159,7 @@ class ChunkedScan:
         if refusal is not None:
             self._stage = _Stage.REFUSED
             self._line = b""
-        return refusal
+        return refusal, position
 
     # ---- internals ---------------------------------------------------------
 

@@ -338,6 +338,14 @@ class Config:
         0,
         "requests in progress per worker beyond which new ones get 503 at once; 0 no limit",
     )
+    http1_parser: str = _option(
+        # httptools (llhttp) reads a head in about a twentieth of h11's time;
+        # h11 is the reference, and what runs where httptools is not installed.
+        "auto",
+        "what reads HTTP/1.1 request heads: httptools, h11, or auto (httptools when"
+        " installed, else h11); the rest of HTTP/1.1 is trioserve's own either way",
+        metavar="PARSER",
+    )
     # ---- slow clients ----------------------------------------------------------------
     spill_after: float = _option(
         # A client taking a quarter of a second to accept the next piece is far
@@ -424,6 +432,17 @@ class Config:
             _check(value > 0, f"{name.replace('_', '-')} must be positive, not {value}")
         _check(self.max_connections >= 0, "max-connections cannot be negative")
         _check(self.max_requests_in_flight >= 0, "max-requests-in-flight cannot be negative")
+        _check(
+            self.http1_parser in ("auto", "h11", "httptools"),
+            f"http1-parser must be auto, h11 or httptools, not {self.http1_parser!r}",
+        )
+        if self.http1_parser == "httptools":
+            from .http1_heads import httptools_available  # here: no import cycle at startup
+
+            _check(
+                httptools_available(),
+                "--http1-parser httptools: httptools is not installed (pip install httptools)",
+            )
         _check(self.spill_after >= 0, f"spill-after cannot be negative, not {self.spill_after}")
         _check(self.max_spill_per_response >= 1, "max-spill-per-response must be at least 1")
         _check(self.max_spill_total >= 0, "max-spill-total cannot be negative")

@@ -110,6 +110,7 @@ class ServerContext:
             max_header_count=config.max_header_count,
             max_body_size=config.max_request_body_size,
             allow_h2c_upgrade=allow_h2c_upgrade,
+            parser=config.http1_parser,
         )
 
     def new_http2(self) -> HTTP2Connection:

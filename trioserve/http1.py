@@ -1,41 +1,48 @@
-"""Sans-IO HTTP/1.1 server protocol, built on h11.
+"""Sans-IO HTTP/1.1 server protocol.
 
 Bytes go in through :meth:`HTTP1Connection.receive_data`, events come out of
 :meth:`HTTP1Connection.next_events`; responses go in through ``send_*`` calls
 and come out as bytes from :meth:`HTTP1Connection.data_to_send`. Nothing here
 does I/O or imports trio (``tests/test_layering.py`` checks).
 
+One implementation of the protocol, with two parsers for request heads
+(:mod:`trioserve.http1_heads`, ``--http1-parser``): this module frames each
+request itself (it finds where a head ends, counts a Content-Length body and
+decodes a chunked one with :mod:`trioserve.chunked`), decides keep-alive,
+pipelining, ``100 Continue`` and the h2c upgrade, and writes every response,
+so all of that is the same whichever parser reads the heads.
+
 Rules this module keeps:
 
 1. One request at a time. The next pipelined request is only parsed after the
    current response has ended (``end_stream``), so responses can never be
    reordered; the driver calls ``next_events`` again after each response.
-2. Every rejection the peer caused is answered here with the status h11 hints
-   (400, 413, 414, 431, 501) and ``Connection: close``, and reported once as a
+2. Every rejection the peer caused is answered here (400, 408, 413, 414, 431,
+   501, 505) with ``Connection: close``, and reported once as a
    :class:`~trioserve.events.BadRequest` so the driver can log it.
 3. Request smuggling guards live here: both Content-Length and
-   Transfer-Encoding, or a body larger than allowed, are refused before any
-   application code runs; so are chunk sizes h11 would accept but a 64-bit
-   peer could not, and those the body limit cannot hold (trioserve.chunked,
-   which follows a chunked body's bytes before h11 parses them).
+   Transfer-Encoding, a body larger than allowed, and the raw-head and
+   chunk-size checks of :mod:`trioserve.http1_heads` and
+   :mod:`trioserve.chunked` refuse a request before any application code runs.
 4. Switching to HTTP/2 (``Upgrade: h2c``) is an event, never an exception.
-5. A response that breaks the rules of :mod:`trioserve.responses` (or that h11
-   refuses) raises :class:`~trioserve.events.InvalidResponse` from ``send_*``,
-   never an h11 exception; nothing past a declared Content-Length is queued.
+5. A response that breaks the rules of :mod:`trioserve.responses` raises
+   :class:`~trioserve.events.InvalidResponse` from ``send_*``; nothing past a
+   declared Content-Length is queued.
 6. Error bodies and ``BadRequest`` reasons are words, never reprs of the
-   offending bytes (:func:`describe`).
+   offending bytes.
+
+Responses are written as h11, the reference this module replaced, writes
+them: the status line ``HTTP/1.1``, the app's fields as given, then the framing
+fields the body needs (``Transfer-Encoding: chunked`` for a body of unknown
+length to an HTTP/1.1 client, none and a close for an HTTP/1.0 one) and
+``Connection: close`` when the connection will not be reused.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
-from typing import cast
+import enum
 
-import h11
-
-from .chunked import ChunkedScan, Refusal
+from .chunked import ChunkedScan
 from .events import (
     BadRequest,
     BodyEnded,
@@ -44,11 +51,21 @@ from .events import (
     Event,
     FileSegment,
     Headers,
-    InvalidResponse,
     RequestReceived,
     ResetReason,
     StreamReset,
     UpgradeToH2,
+)
+from .http1_heads import (
+    HeadError,
+    HeadParser,
+    describe,
+    head_end,
+    head_parser,
+    head_problem,
+    partial_head_problem,
+    split_target,
+    valid_settings,
 )
 from .responses import (
     NO_BODY_STATUSES,
@@ -57,9 +74,10 @@ from .responses import (
     check_status,
     declared_length,
     error_body,
-    in_words,
     reason_phrase,
 )
+
+__all__ = ["MAX_DRAIN", "MAX_UPGRADE_BODY", "MAX_WRITE", "HTTP1Connection", "describe"]
 
 # An h2c upgrade request's body must be read completely before switching
 # protocols (RFC 9113 §3.2 leaves no way to continue it on stream 1), so it is
@@ -76,40 +94,29 @@ MAX_DRAIN = 256 * 1024
 # water), and a large response goes out while the app produces the next part.
 MAX_WRITE = 256 * 1024
 
-# h11's RemoteProtocolError messages in trioserve's words, looked up by the
-# start of h11's text once the data it quotes is cut off (responses.in_words).
-# A message not listed is shown as in_words leaves it, so a change of wording
-# in h11 costs only polish, never a repr on the wire.
-_H11_WORDINGS = (
-    ("illegal request line", "malformed request line"),
-    ("no request line", "no request line"),
-    ("illegal header line", "malformed header line"),
-    ("continuation line at start", "obsolete line folding"),
-    ("illegal chunk header", "malformed chunk size line"),
-    ("malformed chunk footer", "chunk data not followed by CRLF"),
-    ("receive buffer too long", "request header fields too large"),
-    ("missing mandatory host", "missing Host header"),
-    ("found multiple host", "more than one Host header"),
-    ("conflicting content-length", "conflicting Content-Length headers"),
-    ("bad content-length", "invalid Content-Length"),
-    ("multiple transfer-encoding", "more than one Transfer-Encoding header"),
-    ("only transfer-encoding: chunked", "unsupported Transfer-Encoding"),
-    ("illegal method", "invalid method"),
-    ("illegal target", "invalid request target"),
-    ("illegal header name", "invalid header name"),
-    ("illegal header value", "invalid header value"),
-    ("peer unexpectedly closed", "connection closed in the middle of a request"),
-)
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
 
 
-def describe(exc: h11.ProtocolError) -> str:
-    """What an h11 protocol error says was wrong, in words, with no repr."""
-    text = in_words(str(exc))
-    lowered = text.lower()
-    for start, wording in _H11_WORDINGS:
-        if lowered.startswith(start):
-            return wording
-    return text
+class _Input(enum.Enum):
+    """What the bytes from the client are, at this point of the connection."""
+
+    HEAD = "head"  # the next request head (parsed once no request is active)
+    BODY = "body"  # the current request's body
+    DRAIN = "drain"  # the body of a request already answered: read and dropped
+    DONE = "done"  # the current request is complete; what follows waits for its answer
+    IGNORE = "ignore"  # that request was the last one (Connection: close, HTTP/1.0)
+    CLOSED = "closed"  # nothing more is parsed: an error, an upgrade, or the end
+
+
+class _Framing(enum.Enum):
+    """How the current response's body is delimited on the wire."""
+
+    NONE = "none"  # HEAD, 204, 304: no body bytes at all
+    LENGTH = "length"  # Content-Length
+    CHUNKED = "chunked"  # Transfer-Encoding: chunked (HTTP/1.1 clients)
+    CLOSE = "close"  # ended by closing the connection (HTTP/1.0 clients)
 
 
 class HTTP1Connection:
@@ -121,6 +128,7 @@ class HTTP1Connection:
       max_header_count: header fields allowed per request (431 beyond).
       max_body_size: request body bytes allowed, 0 for no limit (413 beyond).
       allow_h2c_upgrade: honour ``Upgrade: h2c`` (cleartext connections only).
+      parser: which parser reads request heads: ``auto``, ``h11`` or ``httptools``.
     """
 
     multiplexed = False
@@ -133,34 +141,49 @@ class HTTP1Connection:
         max_header_count: int = 100,
         max_body_size: int = 0,
         allow_h2c_upgrade: bool = False,
+        parser: str = "auto",
     ) -> None:
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_size)
+        self._parser: HeadParser = head_parser(parser, max_header_size)
         self._max_header_size = max_header_size
         self._max_request_line_size = max_request_line_size
         self._max_header_count = max_header_count
         self._max_body_size = max_body_size
         self._allow_h2c_upgrade = allow_h2c_upgrade
+        # Input.
+        self._buffer = bytearray()  # received, not yet parsed or handed out
+        self._input = _Input.HEAD
+        self._peer_eof = False
+        self._eof_reported = False
+        self._length_left = 0  # _Input.BODY/DRAIN with a Content-Length: bytes to come
+        self._chunks: ChunkedScan | None = None  # _Input.BODY/DRAIN of a chunked body
+        self._body_received = 0
+        self._drained = 0
+        self._upgrade: tuple[RequestReceived, bytes] | None = None
+        self._upgrade_body: list[bytes] = []
+        # The exchange.
+        self._stream_id = 0  # id of the current (or last) request
+        self._active = False  # a request has been handed out and its response not ended
+        self._keep_alive = True  # the client lets the connection carry another request
+        self._http10 = False
+        self._head_request = False
+        self._awaits_continue = False  # it sent Expect: 100-continue and no body yet
+        self._continue_withheld = False  # ...and has had neither 100 nor a response
+        # Output.
         self._outbound: list[bytes | memoryview | FileSegment] = []
         self._outbound_size = 0
         self._files_queued = 0  # FileSegments in _outbound
-        self._stream_id = 0  # id of the current (or last) request
-        self._active = False  # a request has been handed out and its response not ended
         self._response_started = False
-        self._continue_withheld = False  # client expects 100 Continue and has not had it
-        self._head_checked = False  # the current request head passed _raw_head_problem
-        self._head_request = False
-        self._no_body = False  # HEAD or 204/304: the response's body bytes are dropped
+        self._framing = _Framing.NONE
         self._declared: int | None = None  # the response's Content-Length, if it counts
         self._body_sent = 0  # response body bytes queued, counted against _declared
-        self._body_received = 0
-        self._chunks: ChunkedScan | None = None  # following a chunked request body
-        self._chunk_refusal: Refusal | None = None  # what it found wrong, not yet answered
-        self._draining = 0  # >0: discarding the rest of an unread body; bytes discarded + 1
-        self._upgrade: tuple[RequestReceived, bytes] | None = None
-        self._upgrade_body: list[bytes] = []
-        self._closed = False  # close once the current exchange is over; parse nothing more
+        self._close_after = False  # this response is the connection's last
+        self._closed = False  # close once the output drains; parse nothing more
         self._no_keep_alive = False  # graceful shutdown: finish the current exchange, then close
-        self._peer_eof = False
+
+    @property
+    def parser_name(self) -> str:
+        """``h11`` or ``httptools``: the parser reading this connection's request heads."""
+        return self._parser.name
 
     # ---- state the driver asks about -------------------------------------
 
@@ -171,12 +194,11 @@ class HTTP1Connection:
             return True
         if self._active:
             return False
-        if self._no_keep_alive and not self._h11.trailing_data[0]:
+        if self._no_keep_alive and (self._input is not _Input.HEAD or not self._buffer):
             return True  # idle (not even part of a request buffered): close now
-        our = self._h11.our_state
-        return our in (h11.MUST_CLOSE, h11.CLOSED, h11.ERROR) or (
-            self._peer_eof and self._h11.their_state in (h11.IDLE, h11.DONE, h11.CLOSED)
-        )
+        if self._input is _Input.IGNORE:
+            return True  # the last request has been answered
+        return self._peer_eof and self._input in (_Input.HEAD, _Input.DONE)
 
     @property
     def partial_request(self) -> bool:
@@ -184,8 +206,8 @@ class HTTP1Connection:
         return (
             not self._active
             and not self._closed
-            and self._h11.their_state is h11.IDLE
-            and bool(self._h11.trailing_data[0])
+            and self._input is _Input.HEAD
+            and bool(self._buffer)
         )
 
     def expire_partial_request(self) -> list[Event]:
@@ -195,7 +217,7 @@ class HTTP1Connection:
     @property
     def buffered_input(self) -> int:
         """Bytes received but not yet parsed (pipelined requests waiting their turn)."""
-        return len(self._h11.trailing_data[0]) if self._h11.their_state is h11.DONE else 0
+        return len(self._buffer) if self._input is _Input.DONE else 0
 
     @property
     def has_queued_streams(self) -> bool:
@@ -215,177 +237,185 @@ class HTTP1Connection:
         """HTTP/1.1 has no flow-control window: output waits only for the socket."""
         return False
 
+    def stream_send_room(self, stream_id: int) -> int:
+        """HTTP/1.1 has no flow-control window: as much as the socket takes."""
+        return MAX_WRITE
+
     # ---- bytes in, events out ---------------------------------------------
 
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the socket; ``b""`` means the peer closed its side."""
         if not data:
             self._peer_eof = True
-        if self._h11.their_state is not h11.ERROR and not self._closed:
-            data = bytes(data)
-            if self._chunks is not None:
-                # The scan sees these bytes before h11 parses them (next_events).
-                self._chunk_refusal = self._chunks.feed(data)
-                if self._chunks.done or self._chunk_refusal is not None:
-                    self._chunks = None
-            self._h11.receive_data(data)
+        elif self._input is not _Input.CLOSED and self._input is not _Input.IGNORE:
+            self._buffer += data
 
     def next_events(self) -> list[Event]:
         """Parse as far as the state allows and return what happened."""
         events: list[Event] = []
-        if self._closed:
-            return events
-        if not self._active and not self._peer_eof and not self._h11.trailing_data[0]:
-            # Between requests with nothing buffered (the common case after a
-            # response): there is nothing to parse.
-            return events
         while True:
-            if self._chunk_refusal is not None:
-                events.append(self._reject(*self._chunk_refusal))
-                return events
-            if self._h11.their_state is h11.MUST_CLOSE:
-                # Connection: close / HTTP/1.0: that request was the last one;
-                # whatever follows is ignored (RFC 9112 §9.6), not an error.
-                return events
-            if not self._head_checked and self._h11.their_state is h11.IDLE and not self._active:
-                complete, problem = _raw_head_problem(self._h11.trailing_data[0])
-                if problem is not None:
-                    events.append(self._reject(400, problem))
-                    return events
-                # Incomplete: h11 asks for more data (or refuses an oversized head).
-                self._head_checked = complete
-            try:
-                h11_event = self._h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                if self._peer_eof and self._active:
-                    # EOF in the middle of a request body: the client went away.
-                    self._closed = True
-                    events.append(StreamReset(self._stream_id))
-                else:
-                    events.append(self._reject(exc.error_status_hint, describe(exc)))
-                return events
-            if h11_event is h11.NEED_DATA:
-                if self._h11.their_state is h11.IDLE and not self._active:
-                    self._check_request_line_length(events)
-                return events
-            if h11_event is h11.PAUSED:
-                if self._upgrade is not None:
-                    # h11 puts an accepted-for-consideration upgrade request in
-                    # MIGHT_SWITCH_PROTOCOL rather than DONE once its body is read.
-                    if self._h11.their_state is not h11.DONE:
-                        events.append(self._accept_upgrade())
-                    else:  # Upgrade without "Connection: Upgrade": not an upgrade request
-                        self._decline_upgrade(events)
-                        events.append(BodyEnded(self._stream_id))
-                return events
-            if not self._handle(cast(h11.Event, h11_event), events):
-                return events
+            state = self._input
+            if state is _Input.HEAD:
+                if self._active or not self._head(events):
+                    break
+            elif state is _Input.BODY or state is _Input.DRAIN:
+                if not self._body(events):
+                    break
+            else:
+                if state is _Input.DONE and self._peer_eof and not self._eof_reported:
+                    # The client half-closed after its request: it may still read.
+                    self._eof_reported = True
+                    events.append(ConnectionClosed(abort=False))
+                break
+        return events
 
-    def _handle(self, h11_event: h11.Event, events: list[Event]) -> bool:
-        """Translate one h11 event; False stops parsing for now."""
-        sid = self._stream_id
-        if isinstance(h11_event, h11.Request):
-            return self._handle_request(h11_event, events)
-        if isinstance(h11_event, h11.Data):
-            data = bytes(h11_event.data)
-            if self._draining:
-                self._draining += len(data)
-                if self._draining > MAX_DRAIN:
-                    self._closed = True
-                    return False
-                return True
-            self._body_received += len(data)
-            # A backstop: the chunked scan refuses a size over the limit before its data.
-            if self._max_body_size and self._body_received > self._max_body_size:
-                events.append(self._reject(413, "request body too large"))
-                return False
-            if self._upgrade is not None:
-                self._upgrade_body.append(data)
-                if self._body_received > MAX_UPGRADE_BODY:
-                    self._decline_upgrade(events)
-                return True
-            events.append(BodyReceived(sid, data))
-            return True
-        if isinstance(h11_event, h11.EndOfMessage):
-            if self._draining:
-                self._draining = 0
-                self._start_next_cycle()
-                return True
-            if self._upgrade is None:
-                events.append(BodyEnded(sid))
-            return True
-        if isinstance(h11_event, h11.ConnectionClosed):
-            events.append(ConnectionClosed(abort=False))
+    def _head(self, events: list[Event]) -> bool:
+        """Parse the next request head if all of it is here; False to stop for now."""
+        buffer = self._buffer
+        if not buffer:
+            if self._peer_eof:
+                self._input = _Input.CLOSED
+                self._closed = True
+                if not self._eof_reported:
+                    self._eof_reported = True
+                    events.append(ConnectionClosed(abort=False))
             return False
-        return True  # pragma: no cover - h11 has no other events for a server
+        start = 0
+        while start < len(buffer) and buffer[start] in b"\r\n":
+            start += 1  # empty lines before a request line are allowed (RFC 9112 §2.2)
+        try:
+            end = head_end(buffer, start)
+        except HeadError as error:
+            events.append(self._reject(error.status, error.reason))
+            return False
+        if end < 0:
+            self._check_partial_head(buffer, start, events)
+            return False
+        head = bytes(buffer[start:end])
+        del buffer[:end]
+        request = self._request(head, events)
+        if request is None:
+            return False
+        if self._upgrade is None:
+            events.append(request)
+        if self._input is _Input.DONE:
+            self._request_complete(events)
+        return True
 
-    def _handle_request(self, request: h11.Request, events: list[Event]) -> bool:
-        headers: Headers = list(request.headers)
-        request_line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
-        if request_line > self._max_request_line_size:
-            events.append(self._reject(414, "request target too long"))
-            return False
-        # h11 bounds only a head that is still incomplete; one that arrives
-        # whole in a large read must be measured here (request line + fields).
-        head_size = request_line + sum(len(name) + len(value) + 4 for name, value in headers)
-        if head_size > self._max_header_size:
+    def _check_partial_head(self, buffer: bytearray, start: int, events: list[Event]) -> None:
+        pending = len(buffer) - start
+        problem = partial_head_problem(buffer, start)
+        if problem is not None:
+            events.append(self._reject(400, problem))
+        elif self._peer_eof:
+            events.append(self._reject(400, "connection closed in the middle of a request"))
+        elif pending > self._max_request_line_size and b"\n" not in buffer:
+            events.append(self._reject(414, "request line too long"))
+        elif pending > self._max_header_size:
             events.append(self._reject(431, "request header fields too large"))
-            return False
+
+    def _request(self, head: bytes, events: list[Event]) -> RequestReceived | None:
+        """Check and parse a complete head; the request, or None if it was refused."""
+        if len(head) - 4 > self._max_header_size:
+            events.append(self._reject(431, "request header fields too large"))
+            return None
+        line_end = head.find(b"\r\n")
+        if line_end > self._max_request_line_size:
+            events.append(self._reject(414, "request target too long"))
+            return None
+        problem = head_problem(head[:-4])
+        if problem is not None:
+            events.append(self._reject(*problem))
+            return None
+        try:
+            parsed = self._parser.parse(head)
+        except HeadError as error:
+            events.append(self._reject(error.status, error.reason))
+            return None
+        if parsed.http_version not in (b"1.1", b"1.0"):
+            events.append(self._reject(505, "HTTP version not supported"))
+            return None
+        headers = parsed.headers
         if len(headers) > self._max_header_count:
             events.append(self._reject(431, "too many header fields"))
-            return False
+            return None
+        return self._admit(parsed.method, parsed.target, parsed.http_version, headers, events)
+
+    def _admit(
+        self,
+        method: bytes,
+        raw_target: bytes,
+        version: bytes,
+        headers: Headers,
+        events: list[Event],
+    ) -> RequestReceived | None:
+        """trioserve's rules for the fields of a request; the request if it passes."""
         content_length: int | None = None
         chunked = False
         expects_continue = False
         upgrade: bytes | None = None
         settings: bytes | None = None
         connection_tokens: set[bytes] = set()
+        hosts = 0
         for name, value in headers:
             if name == b"content-length":
-                content_length = int(value)
+                content_length = int(value)  # one, of digits only (head_problem)
             elif name == b"transfer-encoding":
-                chunked = True
+                chunked = True  # one, "chunked" alone, without Content-Length (head_problem)
+            elif name == b"host":
+                hosts += 1
             elif name == b"expect":
                 expects_continue = value.lower() == b"100-continue"
+            elif name == b"connection":
+                connection_tokens.update(token.strip().lower() for token in value.split(b","))
             elif name == b"upgrade":
                 upgrade = value.lower()
             elif name == b"http2-settings":
                 settings = value
-            elif name == b"connection":
-                connection_tokens.update(token.strip().lower() for token in value.split(b","))
-        if sum(1 for name, _ in headers if name == b"host") > 1:
+        if hosts > 1:
             # RFC 9112 §3.2: more than one Host is a 400 (which one would we route by?)
             events.append(self._reject(400, "more than one Host header"))
-            return False
-        target, authority, problem = _split_target(request.method, bytes(request.target))
+            return None
+        if not hosts and version == b"1.1":
+            events.append(self._reject(400, "missing Host header"))
+            return None
+        target, authority, problem = split_target(method, raw_target)
         if problem is not None:
-            events.append(self._reject(501 if request.method == b"CONNECT" else 400, problem))
-            return False
-        if chunked and content_length is not None:
-            # RFC 9112 §6.3: a sender MUST NOT send both; a server MAY reject.
-            # Accepting would let a front proxy and us disagree on where the
-            # body ends (request smuggling), so we always reject.
-            events.append(self._reject(400, "both Content-Length and Transfer-Encoding"))
-            return False
+            events.append(self._reject(501 if method == b"CONNECT" else 400, problem))
+            return None
         if self._max_body_size and (content_length or 0) > self._max_body_size:
             events.append(self._reject(413, "request body too large"))
-            return False
+            return None
+        has_body = chunked or bool(content_length)
         self._chunks = None
-        if chunked and not self._scan_chunked_body(events):
-            return False
+        if chunked:
+            scan = ChunkedScan(
+                max_body_size=self._max_body_size, max_trailer_size=self._max_header_size
+            )
+            refusal = scan.feed(bytes(self._buffer))  # the body bytes already here, if any
+            if refusal is not None:  # refused before the app runs
+                events.append(self._reject(*refusal))
+                return None
+            self._chunks = ChunkedScan(
+                max_body_size=self._max_body_size, max_trailer_size=self._max_header_size
+            )
         self._stream_id += 1
         self._active = True
         self._response_started = False
         self._body_received = 0
-        self._head_request = request.method == b"HEAD"
-        has_body = chunked or bool(content_length)
-        self._continue_withheld = expects_continue and has_body
-        event = RequestReceived(
+        self._length_left = content_length or 0
+        self._input = _Input.BODY if has_body else _Input.DONE
+        self._head_request = method == b"HEAD"
+        self._http10 = version == b"1.0"
+        # HTTP/1.0: one request per connection (as h11, which this module replaced).
+        self._keep_alive = not self._http10 and b"close" not in connection_tokens
+        self._awaits_continue = self._continue_withheld = expects_continue and has_body
+        request = RequestReceived(
             stream_id=self._stream_id,
-            method=bytes(request.method),
+            method=method,
             target=target,
             headers=headers,
-            http_version=request.http_version.decode("ascii"),
+            http_version=version.decode("ascii"),
             authority=authority,
             end_stream=not has_body,
             expects_continue=expects_continue and has_body,
@@ -396,52 +426,107 @@ class HTTP1Connection:
             and upgrade == b"h2c"
             and settings is not None
             and {b"upgrade", b"http2-settings"} <= connection_tokens  # RFC 9113 §3.2
-            and request.http_version == b"1.1"  # RFC 9110 §7.8: ignore Upgrade in HTTP/1.0
+            and version == b"1.1"  # RFC 9110 §7.8: ignore Upgrade in HTTP/1.0
             and (content_length or 0) <= MAX_UPGRADE_BODY
             and not expects_continue
-        ) and _valid_settings(settings):
+            and valid_settings(settings)
+        ):
             # RFC 9113 §3.2.1 omits base64 padding; h2's decoder needs it.
-            self._upgrade = (event, settings + b"=" * (-len(settings) % 4))
+            self._upgrade = (request, settings + b"=" * (-len(settings) % 4))
             self._upgrade_body = []
-            return True
-        events.append(event)
-        return True
+        return request
 
-    def _scan_chunked_body(self, events: list[Event]) -> bool:
-        """Start following a chunked body from the bytes already buffered after its head.
-
-        Chunk sizes h11 would accept but we refuse (see trioserve.chunked) are
-        answered before the app runs when they came with the head; later ones
-        as soon as they arrive (receive_data, then next_events).
-        """
-        scan = ChunkedScan(
-            max_body_size=self._max_body_size, max_trailer_size=self._max_header_size
-        )
-        refusal = scan.feed(self._h11.trailing_data[0])
-        if refusal is not None:
-            events.append(self._reject(*refusal))
+    def _body(self, events: list[Event]) -> bool:
+        """Take request body bytes from the buffer; False to stop for now."""
+        buffer = self._buffer
+        draining = self._input is _Input.DRAIN
+        if self._chunks is not None:
+            if not buffer:
+                return self._body_eof(events)
+            refusal, pieces, used = self._chunks.decode(bytes(buffer))
+            del buffer[:used]
+            if refusal is not None:
+                events.append(self._reject(*refusal))
+                return False
+            ended = self._chunks.done
+        else:
+            if not buffer:
+                return self._body_eof(events)
+            used = min(self._length_left, len(buffer))
+            pieces = [bytes(buffer[:used])]
+            del buffer[:used]
+            self._length_left -= used
+            ended = not self._length_left
+        for data in pieces:
+            if draining:
+                self._drained += len(data)
+                if self._drained > MAX_DRAIN:
+                    self._input = _Input.CLOSED
+                    self._closed = True
+                    return False
+            elif data and not self._body_data(data, events):
+                return False
+        if not ended:
+            if not buffer and self._peer_eof:
+                self._body_eof(events)
             return False
-        if not scan.done:
-            self._chunks = scan
+        self._chunks = None
+        if draining:
+            self._input = _Input.HEAD
+            self._start_next()
+            return True
+        self._input = _Input.DONE
+        self._request_complete(events)
         return True
+
+    def _body_eof(self, events: list[Event]) -> bool:
+        if self._peer_eof:
+            # EOF in the middle of a request body: the client went away.
+            if self._active and self._input is _Input.BODY:
+                events.append(StreamReset(self._stream_id))
+            self._input = _Input.CLOSED
+            self._closed = True
+        return False
+
+    def _body_data(self, data: bytes, events: list[Event]) -> bool:
+        self._awaits_continue = False
+        self._body_received += len(data)
+        # A backstop: the chunked scan refuses a size over the limit before its data.
+        if self._max_body_size and self._body_received > self._max_body_size:
+            events.append(self._reject(413, "request body too large"))
+            return False
+        if self._upgrade is not None:
+            self._upgrade_body.append(data)
+            if self._body_received > MAX_UPGRADE_BODY:
+                self._decline_upgrade(events)
+            return True
+        events.append(BodyReceived(self._stream_id, data))
+        return True
+
+    def _request_complete(self, events: list[Event]) -> None:
+        """The request's body has ended (or it had none)."""
+        if self._upgrade is not None:
+            events.append(self._accept_upgrade())
+            return
+        events.append(BodyEnded(self._stream_id))
+        if not self._keep_alive:
+            # Connection: close / HTTP/1.0: that request was the last one; whatever
+            # follows is ignored (RFC 9112 §9.6), not an error.
+            self._buffer.clear()
 
     def _accept_upgrade(self) -> UpgradeToH2:
         assert self._upgrade is not None
         request, settings = self._upgrade
-        self._write(
-            h11.InformationalResponse(
-                status_code=101,
-                headers=[(b"Connection", b"Upgrade"), (b"Upgrade", b"h2c")],
-                reason=b"Switching Protocols",
-            )
-        )
-        trailing, _ = self._h11.trailing_data
+        self._queue(_SWITCHING)
         body = b"".join(self._upgrade_body)
+        trailing = bytes(self._buffer)
+        self._buffer.clear()
         self._upgrade = None
         self._upgrade_body = []
         self._active = False
+        self._input = _Input.CLOSED
         self._closed = True  # this HTTP/1.1 connection is over; HTTP/2 takes the socket
-        return UpgradeToH2(request=request, settings=settings, body=body, trailing=bytes(trailing))
+        return UpgradeToH2(request=request, settings=settings, body=body, trailing=trailing)
 
     def _decline_upgrade(self, events: list[Event]) -> None:
         """Serve an upgrade request over HTTP/1.1 after all (its body grew too large)."""
@@ -452,17 +537,18 @@ class HTTP1Connection:
         self._upgrade = None
         self._upgrade_body = []
 
-    def _check_request_line_length(self, events: list[Event]) -> None:
-        pending, _ = self._h11.trailing_data
-        if len(pending) > self._max_request_line_size and b"\n" not in pending:
-            events.append(self._reject(414, "request line too long"))
-
     def _reject(self, status: int, reason: str) -> BadRequest:
         """Answer a bad request ourselves if no response is under way, then close."""
         stream_id = self._stream_id if self._active else None
+        draining = self._input is _Input.DRAIN
         self._closed = True
-        answered = stream_id is None and self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+        self._input = _Input.CLOSED
+        self._upgrade = None
+        # Not while the body of a request already answered is drained: that
+        # exchange has had its response, and the connection just closes.
+        answered = stream_id is None and not self._response_started and not draining
         if answered:
+            self._head_request = False
             self._write_error_response(status, reason)
         return BadRequest(status=status, reason=reason, stream_id=stream_id, answered=answered)
 
@@ -470,9 +556,9 @@ class HTTP1Connection:
 
     def send_continue(self, stream_id: int) -> None:
         """Send ``100 Continue`` if the client is still waiting for it."""
-        if self._h11.they_are_waiting_for_100_continue and not self._response_started:
-            self._continue_withheld = False
-            self._write(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
+        if self._awaits_continue and not self._response_started:
+            self._awaits_continue = self._continue_withheld = False
+            self._queue(_CONTINUE)
 
     def send_response(
         self, stream_id: int, status: int, headers: Headers, *, reason: bytes = b""
@@ -481,27 +567,41 @@ class HTTP1Connection:
 
         Raises InvalidResponse, having queued nothing, for a head that breaks
         the rules of trioserve.responses (a status that is not final, a bad
-        reason phrase or Content-Length) or that h11 refuses.
+        reason phrase or Content-Length).
         """
         check_status(status, reason)
         declared = declared_length(headers)
-        self._no_body = self._head_request or status in NO_BODY_STATUSES
-        self._declared = None if self._no_body else declared
+        no_body = self._head_request or status in NO_BODY_STATUSES
+        self._declared = None if no_body else declared
         self._body_sent = 0
         self._response_started = True
-        if self._continue_withheld and self._h11.their_state is h11.SEND_BODY:
+        self._awaits_continue = False
+        if self._continue_withheld and self._input is _Input.BODY:
             # Answering without having asked for the body: it may never come,
             # so this connection cannot carry another request.
             self._closed = True
-        if self._closed or self._no_keep_alive:
-            headers = [*headers, (b"Connection", b"close")]
-        try:
-            response = h11.Response(
-                status_code=status, headers=headers, reason=reason or reason_phrase(status)
-            )
-        except h11.LocalProtocolError as exc:
-            raise _refused(exc) from exc
-        self._write(response)
+        close = self._closed or self._no_keep_alive or not self._keep_alive
+        asked = any(  # the app asked for it: no reuse, but its fields stay as given
+            name.lower() == b"connection" and b"close" in value.lower() for name, value in headers
+        )
+        fields = headers
+        if status in NO_BODY_STATUSES:
+            framing = _Framing.NONE
+        elif declared is not None:
+            framing = _Framing.LENGTH
+        elif self._http10:
+            # A body of unknown length to an HTTP/1.0 client: ended by the close.
+            framing = _Framing.CLOSE
+            fields = _without(headers, b"content-length", b"transfer-encoding")
+            close = close or not self._head_request
+        else:
+            framing = _Framing.CHUNKED
+            fields = [*_without(headers, b"transfer-encoding"), (b"Transfer-Encoding", b"chunked")]
+        if close:
+            fields = _with_close(fields)
+        self._close_after = close or asked
+        self._framing = _Framing.NONE if self._head_request else framing
+        self._queue(_status_line(status, reason) + _fields(fields))
 
     def send_body(self, stream_id: int, data: bytes) -> None:
         """Queue body bytes (none for HEAD, 204 and 304).
@@ -509,33 +609,39 @@ class HTTP1Connection:
         Raises InvalidResponse, queuing nothing of ``data``, if they would go
         past the declared Content-Length.
         """
-        if data and not self._no_body:
-            self._count_body(len(data))
-            self._write(h11.Data(data=data))
+        if not data or self._framing is _Framing.NONE:
+            return
+        self._count_body(len(data))
+        if self._framing is _Framing.CHUNKED:
+            self._queue(b"%x\r\n" % len(data))
+            self._queue(data)
+            self._queue(b"\r\n")
+        else:
+            self._queue(data)
 
     def send_file(self, stream_id: int, segment: FileSegment) -> None:
         """Queue a file's bytes for ``os.sendfile``, counted like ``send_body``'s."""
-        if self._no_body:
+        if self._framing is _Framing.NONE:
             segment.sent = True  # nothing to send for HEAD, 204 or 304
             return
         self._count_body(segment.length)
-        # h11 passes the Data payload through untouched and only needs its
-        # len() (its documented way to support sendfile), hence the cast.
-        try:
-            parts = self._h11.send_with_data_passthrough(h11.Data(data=cast(bytes, segment)))
-        except h11.LocalProtocolError as exc:
-            raise _refused(exc) from exc
-        for part in cast(list[bytes | FileSegment], parts or []):
-            if isinstance(part, FileSegment):
-                self._files_queued += 1
-            self._outbound.append(part)
-            self._outbound_size += len(part)
+        chunked = self._framing is _Framing.CHUNKED
+        if chunked:
+            self._queue(b"%x\r\n" % segment.length)
+        self._files_queued += 1
+        self._outbound.append(segment)
+        self._outbound_size += segment.length
+        if chunked:
+            self._queue(b"\r\n")
 
     def end_stream(self, stream_id: int) -> None:
         """End the response. Raises InvalidResponse if it is shorter than declared."""
         if self._declared is not None and self._body_sent < self._declared:
             raise body_too_short(self._declared, self._body_sent)
-        self._write(h11.EndOfMessage())
+        if self._framing is _Framing.CHUNKED:
+            self._queue(_LAST_CHUNK)
+        elif self._framing is _Framing.CLOSE:
+            self._closed = True
         self._finish_request()
 
     def send_error_response(
@@ -555,10 +661,7 @@ class HTTP1Connection:
         """Abandon the current response. HTTP/1.1 can only do that by closing."""
         self._closed = True
         self._active = False
-
-    def stream_send_room(self, stream_id: int) -> int:
-        """HTTP/1.1 has no flow-control window: as much as the socket takes."""
-        return MAX_WRITE
+        self._input = _Input.CLOSED
 
     def take_stream_output(self, stream_id: int) -> list[bytes | memoryview]:
         """Nothing: what is queued here is already framed for the wire (chunked coding)."""
@@ -619,10 +722,14 @@ class HTTP1Connection:
 
     def send_failed(self) -> None:
         """The socket write failed: nothing more can be sent."""
-        self._h11.send_failed()
         self._closed = True
+        self._input = _Input.CLOSED
 
     # ---- internals ---------------------------------------------------------
+
+    def _queue(self, data: bytes | memoryview) -> None:
+        self._outbound.append(data)
+        self._outbound_size += len(data)
 
     def _count_body(self, size: int) -> None:
         sent = self._body_sent + size
@@ -630,143 +737,70 @@ class HTTP1Connection:
             raise body_too_long(self._declared)
         self._body_sent = sent
 
-    def _write(self, event: h11.Event) -> None:
-        try:
-            data = self._h11.send(event)
-        except h11.LocalProtocolError as exc:
-            raise _refused(exc) from exc
-        if data:
-            self._outbound.append(data)
-            self._outbound_size += len(data)
-
     def _write_error_response(self, status: int, detail: str) -> None:
-        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self._response_started:
             self._closed = True
             return
         body = error_body(status, detail)
         self._response_started = True
-        headers = [
+        headers: Headers = [
             (b"Content-Type", b"text/plain; charset=utf-8"),
             (b"Content-Length", str(len(body)).encode()),
         ]
-        if self._closed or self._no_keep_alive:  # protocol error or shutdown: no reuse
-            headers.append((b"Connection", b"close"))
-        self._write(h11.Response(status_code=status, reason=reason_phrase(status), headers=headers))
+        if self._closed or self._no_keep_alive or not self._keep_alive:
+            headers.append((b"Connection", b"close"))  # no reuse: an error, or a stop
+            self._close_after = True
+        self._queue(_status_line(status, b"") + _fields(headers))
         if not self._head_request:
-            self._write(h11.Data(data=body))
-        self._write(h11.EndOfMessage())
+            self._queue(body)
+        self._framing = _Framing.NONE
 
     def _finish_request(self) -> None:
         self._active = False
         self._response_started = False
-        if self._closed or self._h11.our_state is not h11.DONE:
+        if self._close_after or self._closed:
             self._closed = True
+            self._input = _Input.CLOSED
             return
-        their = self._h11.their_state
-        if their is h11.SEND_BODY:
+        if self._input is _Input.BODY:
             if self._continue_withheld:
                 # They never got 100 Continue, so they may never send the body.
                 self._closed = True
+                self._input = _Input.CLOSED
                 return
-            self._draining = 1
+            self._input = _Input.DRAIN
+            self._drained = 0
             return
-        self._start_next_cycle()
+        if self._input is _Input.DONE:
+            self._input = _Input.HEAD if self._keep_alive else _Input.IGNORE
+        self._start_next()
 
-    def _start_next_cycle(self) -> None:
-        self._chunks = None
-        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
-            self._h11.start_next_cycle()
-            self._head_checked = False
-        else:
-            self._closed = True
-
-
-def _refused(exc: h11.LocalProtocolError) -> InvalidResponse:
-    """h11 refusing what we send means the app's response breaks HTTP/1.1.
-
-    Our own checks (trioserve.responses) come first, so this is the backstop.
-    """
-    return InvalidResponse(f"invalid HTTP/1.1 response: {in_words(str(exc))}")
+    def _start_next(self) -> None:
+        self._framing = _Framing.NONE
+        self._declared = None
+        self._close_after = False
+        self._head_request = False
 
 
-# RFC 9112 §3.2.2 absolute-form: scheme "://" authority, then path and query.
-_ABSOLUTE_FORM = re.compile(rb"(?i:https?)://([^/?#@]+)([/?][^#]*)?")
+def _status_line(status: int, reason: bytes) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status))
 
 
-def _split_target(method: bytes, target: bytes) -> tuple[bytes, bytes | None, str | None]:
-    """The origin-form target, the authority of an absolute-form one, and any problem.
-
-    RFC 9112 §3.2: a server takes origin-form (``/path?query``), ``*`` for
-    OPTIONS, and absolute-form (``http://host/path``, whose host replaces the
-    Host field, §3.2.2). A WSGI app cannot answer CONNECT's authority-form, and
-    anything else has no PATH_INFO to give it.
-    """
-    if method == b"CONNECT":  # whatever its target: a 2xx would turn the connection into a tunnel
-        return target, None, "CONNECT is not supported"
-    if target[:1] == b"/":
-        return target, None, None
-    if target == b"*" and method == b"OPTIONS":
-        return target, None, None
-    match = _ABSOLUTE_FORM.fullmatch(target)
-    if match is None:
-        return target, None, "invalid request target"
-    path = match[2] or b"/"
-    if path[:1] == b"?":
-        path = b"/" + path
-    return path, match[1], None
+def _fields(headers: Headers) -> bytes:
+    """The header block, empty line included: ``name: value`` in the order given."""
+    return b"".join([name + b": " + value + b"\r\n" for name, value in headers]) + b"\r\n"
 
 
-# RFC 9110 §5.5: field values are visible characters, spaces and tabs (obs-text
-# aside). h11 lets other control characters through; a proxy may strip or split
-# on them, so they are refused. CR and LF are checked separately.
-_CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+def _without(headers: Headers, *names: bytes) -> Headers:
+    return [(name, value) for name, value in headers if name.lower() not in names]
 
 
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-
-
-def _raw_head_problem(raw: bytes) -> tuple[bool, str | None]:
-    """What is wrong with a raw request head that h11 would quietly accept.
-
-    h11 follows RFC 9112's lenient options: it merges identical duplicate or
-    list-form Content-Length values, accepts bare LF line endings, unfolds
-    obs-fold lines and lets control characters through in field values. Each
-    is harmless alone, but a front proxy that reads the same bytes differently
-    is how request smuggling starts, so trioserve refuses them (RFC 9112 §2.2,
-    §5.2, §6.3 and RFC 9110 §5.5 allow rejecting them).
-    Returns (whether the head is complete, what is wrong with it or None).
-    """
-    raw = raw.lstrip(b"\r\n")  # empty lines before a request line are allowed
-    # Where h11 sees the head end: a line ending (CRLF or a bare LF) and an empty line.
-    end_match = _HEAD_END.search(raw)
-    if end_match is None:
-        return False, None
-    if end_match[0] != b"\r\n\r\n":
-        return True, "bare LF line ending"
-    head = raw[: end_match.start()]
-    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
-        return True, "bare LF or CR in the request head"
-    if _CONTROL_CHARACTER.search(head):
-        return True, "control character in the request head"
-    lines = head.split(b"\r\n")[1:]
-    lengths = 0
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            return True, "obsolete line folding"
-        if line[:15].lower() == b"content-length:":
-            lengths += 1
-            if lengths > 1:
-                return True, "more than one Content-Length"
-            if b"," in line:
-                return True, "list-form Content-Length"
-    return True, None
-
-
-def _valid_settings(value: bytes) -> bool:
-    """Is ``value`` a well-formed ``HTTP2-Settings`` header (base64url of 6-byte entries)?"""
-    try:
-        padded = value + b"=" * (-len(value) % 4)
-        decoded = base64.b64decode(padded, altchars=b"-_", validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    return len(decoded) % 6 == 0
+def _with_close(headers: Headers) -> Headers:
+    """``headers`` with their Connection tokens, less keep-alive, plus close, at the end."""
+    tokens = {b"close"}
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    tokens.discard(b"keep-alive")
+    kept = _without(headers, b"connection")
+    return [*kept, (b"Connection", b", ".join(sorted(tokens)))]

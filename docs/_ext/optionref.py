@@ -110,6 +110,12 @@ GROUPS: list[tuple[str, str, list[str]]] = [
         ["spill_after", "max_spill_per_response", "max_spill_total", "spill_dir"],
     ),
     (
+        "HTTP/1.1",
+        "Which parser reads request heads; trioserve frames requests and writes responses "
+        "itself either way. See {doc}`wsgi-http`.",
+        ["http1_parser"],
+    ),
+    (
         "HTTP/2",
         "The settings trioserve announces to HTTP/2 clients. See {doc}`http2-tls`.",
         [
