@@ -198,15 +198,22 @@ class _SocketIO:
     ``_SPINS`` reads all the same, so a fast sender cannot starve other tasks.
     """
 
-    __slots__ = ("_fd", "_spins")
+    __slots__ = ("_drained", "_fd", "_spins")
     _SPINS = 4
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._spins = 0
+        # The last read took less than it asked for: the kernel had no more, so
+        # the next read waits for readiness first instead of failing with EAGAIN.
+        self._drained = False
 
     async def receive(self) -> bytes:
         """The next bytes from the peer; b"" at EOF."""
+        if self._drained:
+            self._drained = False
+            self._spins = 0
+            await trio.lowlevel.wait_readable(self._fd)
         while True:
             try:
                 data = os.read(self._fd, READ_SIZE)
@@ -216,6 +223,7 @@ class _SocketIO:
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
+            self._drained = len(data) < READ_SIZE
             self._spins += 1
             if self._spins >= self._SPINS:
                 self._spins = 0
@@ -328,6 +336,10 @@ class Connection:
         self._idle_since: float | None = trio.current_time()
         self._pipeline_waiting = False  # HTTP/1.1: next request held back until output drains
         self._watchers: set[RequestStream] = set()  # told of every write (spilling streams)
+        # HTTP/1.1: the request task's wake-up (None until the first request) and
+        # the request waiting for it.
+        self._requests: Wakeup | None = None
+        self._next_stream: RequestStream | None = None
         # The server's counters (trioserve.stats), and this connection's words in them.
         self._stats = ctx.stats
         self._counts = ctx.stats.counts
@@ -577,8 +589,35 @@ class Connection:
         stream = RequestStream(self, ctx, self.info, event, refuse=refuse)
         self.streams[event.stream_id] = stream
         self._idle_since = None  # busy (the reader's deadline catches up lazily)
-        assert self._nursery is not None
-        self._nursery.start_soon(stream.run)
+        if self.multiplexed:
+            assert self._nursery is not None
+            self._nursery.start_soon(stream.run)
+        else:
+            self._run_next(stream)
+
+    def _run_next(self, stream: RequestStream) -> None:
+        """HTTP/1.1: hand ``stream`` to the connection's request task (started once).
+
+        HTTP/1.1 answers one request at a time, so one long-lived task runs them
+        all in turn, each in its own cancel scope (``RequestStream.run``),
+        rather than a task being started and torn down for every request.
+        """
+        self._next_stream = stream
+        if self._requests is None:
+            self._requests = Wakeup()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._request_task, self._requests)
+        else:
+            self._requests.set()
+
+    async def _request_task(self, wakeup: Wakeup) -> None:
+        while True:
+            stream = self._next_stream
+            if stream is None:
+                await wakeup.wait()
+                continue
+            self._next_stream = None
+            await stream.run()
 
     def _live_apps(self) -> int:
         """Streams whose app has not returned yet (HTTP/2's concurrency bound).
@@ -653,7 +692,9 @@ class Connection:
         server_header = self.ctx.server_header
         if not has_server and server_header:
             headers.append((b"Server", server_header))
-        self.proto.send_response(stream_id, head.status, headers, reason=head.reason)
+        self.proto.send_response(
+            stream_id, head.status, headers, reason=head.reason, content_length=head.content_length
+        )
         self._wake_sender()
 
     def send_body(self, stream_id: int, data: bytes) -> None:

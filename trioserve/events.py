@@ -37,6 +37,12 @@ class ResetReason(enum.Enum):
     REFUSED = "refused"  # not processed at all; the client may retry it (REFUSED_STREAM)
 
 
+# ``content_length`` of a response head nobody has checked yet: the protocol
+# layer applies the rules of trioserve.responses itself (a head from the WSGI
+# layer comes checked, with its Content-Length worked out, or None).
+UNCHECKED = -1
+
+
 class InvalidResponse(ValueError):
     """The application's response breaks its own framing or the rules for a response head.
 
@@ -228,7 +234,13 @@ class ServerProtocol(Protocol):
     def data_to_send(self) -> bytes: ...
     def send_continue(self, stream_id: int) -> None: ...
     def send_response(
-        self, stream_id: int, status: int, headers: Headers, *, reason: bytes = b""
+        self,
+        stream_id: int,
+        status: int,
+        headers: Headers,
+        *,
+        reason: bytes = b"",
+        content_length: int | None = UNCHECKED,
     ) -> None: ...
     def send_body(self, stream_id: int, data: bytes) -> None: ...
     def end_stream(self, stream_id: int) -> None: ...

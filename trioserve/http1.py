@@ -44,6 +44,7 @@ import enum
 
 from .chunked import ChunkedScan
 from .events import (
+    UNCHECKED,
     BadRequest,
     BodyEnded,
     BodyReceived,
@@ -561,7 +562,13 @@ class HTTP1Connection:
             self._queue(_CONTINUE)
 
     def send_response(
-        self, stream_id: int, status: int, headers: Headers, *, reason: bytes = b""
+        self,
+        stream_id: int,
+        status: int,
+        headers: Headers,
+        *,
+        reason: bytes = b"",
+        content_length: int | None = UNCHECKED,
     ) -> None:
         """Queue the response head.
 
@@ -569,8 +576,11 @@ class HTTP1Connection:
         the rules of trioserve.responses (a status that is not final, a bad
         reason phrase or Content-Length).
         """
-        check_status(status, reason)
-        declared = declared_length(headers)
+        if content_length == UNCHECKED:
+            check_status(status, reason)
+            declared = declared_length(headers)
+        else:
+            declared = content_length  # checked by trioserve.wsgi (the reason too)
         no_body = self._head_request or status in NO_BODY_STATUSES
         self._declared = None if no_body else declared
         self._body_sent = 0

@@ -42,6 +42,15 @@ _FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*")
 # aside). h11 lets other control characters through; a proxy may strip or split
 # on them, so they are refused. CR and LF are checked separately.
 _CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# A whole head that needs no closer look: the request line, then field lines of
+# a token, a colon and visible characters, spaces and tabs (no obs-fold, no
+# control character, CRLF only).
+_CLEAN_HEAD = re.compile(
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]"
+    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*"
+)
+# Fields whose values the connection must check before a parser sees them.
+_FRAMING_FIELD = re.compile(rb"\n(?i:content-length|transfer-encoding):")
 # The start of a request line: a method so far, or a method and its space.
 _METHOD_SO_FAR = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*(?: |\Z)")
 # Where a head ends: a line ending (CRLF, or a bare LF that h11 would take)
@@ -103,6 +112,8 @@ def head_problem(head: bytes) -> tuple[int, str] | None:
     rejecting them), and the framing fields too, the same way whichever parser
     then reads the head.
     """
+    if _CLEAN_HEAD.fullmatch(head) is not None and _FRAMING_FIELD.search(head) is None:
+        return None  # the common case, in one pass: well-formed, no framing field
     without_crlf = head.replace(b"\r\n", b"")
     if b"\n" in without_crlf or b"\r" in without_crlf:
         return 400, "bare LF or CR in the request head"
@@ -231,7 +242,13 @@ class H11HeadParser:
 
 
 class HttptoolsHeadParser:
-    """Heads read by llhttp through httptools: a new parser per head, fed only the head."""
+    """Heads read by llhttp through httptools, fed only the head.
+
+    One llhttp parser serves a connection's heads for as long as each request
+    ends with its head (no body): llhttp is then ready for the next message
+    anyway. A request with a body leaves it waiting for that body, which goes
+    elsewhere, so the next head gets a new parser.
+    """
 
     name = "httptools"
 
@@ -239,8 +256,10 @@ class HttptoolsHeadParser:
         import httptools  # an optional dependency: imported only when chosen
 
         self._httptools = httptools
+        self._parser: httptools.HttpRequestParser | None = None
         self._target = b""
         self._headers: Headers = []
+        self._complete = False
 
     # Callbacks of httptools.HttpRequestParser (the head only).
     def on_url(self, url: bytes) -> None:
@@ -249,22 +268,31 @@ class HttptoolsHeadParser:
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value.strip(b" \t")))
 
+    def on_message_complete(self) -> None:
+        self._complete = True
+
     def parse(self, head: bytes) -> ParsedHead:
         httptools = self._httptools
         self._target = b""
         headers: Headers = []
         self._headers = headers
-        parser = httptools.HttpRequestParser(self)
-        # The framing fields were checked already (head_problem), more strictly
-        # than llhttp does and as h11 reads them ("chunked" with OWS around it):
-        # llhttp's own judgement of them would only make the two parsers differ.
-        parser.set_dangerous_leniencies(lenient_transfer_encoding=True)
+        self._complete = False
+        parser = self._parser
+        if parser is None:
+            parser = httptools.HttpRequestParser(self)
+            # The framing fields were checked already (head_problem), more strictly
+            # than llhttp does and as h11 reads them ("chunked" with OWS around
+            # it): llhttp's own judgement of them would only make the two differ.
+            parser.set_dangerous_leniencies(lenient_transfer_encoding=True)
+        self._parser = None
         try:
             parser.feed_data(head)
         except httptools.HttpParserUpgrade:
             pass  # an Upgrade request: its head was read whole all the same
         except httptools.HttpParserError as exc:
             raise HeadError(400, describe(exc)) from None
+        if self._complete and parser.should_keep_alive():
+            self._parser = parser  # ready for the next head
         return ParsedHead(
             parser.get_method(), self._target, parser.get_http_version().encode(), headers
         )

@@ -47,6 +47,7 @@ from h2.stream import StreamState
 from hyperframe.frame import GoAwayFrame
 
 from .events import (
+    UNCHECKED,
     BadRequest,
     BodyEnded,
     BodyReceived,
@@ -570,7 +571,13 @@ class HTTP2Connection:
         self._pull_control()
 
     def send_response(
-        self, stream_id: int, status: int, headers: Headers, *, reason: bytes = b""
+        self,
+        stream_id: int,
+        status: int,
+        headers: Headers,
+        *,
+        reason: bytes = b"",
+        content_length: int | None = UNCHECKED,
     ) -> None:
         """Queue the response HEADERS (sent with END_STREAM if no body follows).
 
@@ -580,8 +587,11 @@ class HTTP2Connection:
         out = self._outbound.get(stream_id)
         if out is None:
             return  # reset meanwhile: send nothing more
-        check_status(status)  # HTTP/2 has no reason phrase to check
-        declared = declared_length(headers)
+        if content_length == UNCHECKED:
+            check_status(status)  # HTTP/2 has no reason phrase to check
+            declared = declared_length(headers)
+        else:
+            declared = content_length  # checked by trioserve.wsgi
         fields: Headers = [(b":status", str(status).encode("ascii"))]
         for name, value in headers:
             lowered = name.lower()

@@ -59,12 +59,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import trio
 
 from .context import ServerContext
-from .events import FileSegment, InvalidResponse, RequestReceived, ResetReason
+from .events import UNCHECKED, FileSegment, InvalidResponse, RequestReceived, ResetReason
 from .spill import Spill
 from .wakeup import Wakeup
 from .wsgi import AppResult, ConnectionInfo, ResponseHead, StreamCancelled, call_app
@@ -85,6 +85,9 @@ STREAM_HIGH_WATER = 256 * 1024
 # streamed download faster; no more, because a client that stops reading holds
 # this much memory (plus the sender's MAX_WRITE) for the write timeout.
 HTTP1_HIGH_WATER = 512 * 1024
+
+# The name app threads get (trio's default formats one per call from the task's name).
+APP_THREAD_NAME = "trioserve app"
 
 # A spilling stream (spill.py) keeps at most this much of its response queued in
 # memory, reading the next piece back from its file as the client takes it.
@@ -652,7 +655,10 @@ class RequestStream:
             self,
             initial,
             self.body.ended,
-            limiter=ctx.limiter,
+            # trio takes any CapacityLimiter-like object here (its docs say so);
+            # its annotation says CapacityLimiter.
+            limiter=cast(trio.CapacityLimiter, ctx.thread_limiter),
+            thread_name=APP_THREAD_NAME,
         )
 
     def _complete(self, result: AppResult) -> None:
@@ -665,12 +671,19 @@ class RequestStream:
             if result.head is not None:
                 head = result.head
                 bodyless = head.status in _NO_BODY_STATUSES
-                if not bodyless and not any(
-                    name.lower() in (b"content-length", b"transfer-encoding")
-                    for name, _ in head.headers
+                if (
+                    not bodyless
+                    and (head.content_length is None or head.content_length == UNCHECKED)
+                    and not any(
+                        name.lower() in (b"content-length", b"transfer-encoding")
+                        for name, _ in head.headers
+                    )
                 ):
+                    # The whole body is here: say how long it is.
                     size = sum(map(len, result.body))
                     head.headers.append((b"Content-Length", str(size).encode("ascii")))
+                    if head.content_length is None:  # (a checked head stays checked)
+                        head.content_length = size
                 self._start_response(head)
                 if not bodyless:
                     for chunk in result.body:

@@ -52,7 +52,7 @@ from urllib.parse import unquote_to_bytes
 
 import trio
 
-from .events import FileSegment, Headers, InvalidResponse, RequestReceived
+from .events import UNCHECKED, FileSegment, Headers, InvalidResponse, RequestReceived
 from .proxy import AllowList, apply_forwarded
 from .responses import check_status, declared_length, error_body, reason_phrase
 
@@ -89,6 +89,9 @@ class ResponseHead:
     status: int
     reason: bytes
     headers: Headers
+    # Its Content-Length once the rules of trioserve.responses were applied to
+    # it (None: none declared); UNCHECKED for a head nobody has checked.
+    content_length: int | None = UNCHECKED
 
 
 class StreamPort(Protocol):
@@ -395,8 +398,9 @@ def _encode_head(status: str, headers: list[tuple[str, str]]) -> ResponseHead:
         if _BAD_VALUE_RE.search(raw_value):
             raise InvalidResponse(f"invalid character in header {name!r}: {value!r}")
         encoded.append((raw_name, raw_value.strip(b" \t")))
-    declared_length(encoded)  # rule 2: one valid Content-Length, a plain chunked coding
-    return ResponseHead(code, reason, encoded)
+    # Rule 2: one valid Content-Length, a plain chunked coding. Worked out here,
+    # in the app's thread, so the protocol layer need not do it again.
+    return ResponseHead(code, reason, encoded, declared_length(encoded))
 
 
 class _Responder:
