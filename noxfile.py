@@ -64,7 +64,7 @@ def tests_h11(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check) and mypy --strict on the package."""
     # The optional runtime extras too: mypy checks the modules that import them.
-    session.install("-e", ".[lint,reload]")
+    session.install("-e", ".[lint,reload,metrics]")
     session.run("ruff", "check", "trioserve", "tests", "examples", "docs", "noxfile.py")
     session.run("ruff", "format", "--check", "trioserve", "tests", "examples", "docs", "noxfile.py")
     session.run("mypy", "--strict", "trioserve")

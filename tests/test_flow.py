@@ -726,7 +726,7 @@ async def test_http2_concurrent_downloads_are_interleaved(windows: str) -> None:
     stream may get more than two DATA frames in a row, and their frame counts
     stay within a few frames of each other. "wide": windows far larger than the
     bodies (pure scheduling); "default": the client's 64 KiB windows, credit
-    returned as the data arrives. Measured longest run: 1.
+    returned as the data arrives. Measured longest run: 1 (up to 6 under load, "default").
     """
     size = 4 * MiB
     bodies = {path: payload(size, seed=50 + i) for i, path in enumerate(["/a", "/b", "/c"])}
@@ -769,7 +769,15 @@ async def test_http2_concurrent_downloads_are_interleaved(windows: str) -> None:
     assert len(middle) > len(order) // 2  # the three really overlapped
     counts = [middle.count(sid) for sid in sids]
     print(f"{windows}: longest run {_longest_run(middle)}, frames per stream {counts}")
-    assert _longest_run(middle) <= 2
+    if windows == "wide":
+        # Every stream always has window: strict round-robin.
+        assert _longest_run(middle) <= 2
+    else:
+        # A stream may send its whole 64 KiB window (four 16 KiB frames) while
+        # the others wait for their credit to come back, and a WINDOW_UPDATE
+        # read meanwhile extends that run; never two windows' worth, though.
+        # (A busy machine makes the client late with credit: runs of 6 seen.)
+        assert _longest_run(middle) <= 8
     assert max(counts) - min(counts) <= 4
 
 

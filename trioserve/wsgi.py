@@ -135,6 +135,30 @@ class ConnectionInfo:
     forwarding: AllowList | None = None  # trusted proxies (None: forwarding headers kept as is)
     # TLS connections: mod_ssl's SSL_* variables (trioserve.tls.tls_environ), same every request.
     tls: Mapping[str, str] = field(default_factory=dict)
+    # The environ entries every request of the connection shares (build_environ
+    # copies it, rather than building them again per request).
+    environ_base: dict[str, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        base: dict[str, Any] = {
+            "SCRIPT_NAME": self.root_path,
+            "SERVER_NAME": self.server_name,
+            "SERVER_PORT": self.server_port,
+            "SERVER_SOFTWARE": "trioserve",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": self.scheme,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "wsgi.input_terminated": True,
+            "wsgi.file_wrapper": FileWrapper,
+            "trioserve.check_cancelled": trio.from_thread.check_cancelled,
+        }
+        if self.client_addr is not None:
+            base["REMOTE_ADDR"] = self.client_addr
+            base["REMOTE_PORT"] = self.client_port
+        base.update(self.tls)
+        object.__setattr__(self, "environ_base", base)
 
 
 def _raise_cancelled() -> None:
@@ -281,6 +305,9 @@ class FileWrapper:
             yield block
 
 
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2"}
+
+
 def build_environ(
     request: RequestReceived,
     info: ConnectionInfo,
@@ -296,35 +323,21 @@ def build_environ(
     script_name = info.root_path
     if script_name and (path_info == script_name or path_info.startswith(script_name + "/")):
         path_info = path_info[len(script_name) :]
-    environ: dict[str, Any] = {
-        "REQUEST_METHOD": request.method.decode("latin-1"),
-        "SCRIPT_NAME": script_name,
-        "PATH_INFO": path_info,
-        "QUERY_STRING": query.decode("latin-1"),
-        "RAW_URI": request.target.decode("latin-1"),
-        "REQUEST_URI": request.target.decode("latin-1"),
-        "SERVER_NAME": info.server_name,
-        "SERVER_PORT": info.server_port,
-        "SERVER_PROTOCOL": "HTTP/2"
-        if request.http_version == "2"
-        else "HTTP/" + request.http_version,
-        "SERVER_SOFTWARE": "trioserve",
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": request.scheme or info.scheme,
-        "wsgi.input": wsgi_input,
-        "wsgi.errors": ErrorStream(),
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-        "wsgi.input_terminated": True,
-        "wsgi.file_wrapper": FileWrapper,
-        "trioserve.check_cancelled": check_cancelled,
-    }
-    if info.client_addr is not None:
-        environ["REMOTE_ADDR"] = info.client_addr
-        environ["REMOTE_PORT"] = info.client_port
-    if info.tls:
-        environ.update(info.tls)
+    environ = info.environ_base.copy()
+    target = request.target.decode("latin-1")
+    environ["REQUEST_METHOD"] = request.method.decode("latin-1")
+    environ["PATH_INFO"] = path_info
+    environ["QUERY_STRING"] = query.decode("latin-1")
+    environ["RAW_URI"] = environ["REQUEST_URI"] = target
+    environ["SERVER_PROTOCOL"] = _PROTOCOLS.get(request.http_version) or (
+        "HTTP/" + request.http_version
+    )
+    environ["wsgi.input"] = wsgi_input
+    environ["wsgi.errors"] = ErrorStream()
+    if request.scheme is not None:
+        environ["wsgi.url_scheme"] = request.scheme
+    if check_cancelled is not trio.from_thread.check_cancelled:
+        environ["trioserve.check_cancelled"] = check_cancelled
     if request.authority is not None:
         environ["HTTP_HOST"] = request.authority.decode("latin-1")
     for name, value in request.headers:
