@@ -60,7 +60,10 @@ def _slow_upload(environ: Environ, start_response: Any) -> Iterable[bytes]:
     """
     length = int(environ.get("CONTENT_LENGTH") or 0)
     if length:
-        print("cli_targets: slow_upload started", file=sys.stderr, flush=True)
+        # One write for the whole line: print() writes the newline separately, and
+        # with -w 2 another worker's line could land between the two.
+        sys.stderr.write("cli_targets: slow_upload started\n")
+        sys.stderr.flush()
     received = b""
     while len(received) < length:
         chunk = environ["wsgi.input"].read(length - len(received))
@@ -81,7 +84,10 @@ def _wait_for_fifo(environ: Environ, start_response: Any) -> Iterable[bytes]:
     """
     paths = parse_qs(environ["QUERY_STRING"]).get("fifo")
     if paths:
-        print("cli_targets: wait_for_fifo started", file=sys.stderr, flush=True)
+        # One write for the whole line: print() writes the newline separately, and
+        # with -w 2 another worker's line could land between the two.
+        sys.stderr.write("cli_targets: wait_for_fifo started\n")
+        sys.stderr.flush()
         with open(paths[0], "rb") as fifo:
             body = b"released by " + fifo.read()
     else:

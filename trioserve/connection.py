@@ -297,6 +297,41 @@ class Connection:
     Implements :class:`~trioserve.stream.StreamOwner` for its streams.
     """
 
+    # Slots: an idle keep-alive connection is mostly this object and its tasks.
+    __slots__ = (
+        "_abort_code",
+        "_counts",
+        "_head_started",
+        "_idle_goaway_sent",
+        "_idle_since",
+        "_in_flight",
+        "_io",
+        "_lost_cause",
+        "_next_stream",
+        "_nursery",
+        "_output_drained",
+        "_output_wanted",
+        "_phase",
+        "_pipeline_waiting",
+        "_protocol",
+        "_read_scope",
+        "_reader_done",
+        "_reader_wakeup",
+        "_received_word",
+        "_requests",
+        "_sent_word",
+        "_stats",
+        "_thread_share",
+        "_watchers",
+        "can_sendfile",
+        "ctx",
+        "info",
+        "multiplexed",
+        "proto",
+        "stream",
+        "streams",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,

@@ -132,6 +132,43 @@ class HTTP1Connection:
       parser: which parser reads request heads: ``auto``, ``h11`` or ``httptools``.
     """
 
+    # Slots: one of these lives as long as its (often idle) keep-alive connection.
+    __slots__ = (
+        "_active",
+        "_allow_h2c_upgrade",
+        "_awaits_continue",
+        "_body_received",
+        "_body_sent",
+        "_buffer",
+        "_chunks",
+        "_close_after",
+        "_closed",
+        "_continue_withheld",
+        "_declared",
+        "_drained",
+        "_eof_reported",
+        "_files_queued",
+        "_framing",
+        "_head_request",
+        "_http10",
+        "_input",
+        "_keep_alive",
+        "_length_left",
+        "_max_body_size",
+        "_max_header_count",
+        "_max_header_size",
+        "_max_request_line_size",
+        "_no_keep_alive",
+        "_outbound",
+        "_outbound_size",
+        "_parser",
+        "_peer_eof",
+        "_response_started",
+        "_stream_id",
+        "_upgrade",
+        "_upgrade_body",
+    )
+
     multiplexed = False
 
     def __init__(

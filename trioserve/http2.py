@@ -42,8 +42,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 from h2.connection import ConnectionState
-from h2.stream import StreamState
+from h2.stream import StreamInputs, StreamState
 from hyperframe.frame import GoAwayFrame
 
 from .events import (
@@ -104,8 +105,9 @@ FLAG_END_HEADERS = 0x4
 # with useful work, so long-lived, busy connections never run out, while a
 # peer that only resets streams or only sends control frames soon does, and
 # gets GOAWAY(ENHANCE_YOUR_CALM).
-# A DATA frame header (RFC 9113 §4.1): 24-bit length, type, flags, stream id.
-_DATA_FRAME_HEADER = struct.Struct(">HBBBL")
+# A frame header (RFC 9113 §4.1): 24-bit length (as 16 + 8 bits), type, flags, stream id.
+_FRAME_HEADER = struct.Struct(">HBBBL")
+_EMPTY = memoryview(b"")
 _SENDING_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 _OPEN_CONNECTION_STATES = frozenset({ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN})
 
@@ -802,8 +804,7 @@ class HTTP2Connection:
         conn = self._h2
         if out.headers is not None:
             finished = out.end and not out.size
-            conn.send_headers(sid, out.headers, end_stream=finished)
-            self._pull_control()
+            self._send_headers_frame(sid, out.headers, finished)
             out.headers = None
             if finished:
                 self._stream_complete(sid)
@@ -821,34 +822,21 @@ class HTTP2Connection:
             out.size -= n
             self._bytes_sent += n
             finished = out.end and not out.size
+            self._send_data_frame(sid, chunk[:n], finished)
             if finished:
-                conn.send_data(sid, chunk[:n], end_stream=True)
-                self._pull_control()
                 self._stream_complete(sid)
-            else:
-                self._send_data_frame(sid, chunk[:n])
-                if not out.size:
-                    del self._ready[sid]
+            elif not out.size:
+                del self._ready[sid]
             return budget - n, True
         if out.end:
-            conn.end_stream(sid)
-            self._pull_control()
+            self._send_data_frame(sid, _EMPTY, True)
             self._stream_complete(sid)
             return budget, True
         del self._ready[sid]
         return budget, False
 
-    def _send_data_frame(self, sid: int, data: memoryview) -> None:
-        """Frame a DATA frame without END_STREAM ourselves; h2 keeps the flow-control books.
-
-        h2's send_data costs about 12 µs a frame (two state machines, a frame
-        object, three copies): most of the CPU of a large HTTP/2 download. A
-        DATA frame that does not end its stream changes no state in either
-        machine, only the two send windows, so we write its 9-byte header
-        here and debit the windows exactly as h2 would. Anything unusual (a
-        stream or connection that is not plainly open) goes through h2, which
-        raises what it should.
-        """
+    def _plainly_open(self, sid: int) -> h2.stream.H2Stream | None:
+        """``sid``'s h2 stream if both it and the connection are plainly open, else None."""
         conn = self._h2
         stream = conn.streams.get(sid)
         if (
@@ -856,14 +844,87 @@ class HTTP2Connection:
             or stream.state_machine.state not in _SENDING_STATES
             or conn.state_machine.state not in _OPEN_CONNECTION_STATES
         ):
-            conn.send_data(sid, data)
+            return None
+        return stream
+
+    def _send_headers_frame(self, sid: int, fields: Headers, end_stream: bool) -> None:
+        """Frame a response's HEADERS (and CONTINUATIONs) ourselves; h2 keeps its books.
+
+        h2's send_headers costs about three times the HPACK encoding it wraps
+        (a frame object per frame, header-validation generators set up even
+        when validation is off, two state machines). For the final response
+        on a plainly open stream we make the same two state-machine moves h2
+        would, encode with h2's own HPACK encoder (its dynamic table must stay
+        the one the peer's decoder mirrors), and write the frame headers here.
+        Anything else (trailers, a stream or connection not plainly open) goes
+        through h2, which raises what it should.
+        """
+        conn = self._h2
+        stream = self._plainly_open(sid)
+        if stream is None or stream.state_machine.headers_sent:
+            conn.send_headers(sid, fields, end_stream=end_stream)
+            self._pull_control()
+            return
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_HEADERS)
+        block = conn.encoder.encode(fields)
+        flags = FLAG_END_STREAM if end_stream else 0
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        # What h2 records from the block it sends (a response has no :method).
+        stream.request_method = None
+        max_frame = conn.max_outbound_frame_size
+        size = len(block)
+        if size <= max_frame:
+            self._queue(
+                _FRAME_HEADER.pack(
+                    size >> 8, size & 0xFF, FRAME_HEADERS, flags | FLAG_END_HEADERS, sid
+                )
+                + block
+            )
+            return
+        # Too big for one frame: HEADERS, then CONTINUATIONs, END_HEADERS on the last.
+        view = memoryview(block)
+        kind = FRAME_HEADERS
+        for start in range(0, size, max_frame):
+            piece = view[start : start + max_frame]
+            last = start + max_frame >= size
+            length = len(piece)
+            frame_flags = flags | (FLAG_END_HEADERS if last else 0)
+            self._queue(_FRAME_HEADER.pack(length >> 8, length & 0xFF, kind, frame_flags, sid))
+            self._queue(bytes(piece))
+            kind, flags = FRAME_CONTINUATION, 0
+
+    def _send_data_frame(self, sid: int, data: memoryview, end_stream: bool = False) -> None:
+        """Frame a DATA frame ourselves; h2 keeps the flow-control books.
+
+        h2's send_data costs about 12 µs a frame (two state machines, a frame
+        object, three copies): most of the CPU of a large HTTP/2 download. A
+        DATA frame changes no state in either machine but the two send
+        windows, and END_STREAM one stream state: we write its 9-byte header
+        here, debit the windows and move the stream's state exactly as h2
+        would. Anything unusual (a stream or connection that is not plainly
+        open) goes through h2, which raises what it should.
+        """
+        conn = self._h2
+        stream = self._plainly_open(sid)
+        if stream is None:
+            conn.send_data(sid, data, end_stream=end_stream)
             self._pull_control()
             return
         size = len(data)
-        self._queue(_DATA_FRAME_HEADER.pack(size >> 8, size & 0xFF, FRAME_DATA, 0, sid))
-        self._queue(data)
-        conn.outbound_flow_control_window -= size
-        stream.outbound_flow_control_window -= size
+        if end_stream:
+            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+            header = _FRAME_HEADER.pack(size >> 8, size & 0xFF, FRAME_DATA, FLAG_END_STREAM, sid)
+        else:
+            header = _FRAME_HEADER.pack(size >> 8, size & 0xFF, FRAME_DATA, 0, sid)
+        if size:
+            self._queue(header)
+            self._queue(data)
+            conn.outbound_flow_control_window -= size
+            stream.outbound_flow_control_window -= size
+        else:
+            self._queue(header)
 
     def _stream_complete(self, stream_id: int) -> None:
         """END_STREAM is framed; if the request body is still coming, stop it (RFC 9113 §8.1)."""
