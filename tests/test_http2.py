@@ -429,6 +429,45 @@ def test_response_arrives_intact() -> None:
     assert server.stream_output_size(1) == 0
 
 
+@pytest.mark.parametrize("size", [100, 16_384 - 40, 40_000], ids=["small", "frame", "continued"])
+def test_response_heads_framed_by_hand_decode_on_a_real_client(size: int) -> None:
+    """trioserve frames response HEADERS itself (h2's HPACK encoder, our frame headers).
+
+    A head bigger than one frame goes out as HEADERS + CONTINUATIONs; the client's h2
+    must decode every response and keep its HPACK table in step over many of them.
+    """
+    client, server = connect()
+    value = b"v" * size
+    for sid in (1, 3, 5):
+        request(client, sid)
+    pump(client, server)
+    for sid in (1, 3, 5):
+        # The same fields every time: the second and third use the dynamic table.
+        respond(server, sid, b"body %d" % sid, [(b"x-big", value), (b"x-id", b"%d" % sid)])
+    wire = server.data_to_send()
+    kinds = [type(frame).__name__ for frame in frames(wire) if frame.stream_id == 1]
+    if size > 16_384:
+        assert kinds[:4] == ["HeadersFrame", "ContinuationFrame", "ContinuationFrame", "DataFrame"]
+    else:
+        assert kinds == ["HeadersFrame", "DataFrame"]
+    if size < 4096:  # fits HPACK's default table: later heads refer to the first one's entries
+        heads = {f.stream_id: len(f.data) for f in frames(wire) if isinstance(f, HeadersFrame)}
+        assert heads[3] < heads[1] / 10, heads
+        assert heads[5] < heads[1] / 10, heads
+    events = summary(client_receive(client, wire))
+    for sid in (1, 3, 5):  # round-robin interleaves the streams; each in order
+        fields = [(b":status", b"200"), (b"x-big", value), (b"x-id", b"%d" % sid)]
+        assert [event for event in events if event[1] == sid] == [
+            ("response", sid, fields, False),
+            ("data", sid, b"body %d" % sid),
+            ("end", sid),
+        ]
+    # h2's books agree: every stream closed on both sides, nothing left open.
+    assert server._h2.open_outbound_streams == 0
+    assert server._h2.open_inbound_streams == 0
+    assert client.open_outbound_streams == 0
+
+
 def test_hop_by_hop_headers_are_dropped() -> None:
     client, server = connect()
     request(client, 1)
