@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -54,7 +55,7 @@ PEERS = [
     "granian==2.8.7",
     "trustme>=1.1",
 ]
-VERSIONED = ["trioserve", "trio", "h11", "h2", "gunicorn", "waitress", "hypercorn", "granian"]
+VERSIONED = ["trioserve", "trio", "h11", "httptools", "h2", "gunicorn", "waitress", "hypercorn", "granian"]
 
 SERVER_CPUS = "0"
 CLIENT_CPUS = "1"
@@ -109,7 +110,10 @@ def in_venv() -> bool:
 def ensure_venv(reinstall: bool) -> None:
     """Create bench/.venv with the peers and trioserve (editable) once; reuse it later."""
     stamp = VENV / ".bench-installed"
-    wanted = json.dumps({"peers": PEERS, "trioserve": str(ROOT)})
+    # pyproject.toml is in the stamp: a dependency trioserve gains (httptools did)
+    # must reach the venv, or the bench measures a fallback without saying so.
+    pyproject = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    wanted = json.dumps({"peers": PEERS, "trioserve": str(ROOT), "pyproject": pyproject})
     if not VENV_PY.exists():
         print(f"bench: creating {VENV.relative_to(ROOT)}", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
