@@ -892,7 +892,7 @@ class HTTP2Connection:
             length = len(piece)
             frame_flags = flags | (FLAG_END_HEADERS if last else 0)
             self._queue(_FRAME_HEADER.pack(length >> 8, length & 0xFF, kind, frame_flags, sid))
-            self._queue(bytes(piece))
+            self._queue(piece)  # joined with the rest in data_to_send: no copy here
             kind, flags = FRAME_CONTINUATION, 0
 
     def _send_data_frame(self, sid: int, data: memoryview, end_stream: bool = False) -> None:
@@ -918,13 +918,11 @@ class HTTP2Connection:
             header = _FRAME_HEADER.pack(size >> 8, size & 0xFF, FRAME_DATA, FLAG_END_STREAM, sid)
         else:
             header = _FRAME_HEADER.pack(size >> 8, size & 0xFF, FRAME_DATA, 0, sid)
+        self._queue(header)
         if size:
-            self._queue(header)
             self._queue(data)
             conn.outbound_flow_control_window -= size
             stream.outbound_flow_control_window -= size
-        else:
-            self._queue(header)
 
     def _stream_complete(self, stream_id: int) -> None:
         """END_STREAM is framed; if the request body is still coming, stop it (RFC 9113 §8.1)."""

@@ -334,7 +334,7 @@ def build_environ(
     )
     environ["wsgi.input"] = wsgi_input
     environ["wsgi.errors"] = ErrorStream()
-    if request.scheme is not None:
+    if request.scheme:  # as before the template: an empty scheme falls back to the connection's
         environ["wsgi.url_scheme"] = request.scheme
     if check_cancelled is not trio.from_thread.check_cancelled:
         environ["trioserve.check_cancelled"] = check_cancelled
