@@ -617,6 +617,54 @@ async def test_nghttp_early_response_to_unread_upload(
     assert set(re.findall(r"error_code=(\w+)", log)) <= {"NO_ERROR"}, log
 
 
+def _shaped(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """A response head per path: /0 plain, /1 JSON with an extra field, /2 a 404."""
+    shape = environ["PATH_INFO"].lstrip("/")
+    body = f"shape {shape}".encode()
+    status, headers = {
+        "0": ("200 OK", [("Content-Type", "text/plain")]),
+        "1": ("200 OK", [("Content-Type", "application/json"), ("X-Shape", "one" * 20)]),
+        "2": ("404 Not Found", [("Content-Type", "text/plain"), ("X-Shape", "two")]),
+    }[shape]
+    start_response(status, [*headers, ("Content-Length", str(len(body)))])
+    return [body]
+
+
+@needs("nghttp")
+@pytest.mark.parametrize("mode", ["h2c-prior-knowledge", "h2-tls-alpn"])
+async def test_nghttp_decodes_repeated_and_interleaved_response_heads(
+    serve: Serve, mode: str
+) -> None:
+    """Three response shapes, each asked for four times on one connection, one after
+    another: nghttp2's own HPACK decoder (not h2's) must read every head as sent,
+    whether it was encoded afresh or replayed (trioserve.hpack_memo), and the
+    repeated request blocks it sends are read right too (the paths come back)."""
+    flags, tls = NGHTTP_MODES[mode]
+    order = [str(i % 3) for i in range(12)]
+    with trio.fail_after(SLOW):
+        server = await serve(validator(_shaped), tls=tls)
+        # nghttp fetches each distinct URL once, all over one connection.
+        urls = [f"{server.url}/{shape}?n={index}" for index, shape in enumerate(order)]
+        result = await run("nghttp", "--timeout=30", "-v", "--no-dep", *flags, *urls)
+    assert result.returncode == 0, result.stderr.decode()
+    log = result.stdout.decode(errors="replace")
+    heads: dict[int, dict[str, str]] = {}
+    fields = re.findall(r"recv \(stream_id=(\d+)\) ([^:\s][^:]*|:status): (.*)", log)
+    for stream_id, name, value in fields:
+        heads.setdefault(int(stream_id), {})[name] = value.strip()
+    # Client streams are 1, 3, 5, ... in the order of the URLs.
+    assert sorted(heads) == [2 * i + 1 for i in range(len(order))], log
+    for index, shape in enumerate(order):
+        head = heads[2 * index + 1]
+        assert head[":status"] == ("404" if shape == "2" else "200"), head
+        assert head["content-type"] == ("application/json" if shape == "1" else "text/plain")
+        assert head.get("x-shape") == {"0": None, "1": "one" * 20, "2": "two"}[shape]
+        assert head["content-length"] == "7"
+        assert head["server"] == "trioserve"
+    for shape in "012":
+        assert log.count(f"shape {shape}") == order.count(shape), log
+
+
 # ---- h2load ----------------------------------------------------------------------------
 
 _H2LOAD_REQUESTS = re.compile(

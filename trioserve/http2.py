@@ -61,6 +61,7 @@ from .events import (
     StreamReset,
     WindowOpened,
 )
+from .hpack_memo import MemoDecoder, MemoEncoder
 from .responses import (
     NO_BODY_STATUSES,
     body_too_long,
@@ -203,7 +204,12 @@ class HTTP2Connection:
         self._h2.local_settings = h2.settings.Settings(client=False, initial_values=initial_values)
         self._h2.max_inbound_frame_size = max_frame_size
         keep_open_after_goaway(self._h2)
-        self._h2.decoder.max_header_list_size = max_header_list_size
+        # HPACK coders that replay a repeated header block instead of coding it
+        # again while the dynamic table is unchanged (trioserve.hpack_memo).
+        # Swapped in before any frame, so they start from the same empty table.
+        self._encoder = MemoEncoder()
+        self._h2.encoder = self._encoder
+        self._h2.decoder = MemoDecoder(max_header_list_size)
         self.max_concurrent_streams = max_concurrent_streams
         self._connection_window = min(MAX_WINDOW, initial_window_size * max_concurrent_streams)
         self._max_body_size = max_body_size
@@ -854,8 +860,9 @@ class HTTP2Connection:
         (a frame object per frame, header-validation generators set up even
         when validation is off, two state machines). For the final response
         on a plainly open stream we make the same two state-machine moves h2
-        would, encode with h2's own HPACK encoder (its dynamic table must stay
-        the one the peer's decoder mirrors), and write the frame headers here.
+        would, encode with the encoder h2 itself uses (its dynamic table must
+        stay the one the peer's decoder mirrors; it replays a repeated head,
+        see :mod:`trioserve.hpack_memo`), and write the frame headers here.
         Anything else (trailers, a stream or connection not plainly open) goes
         through h2, which raises what it should.
         """
@@ -867,7 +874,7 @@ class HTTP2Connection:
             return
         machine = stream.state_machine
         machine.process_input(StreamInputs.SEND_HEADERS)
-        block = conn.encoder.encode(fields)
+        block = self._encoder.encode_fields(fields)
         flags = FLAG_END_STREAM if end_stream else 0
         if end_stream:
             machine.process_input(StreamInputs.SEND_END_STREAM)

@@ -1,0 +1,124 @@
+"""HPACK coders that remember header blocks which left the dynamic table as it was.
+
+HPACK is stateful: how a header list encodes, and what a block decodes to,
+depends on the dynamic table both ends keep in step. But a block that neither
+inserted nor evicted anything (every field indexed, or sent as a literal that
+is not indexed) is a pure function of the table it met; while the table stays
+exactly that, the same input gives the same output. Responses repeat their
+headers (``:status``, ``content-type``, ``server``, ``date`` within a second)
+and clients repeat theirs (an API client polling one URL, a load balancer's
+health check, a load generator), so most blocks of a busy connection are of
+that kind, and hpack's pure-Python coders cost a fifth of an HTTP/2 request on
+the trio thread.
+
+So each connection's coders keep a few such blocks, and forget them all the
+moment anything changes the table: an insertion or eviction (seen as a new
+first entry, or a new length), a size update, or a change of the limits a
+decode is checked against. A remembered block is therefore only ever replayed
+against the very table it was computed with, and what goes on the wire, and
+what h2 sees, is byte for byte what hpack itself would have produced
+(``tests/test_hpack_memo.py`` checks both against plain hpack coders).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import hpack
+
+__all__ = ["MemoDecoder", "MemoEncoder"]
+
+# Blocks remembered per connection: enough for a handful of response shapes or
+# request shapes at once, and a bound on what an idle HTTP/2 connection holds.
+MEMO_ENTRIES = 16
+# Longer blocks are not remembered: they are rare, and repeating ones are not
+# where the cost is.
+MEMO_BLOCK_BYTES = 1024
+
+Fields = list[tuple[bytes, bytes]]
+
+
+def _table_mark(table: hpack.table.HeaderTable) -> tuple[int, object, int]:
+    """What changes whenever the table's contents or size do.
+
+    Insertions go to the front of the deque as new tuple objects, so a block
+    that inserted shows a different first entry even if an eviction kept the
+    length; one that only evicted (an oversized entry clearing the table)
+    shows a different length.
+    """
+    entries = table.dynamic_entries
+    return len(entries), entries[0] if entries else None, table.maxsize
+
+
+class MemoEncoder(hpack.Encoder):
+    """h2's HPACK encoder, with :meth:`encode_fields` for trioserve's response heads.
+
+    h2's own calls (trailers, anything sent through ``send_headers``) go
+    through :meth:`encode` as before and forget every remembered block, since
+    they may change the table and their header tuples may carry
+    never-index marks that plain tuples compare equal to.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._memo: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        self._memo.clear()
+        block: bytes = super().encode(headers, huffman)
+        return block
+
+    def encode_fields(self, fields: Fields) -> bytes:
+        """Encode a response head of plain ``(name, value)`` byte tuples."""
+        memo = self._memo
+        table = self.header_table
+        key = tuple(fields)
+        if not table.resized:  # (a pending size update must go out first)
+            block = memo.get(key)
+            if block is not None:
+                return block
+        mark = None if table.resized else _table_mark(table)
+        block = super().encode(fields)
+        if mark is None or _table_mark(table) != mark:
+            memo.clear()  # the table moved: every remembered block is stale
+        elif len(block) <= MEMO_BLOCK_BYTES:
+            if len(memo) >= MEMO_ENTRIES:
+                memo.clear()
+            memo[key] = block
+        return block
+
+
+class MemoDecoder(hpack.Decoder):
+    """h2's HPACK decoder, replaying blocks that did not change the table."""
+
+    def __init__(self, max_header_list_size: int) -> None:
+        super().__init__(max_header_list_size)
+        self._memo: dict[bytes, tuple[hpack.HeaderTuple, ...]] = {}
+        self._limits = (self.max_header_list_size, self.max_allowed_table_size)
+
+    def decode(self, data: bytes, raw: bool = False) -> Iterable[hpack.HeaderTuple]:
+        memo = self._memo
+        limits = (self.max_header_list_size, self.max_allowed_table_size)
+        if limits != self._limits:
+            # The same block may now be refused (or accepted): decode afresh.
+            memo.clear()
+            self._limits = limits
+        cacheable = raw and type(data) is bytes and len(data) <= MEMO_BLOCK_BYTES
+        if cacheable:
+            remembered = memo.get(data)
+            if remembered is not None:
+                return list(remembered)
+        mark = _table_mark(self.header_table)
+        try:
+            headers = super().decode(data, raw)
+        except BaseException:
+            memo.clear()  # it may have changed the table before it failed
+            raise
+        if _table_mark(self.header_table) != mark:
+            memo.clear()
+        elif cacheable:
+            if len(memo) >= MEMO_ENTRIES:
+                memo.clear()
+            memo[data] = tuple(headers)
+        return headers
