@@ -40,15 +40,28 @@ Fields = list[tuple[bytes, bytes]]
 
 
 def _table_mark(table: hpack.table.HeaderTable) -> tuple[int, object, int]:
-    """What changes whenever the table's contents or size do.
-
-    Insertions go to the front of the deque as new tuple objects, so a block
-    that inserted shows a different first entry even if an eviction kept the
-    length; one that only evicted (an oversized entry clearing the table)
-    shows a different length.
-    """
+    """What changes whenever the table's contents or size do (see :func:`_unchanged`)."""
     entries = table.dynamic_entries
     return len(entries), entries[0] if entries else None, table.maxsize
+
+
+def _unchanged(table: hpack.table.HeaderTable, mark: tuple[int, object, int]) -> bool:
+    """Is the table as it was when ``mark`` was taken?
+
+    Insertions go to the front of the deque as new tuple objects, so a block
+    that inserted shows a different first entry *object* even when an
+    eviction kept the length and the new entry is equal to the old one (the
+    mark holds the old one, so the new one cannot reuse its identity); one
+    that only evicted (an oversized entry clearing the table) shows a
+    different length.
+    """
+    length, first, size = mark
+    entries = table.dynamic_entries
+    return (
+        len(entries) == length
+        and table.maxsize == size
+        and (entries[0] if entries else None) is first
+    )
 
 
 class MemoEncoder(hpack.Encoder):
@@ -80,7 +93,7 @@ class MemoEncoder(hpack.Encoder):
                 return block
         mark = None if table.resized else _table_mark(table)
         block = super().encode(fields)
-        if mark is None or _table_mark(table) != mark:
+        if mark is None or not _unchanged(table, mark):
             memo.clear()  # the table moved: every remembered block is stale
         elif len(block) <= MEMO_BLOCK_BYTES:
             if len(memo) >= MEMO_ENTRIES:
@@ -115,7 +128,7 @@ class MemoDecoder(hpack.Decoder):
         except BaseException:
             memo.clear()  # it may have changed the table before it failed
             raise
-        if _table_mark(self.header_table) != mark:
+        if not _unchanged(self.header_table, mark):
             memo.clear()
         elif cacheable:
             if len(memo) >= MEMO_ENTRIES:
