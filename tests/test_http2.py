@@ -318,7 +318,7 @@ def test_get_request() -> None:
             stream_id=1,
             method=b"GET",
             target=b"/a/b?c=d",
-            # h2 joins cookie crumbs (RFC 9113 §8.2.3) before we see them.
+            # Cookie crumbs are joined into one field (RFC 9113 §8.2.3).
             headers=[(b"accept", b"*/*"), (b"cookie", b"a=1; b=2")],
             http_version="2",
             scheme="https",
@@ -1007,10 +1007,9 @@ def oversized_header_list_request() -> bytes:
     [
         (lambda: raw_frame(0x0, 0, 0, b"x"), Errors.PROTOCOL_ERROR),
         (lambda: raw_frame(0x0, 0, 1, b"x" * 20000), Errors.FRAME_SIZE_ERROR),
-        (uppercase_header_request, Errors.PROTOCOL_ERROR),
         (oversized_header_list_request, Errors.ENHANCE_YOUR_CALM),
     ],
-    ids=["data-on-stream-0", "frame-too-large", "uppercase-header", "header-list-too-large"],
+    ids=["data-on-stream-0", "frame-too-large", "header-list-too-large"],
 )
 def test_protocol_error_closes_the_connection_with_goaway(make_bytes, code: int) -> None:
     client, server = connect(max_header_list_size=1024)
@@ -1030,6 +1029,74 @@ def test_protocol_error_closes_the_connection_with_goaway(make_bytes, code: int)
         "goaway",
         code,
     )
+
+
+def test_malformed_request_is_a_stream_error_and_the_connection_goes_on() -> None:
+    """RFC 9113 §8.1.1: a malformed request (here an uppercase field name) is
+    answered with RST_STREAM(PROTOCOL_ERROR); the next request on the same
+    connection is served as usual."""
+    client, server = connect()
+    server.receive_data(uppercase_header_request())
+    [bad] = server.next_events()
+    assert isinstance(bad, BadRequest)
+    assert (bad.status, bad.stream_id, bad.answered) == (400, None, True)
+    assert bad.reason == "malformed request: invalid character in a field name (stream 1)"
+    assert not server.closing
+    sent = frames(server.data_to_send())
+    assert [(type(f), f.stream_id, f.error_code) for f in sent] == [
+        (RstStreamFrame, 1, Errors.PROTOCOL_ERROR)
+    ]
+    request(client, 3)
+    _, server_events = pump(client, server)
+    assert [type(e) for e in server_events] == [RequestReceived, BodyEnded]
+    assert server_events[0].stream_id == 3
+
+
+def trailers_request(
+    trailers: list[tuple[bytes, bytes]],
+) -> tuple[h2.connection.H2Connection, HTTP2Connection, list[object]]:
+    """A POST whose body is followed by ``trailers``, sent without h2's own checks."""
+    client, server = connect()
+    client.config.validate_outbound_headers = False
+    client.config.normalize_outbound_headers = False
+    request(client, 1, POST, b"body", end=False)
+    client.send_headers(1, trailers, end_stream=True)
+    _, server_events = pump(client, server)
+    return client, server, server_events
+
+
+def test_well_formed_trailers_end_the_body() -> None:
+    _, server, events = trailers_request([(b"x-checksum", b"abc")])
+    assert [type(e) for e in events] == [RequestReceived, BodyReceived, BodyEnded]
+    assert not server.closing
+
+
+@pytest.mark.parametrize(
+    ("trailers", "problem"),
+    [
+        ([(b":path", b"/")], "pseudo-header field in trailers"),
+        ([(b"X-Checksum", b"abc")], "invalid character in a field name"),
+        ([(b"x-checksum", b"a\nb")], "CR, LF or NUL in a field value"),
+        ([(b"connection", b"close")], "connection-specific field"),
+    ],
+    ids=["pseudo", "uppercase", "lf-in-value", "connection"],
+)
+def test_malformed_trailers_reset_the_stream_the_app_already_has(
+    trailers: list[tuple[bytes, bytes]], problem: str
+) -> None:
+    """The request went to the app with its HEADERS; malformed trailers make it
+    malformed after all: the stream is reset (PROTOCOL_ERROR), the driver told
+    to cancel it, and no BodyEnded makes the body look complete."""
+    client, server, events = trailers_request(trailers)
+    assert [type(e) for e in events] == [RequestReceived, BodyReceived, BadRequest, StreamReset]
+    bad, reset = events[2:]
+    assert bad.reason == f"malformed trailers: {problem} (stream 1)"
+    assert not bad.answered  # the stream itself is counted when the app is done
+    assert reset == StreamReset(1, Errors.PROTOCOL_ERROR)
+    assert not server.closing
+    request(client, 3)
+    _, later = pump(client, server)
+    assert [type(e) for e in later] == [RequestReceived, BodyEnded]
 
 
 # ---- h2c upgrade ------------------------------------------------------------------------

@@ -665,6 +665,48 @@ async def test_nghttp_decodes_repeated_and_interleaved_response_heads(
         assert log.count(f"shape {shape}") == order.count(shape), log
 
 
+def _fields(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """The request fields trioserve.http2_fields has a say in, as JSON."""
+    keys = ("HTTP_COOKIE", "HTTP_TE", "HTTP_X_SPACED", "HTTP_HOST", "REQUEST_METHOD")
+    body = json.dumps({key: environ.get(key) for key in keys}).encode()
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
+
+
+@needs("nghttp")
+@pytest.mark.parametrize("mode", ["h2c-prior-knowledge", "h2-tls-alpn"])
+async def test_nghttp_request_fields_reach_the_app(serve: Serve, mode: str) -> None:
+    """Fields as nghttp2 sends them pass trioserve's own inbound checks: cookie
+    crumbs (nghttp2 splits a cookie at each "; ", RFC 9113 §8.2.3) come back as one
+    HTTP_COOKIE, "te: trailers" is allowed, inner spaces in a value are kept."""
+    flags, tls = NGHTTP_MODES[mode]
+    with trio.fail_after(QUICK):
+        server = await serve(validator(_fields), tls=tls)
+        result = await run(
+            "nghttp",
+            "--timeout=10",
+            *flags,
+            "-H",
+            "cookie: a=1; b=2",
+            "-H",
+            "cookie: c=3",
+            "-H",
+            "te: trailers",
+            "-H",
+            "x-spaced: in side",
+            server.url + "/",
+        )
+    assert result.returncode == 0, result.stderr.decode()
+    seen = json.loads(result.stdout)
+    assert seen["HTTP_COOKIE"] == "a=1; b=2; c=3"
+    assert seen["HTTP_TE"] == "trailers"
+    assert seen["HTTP_X_SPACED"] == "in side"
+    assert seen["HTTP_HOST"] == server.url.split("://")[1]
+    assert seen["REQUEST_METHOD"] == "GET"
+
+
 # ---- h2load ----------------------------------------------------------------------------
 
 _H2LOAD_REQUESTS = re.compile(

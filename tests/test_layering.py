@@ -19,7 +19,16 @@ import pytest
 import trioserve
 
 PACKAGE = Path(trioserve.__file__).parent
-SANS_IO = ("events", "http1", "http1_heads", "http2", "hpack_memo", "responses", "chunked")
+SANS_IO = (
+    "events",
+    "http1",
+    "http1_heads",
+    "http2",
+    "http2_fields",
+    "hpack_memo",
+    "responses",
+    "chunked",
+)
 # The trio side speaks events.ResetReason, events.InvalidResponse and the
 # ServerProtocol methods; only the protocol modules know h11 and h2.
 PROTOCOL_FREE = ("connection", "stream", "opening", "server", "context")

@@ -62,6 +62,7 @@ from .events import (
     WindowOpened,
 )
 from .hpack_memo import MemoDecoder, MemoEncoder
+from .http2_fields import MalformedFields, request_fields, trailer_problem
 from .responses import (
     NO_BODY_STATUSES,
     body_too_long,
@@ -176,13 +177,16 @@ class HTTP2Connection:
     ) -> None:
         # Outbound headers are ours to get right (send_response lowercases
         # names and drops connection-specific fields; trioserve.wsgi validated
-        # names and values): h2 checking them again costs a chain of generators
-        # per response. Inbound headers are still validated by h2.
+        # names and values), and inbound ones are checked, and cookies joined,
+        # in one pass by trioserve.http2_fields: h2 doing either costs a chain
+        # of generators per header block.
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
         )
         self._h2 = h2.connection.H2Connection(config=config)
         settings = h2.settings.SettingCodes
@@ -459,6 +463,12 @@ class HTTP2Connection:
                 emit(BodyReceived(sid, data))
         elif isinstance(event, h2.events.RequestReceived):
             self._request_received(event)
+        elif isinstance(event, h2.events.TrailersReceived):
+            # Trailers are not passed to the app (WSGI has no place for them),
+            # but a malformed section still makes the request malformed.
+            problem = trailer_problem(event.headers or ())
+            if problem is not None and event.stream_id not in self._rejected:
+                self._malformed(event.stream_id, f"malformed trailers: {problem}", started=True)
         elif isinstance(event, h2.events.StreamEnded):
             self._remote_open.discard(event.stream_id)
             self._body_received.pop(event.stream_id, None)
@@ -496,44 +506,27 @@ class HTTP2Connection:
 
     def _request_received(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
-        method = target = scheme = authority = None
-        headers: Headers = []
-        content_length: int | None = None
-        expects_continue = False
-        for name, value in event.headers or ():
-            assert isinstance(name, bytes)
-            assert isinstance(value, bytes)
-            if name[:1] == b":":
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    target = value
-                elif name == b":scheme":
-                    scheme = value
-                elif name == b":authority":
-                    authority = value
-                continue
-            if name == b"content-length":
-                content_length = int(value)
-            elif name == b"expect":
-                expects_continue = value.lower() == b"100-continue"
-            headers.append((name, value))
         end_stream = event.stream_ended is not None
         if sid > self._last_stream_id:
             # Opened after our final GOAWAY: not processed, the client may retry it.
             self._rejected.add(sid)
-            self._h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._send_reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
+        try:
+            fields = request_fields(event.headers or ())
+        except MalformedFields as exc:
+            self._malformed(sid, f"malformed request: {exc}")
+            return
+        method, target, scheme, authority, headers, content_length, expects_continue = fields
         self._outbound[sid] = _Outbound(head_only=method == b"HEAD")
         if not end_stream:
             self._remote_open.add(sid)
-        if method is None or target is None or scheme is None:
-            # h2 validated the pseudo-headers; only CONNECT (no :path) lands here.
+        if target is None or scheme is None:
             self._reject(sid, 501, "CONNECT is not supported", end_stream)
             return
         if target[:1] != b"/" and not (target == b"*" and method == b"OPTIONS"):
             # RFC 9113 §8.3.1: an http(s) :path is an absolute path, or "*" for
-            # OPTIONS. h2 only refuses an empty one; the app needs a PATH_INFO.
+            # OPTIONS. The app needs a PATH_INFO.
             self._reject(sid, 400, "invalid :path", end_stream)
             return
         if len(target) > self._max_path_length:
@@ -559,6 +552,21 @@ class HTTP2Connection:
                 content_length=content_length,
             )
         )
+
+    def _malformed(self, sid: int, reason: str, *, started: bool = False) -> None:
+        """Reset a stream whose header fields break RFC 9113 §8 (a stream error, §8.1.1).
+
+        ``started``: the request already went to the app (its trailers are
+        the malformed part), so the driver is told to cancel it too.
+        """
+        # Logged, and a request the app never saw is counted as refused; the
+        # reset spends the reset budget, as h2's resets for a peer's errors do.
+        self._events.append(BadRequest(400, f"{reason} (stream {sid})", answered=not started))
+        if started:
+            self._events.append(StreamReset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR))
+        self._rejected.add(sid)  # whatever the same batch still holds for it is dropped
+        self._resets += 1
+        self._send_reset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
 
     def _reject(self, sid: int, status: int, reason: str, end_stream: bool) -> None:
         """Answer a request ourselves, without the app; its body is discarded."""
@@ -667,12 +675,18 @@ class HTTP2Connection:
         """Abandon ``stream_id``: drop its queued output and send RST_STREAM."""
         if reason is ResetReason.REFUSED:
             self._resets += 1  # refusals spend the reset budget too (Rapid Reset)
+        self._send_reset(stream_id, _RESET_CODES[reason])
+        self._pull_control()
+
+    def _send_reset(self, stream_id: int, code: int) -> None:
+        """Drop ``stream_id``'s queued output and have h2 send RST_STREAM with ``code``."""
         self._forget(stream_id)
         try:
-            self._h2.reset_stream(stream_id, _RESET_CODES[reason])
+            self._h2.reset_stream(stream_id, code)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-            pass  # already closed on the wire: nothing to reset
-        self._pull_control()
+            # Already closed on the wire, e.g. h2 reset it for a later frame
+            # of the same read (events are handled after the whole read).
+            pass
 
     def stream_send_room(self, stream_id: int) -> int:
         """Window the peer granted ``stream_id`` (and the connection) beyond what is queued."""
