@@ -40,7 +40,7 @@ from trioserve.events import (
     StreamReset,
     WindowOpened,
 )
-from trioserve.http2 import MAX_BATCH, MAX_WINDOW, PREFACE, HTTP2Connection
+from trioserve.http2 import MAX_BATCH, MAX_WINDOW, PREFACE, RESET_BUDGET, HTTP2Connection
 from trioserve.responses import error_body
 
 Codes = h2.settings.SettingCodes
@@ -1050,6 +1050,24 @@ def test_malformed_request_is_a_stream_error_and_the_connection_goes_on() -> Non
     _, server_events = pump(client, server)
     assert [type(e) for e in server_events] == [RequestReceived, BodyEnded]
     assert server_events[0].stream_id == 3
+
+
+def test_malformed_requests_spend_the_reset_budget() -> None:
+    """Each malformed request costs the server an RST_STREAM: past RESET_BUDGET of
+    them (with nothing completed) the connection ends with ENHANCE_YOUR_CALM."""
+    client, server = connect()
+    client.config.validate_outbound_headers = False
+    client.config.normalize_outbound_headers = False
+    for n in range(RESET_BUDGET):
+        request(client, 2 * n + 1, [*GET, (b"X-Upper", b"1")])
+    _, events = pump(client, server)
+    assert not server.closing
+    assert [type(e) for e in events] == [BadRequest] * RESET_BUDGET
+    request(client, 2 * RESET_BUDGET + 1, [*GET, (b"X-Upper", b"1")])
+    client_events, events = pump(client, server)
+    assert server.closing
+    assert events[-1] == ConnectionClosed(abort=True, error_code=Errors.ENHANCE_YOUR_CALM)
+    assert summary(client_events)[-1][:2] == ("goaway", Errors.ENHANCE_YOUR_CALM)
 
 
 def trailers_request(
