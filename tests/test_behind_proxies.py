@@ -244,7 +244,9 @@ async def run_proxy(
                 if await started(process) and await accepts_connections(port):
                     yield Proxy(port, process)
                     return
-                await trio.sleep(0.01)  # a polling interval, not a timing assumption
+                # Polling an external process until it listens; every caller runs this under
+                # fail_after(QUICK): a polling interval, not a timing assumption.
+                await trio.sleep(0.01)
         finally:
             await stop_process(process)
         text = log.read_text(errors="replace")
@@ -764,7 +766,9 @@ async def test_haproxy_health_checks_send_local(
                 checks = sum(1 for seen in echo.seen if seen["PATH_INFO"] == "/health")
                 if stats["check_status"] == expected and (check == "tcp" or checks >= 3):
                     break
-                await trio.sleep(0.05)  # polling the stats socket
+                # Polling an external process (HAProxy's stats socket) for a condition,
+                # bounded by fail_after(QUICK): a polling interval, not a timing assumption.
+                await trio.sleep(0.01)
             async with Client.connect(proxy.port) as client:
                 seen = (await client.get()).json()
             stats = await haproxy_stats(proxy)
