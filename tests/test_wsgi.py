@@ -806,3 +806,62 @@ async def test_file_wrapper_streams_a_file(http2: bool, tmp_path: Any) -> None:
     assert response.body == path.read_bytes()
     assert record.closed
     assert record.environ["wsgi.file_wrapper"] is trioserve.wsgi.FileWrapper
+
+
+# ---- the start_response memo ------------------------------------------------------------
+
+
+def test_a_repeated_head_is_encoded_once_and_handed_out_as_a_fresh_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    memo: dict[Any, Any] = {}
+    monkeypatch.setattr(trioserve.wsgi, "_head_memo", memo)
+    headers = [("Content-Type", "text/plain"), ("Content-Length", " 13 ")]
+    first = trioserve.wsgi._encode_head("200 OK", headers)
+    assert len(memo) == 1
+    first.headers.append((b"Date", b"today"))  # what the connection does to a head
+    second = trioserve.wsgi._encode_head("200 OK", list(headers))
+    assert len(memo) == 1
+    assert second.headers == [(b"Content-Type", b"text/plain"), (b"Content-Length", b"13")]
+    assert (second.status, second.reason, second.content_length) == (200, b"OK", 13)
+    assert second.headers is not first.headers
+
+
+class _Name(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "error"),
+    [
+        (_Name("200 OK"), [("A", "b")], TypeError),
+        ("200 OK", [(_Name("A"), "b")], TypeError),
+        ("200 OK", [["A", "b"]], TypeError),
+        ("200 OK", [("A", "b\nc")], trioserve.wsgi.InvalidResponse),
+        ("200 OK", [("Content-Length", "x")], trioserve.wsgi.InvalidResponse),
+    ],
+    ids=["str-subclass-status", "str-subclass-name", "list-item", "newline", "bad-length"],
+)
+def test_the_memo_never_lets_a_refused_head_through(
+    status: str,
+    headers: list[tuple[str, str]],
+    error: type[Exception],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A head equal to a remembered good one, but of the wrong types, is still
+    refused; a refused head is not remembered, so it is refused every time."""
+    memo: dict[Any, Any] = {}
+    monkeypatch.setattr(trioserve.wsgi, "_head_memo", memo)
+    trioserve.wsgi._encode_head("200 OK", [("A", "b")])
+    for _ in range(2):
+        with pytest.raises(error):
+            trioserve.wsgi._encode_head(status, headers)
+    assert len(memo) == 1
+
+
+def test_the_head_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    memo: dict[Any, Any] = {}
+    monkeypatch.setattr(trioserve.wsgi, "_head_memo", memo)
+    for n in range(trioserve.wsgi._HEAD_MEMO_ENTRIES * 3):
+        trioserve.wsgi._encode_head("200 OK", [("ETag", f'"{n}"')])
+        assert len(memo) <= trioserve.wsgi._HEAD_MEMO_ENTRIES

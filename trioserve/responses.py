@@ -24,9 +24,10 @@ The rule set (docs/wsgi-http.md, "Responses"):
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from http import HTTPStatus
 
-from .events import Headers, InvalidResponse
+from .events import InvalidResponse
 
 FINAL_STATUSES = range(200, 600)
 NO_BODY_STATUSES = frozenset({204, 304})
@@ -60,7 +61,7 @@ def check_status(status: int, reason: bytes = b"") -> None:
         raise InvalidResponse("control character in the reason phrase")
 
 
-def declared_length(headers: Headers) -> int | None:
+def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
     """Rule 2: the Content-Length ``headers`` declare, or None; raises InvalidResponse."""
     length: bytes | None = None
     codings = 0

@@ -383,6 +383,17 @@ def _encode_status(status: str) -> tuple[int, bytes]:
     return code, reason
 
 
+# start_response arguments repeat: most responses of an app share their
+# status and headers. The checked, encoded form of recent ones is kept, so a
+# repeated head costs a dict lookup instead of the encoding and the regular
+# expressions. Bounded; emptied when full, so heads that never repeat (a
+# per-response ETag, say) only ever cost the full check.
+_HEAD_MEMO_ENTRIES = 128
+_head_memo: dict[
+    tuple[object, ...], tuple[int, bytes, tuple[tuple[bytes, bytes], ...], int | None]
+] = {}
+
+
 def _encode_head(status: str, headers: list[tuple[str, str]]) -> ResponseHead:
     """Validate ``start_response`` arguments and convert them to bytes.
 
@@ -391,29 +402,41 @@ def _encode_head(status: str, headers: list[tuple[str, str]]) -> ResponseHead:
     """
     if type(status) is not str:
         raise TypeError(f"status must be str, not {type(status).__name__}")
-    code, reason = _encode_status(status)
-    encoded: Headers = []
     if type(headers) is not list:
         raise TypeError(f"headers must be a list, not {type(headers).__name__}")
     for item in headers:
         if type(item) is not tuple or len(item) != 2:
             raise TypeError(f"each header must be a (name, value) tuple: {item!r}")
-        name, value = item
-        if type(name) is not str or type(value) is not str:
+        if type(item[0]) is not str or type(item[1]) is not str:
             raise TypeError(f"header name and value must be str: {item!r}")
-        try:
-            raw_name = name.encode("latin-1")
-            raw_value = value.encode("latin-1")
-        except UnicodeEncodeError:
-            raise InvalidResponse(f"header not encodable as latin-1: {item!r}") from None
-        if not _TOKEN_RE.match(raw_name):
-            raise InvalidResponse(f"invalid header name {name!r}")
-        if _BAD_VALUE_RE.search(raw_value):
-            raise InvalidResponse(f"invalid character in header {name!r}: {value!r}")
-        encoded.append((raw_name, raw_value.strip(b" \t")))
-    # Rule 2: one valid Content-Length, a plain chunked coding. Worked out here,
-    # in the app's thread, so the protocol layer need not do it again.
-    return ResponseHead(code, reason, encoded, declared_length(encoded))
+    # Exact types only from here on, so equal arguments mean the same head.
+    key = (status, *headers)
+    known = _head_memo.get(key)
+    if known is None:
+        code, reason = _encode_status(status)
+        encoded = tuple(_encode_field(name, value) for name, value in headers)
+        # Rule 2: one valid Content-Length, a plain chunked coding. Worked out
+        # here, in the app's thread, so the protocol layer need not do it again.
+        known = (code, reason, encoded, declared_length(encoded))
+        if len(_head_memo) >= _HEAD_MEMO_ENTRIES:
+            _head_memo.clear()
+        _head_memo[key] = known
+    code, reason, encoded, declared = known
+    return ResponseHead(code, reason, list(encoded), declared)
+
+
+def _encode_field(name: str, value: str) -> tuple[bytes, bytes]:
+    """One response header field as bytes, or InvalidResponse (rule 1 of trioserve.responses)."""
+    try:
+        raw_name = name.encode("latin-1")
+        raw_value = value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise InvalidResponse(f"header not encodable as latin-1: {(name, value)!r}") from None
+    if not _TOKEN_RE.match(raw_name):
+        raise InvalidResponse(f"invalid header name {name!r}")
+    if _BAD_VALUE_RE.search(raw_value):
+        raise InvalidResponse(f"invalid character in header {name!r}: {value!r}")
+    return raw_name, raw_value.strip(b" \t")
 
 
 class _Responder:
