@@ -54,6 +54,8 @@ async def wait_for_lines(path: Path, count: int) -> list[str]:
             lines = path.read_text().splitlines() if path.exists() else []  # noqa: ASYNC240
             if len(lines) >= count:
                 return lines
+            # The file is written by the server subprocess: a polling interval for a
+            # condition, bounded by fail_after(TIMEOUT), not a timing assumption.
             await trio.sleep(0.01)
 
 
