@@ -91,7 +91,9 @@ async def scrape_until(metrics: str, condition: str, check: Callable[[Scrape], b
     which tells us nothing else); fails after TIMEOUT, naming ``condition``."""
     with trio.move_on_after(TIMEOUT):
         while not check(result := await scrape(metrics)):  # noqa: ASYNC110 - another process
-            await trio.sleep(0.05)
+            # Polling another process for a condition, bounded by TIMEOUT: a polling
+            # interval, not a timing assumption.
+            await trio.sleep(0.01)
         return result
     raise AssertionError(f"never true: {condition}\n{result.text}")
 
@@ -355,7 +357,9 @@ async def query_until(api: str, query: str, expected: str) -> str:
                 except (httpx.TransportError, ValueError, KeyError):
                     pass  # not listening yet, or not ready (a text answer)
                 if value != expected:
-                    await trio.sleep(0.2)
+                    # Polling Prometheus (another process) for a condition, bounded by
+                    # TIMEOUT * 2: a polling interval, not a timing assumption.
+                    await trio.sleep(0.01)
     return value
 
 
