@@ -54,7 +54,9 @@ async def wait_for_answer(url: str, expected: str) -> None:
                 body = None  # between workers: the listening socket stays, a request may fail
             if body == expected:
                 return
-            await trio.sleep(0.05)
+            # Polling the server subprocess for a condition, bounded by TIMEOUT: a polling
+            # interval, not a timing assumption.
+            await trio.sleep(0.01)
 
 
 def log_lines(cli: RunningCLI) -> list[str]:
