@@ -31,13 +31,16 @@ back to where it started.
 
 from __future__ import annotations
 
+import functools
 import gc
+import itertools
 import os
 import statistics
 import threading
+import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,7 +138,26 @@ def _key(path: str) -> str:
 
 class SoakApps(LiveApps):
     """LiveApps (``/park``, ``/big``, the rest answered at once) plus ``/echo``, with
-    its counters keyed by the first path segment so they stay the same size."""
+    its counters keyed by the first path segment so they stay the same size.
+
+    A ``/big`` path registered with :meth:`expect_return` sets its event once the app
+    has produced the whole body (the slow-reader round waits for that, not for time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._returned: dict[str, trio.Event] = {}
+        self.slow_rounds = itertools.count()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def expect_return(self, path: str) -> trio.Event:
+        """An event set when the app has yielded the last chunk of ``path``'s body."""
+        event = self._returned[path] = trio.Event()
+        return event
+
+    def _returned_whole(self, path: str, body: Iterable[bytes]) -> Iterator[bytes]:
+        yield from body
+        event = self._returned.pop(path)
+        trio.from_thread.run_sync(event.set, trio_token=self._token)
 
     def _enter(self, path: str) -> None:
         super()._enter(_key(path))
@@ -145,6 +167,8 @@ class SoakApps(LiveApps):
 
     def _app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         path = environ["PATH_INFO"]
+        if path in self._returned:
+            return self._returned_whole(path, super()._app(environ, start_response))
         if not path.startswith("/echo"):
             return super()._app(environ, start_response)
         self._enter(path)
@@ -346,7 +370,7 @@ async def zero_window_round(server: TestServer, name: str) -> RoundResult:
     return outcome, codes == [CANCEL] * ZERO_WINDOW_STREAMS and goaway is None
 
 
-async def slow_reader_round(server: TestServer, name: str) -> RoundResult:
+async def slow_reader_round(app: SoakApps, server: TestServer, name: str) -> RoundResult:
     """A client asking for a 2 MiB streamed body and reading none of it (HTTP/1.1: its
     socket; HTTP/2: its window): its app spills the body to disk and finishes (the
     spill budget is in use meanwhile); the client itself is dropped (HTTP/2: reset)
@@ -354,9 +378,15 @@ async def slow_reader_round(server: TestServer, name: str) -> RoundResult:
     http2 = name == "h2"
     async with server.connect(http2=http2) as attacker:
         attacker.pause_reading(socket=not http2)
-        stream = await attacker.open_stream("GET", f"/big/slow-{name}?n=128")
-        await trio.sleep(1)  # past --spill-after, well before write_timeout
-        spilling = server.context.spill_budget.used > 0
+        path = f"/big/slow-{name}/{next(app.slow_rounds)}"
+        returned = app.expect_return(path)
+        stream = await attacker.open_stream("GET", f"{path}?n=128")
+        # The client reads nothing, so the app can return before write_timeout only if
+        # its thread spilled the rest of the body to disk (past --spill-after); the file
+        # is unread, so the spill budget is in use until the client is dropped.
+        with trio.move_on_after(SERVER_OPTIONS["write_timeout"]):
+            await returned.wait()
+        spilling = returned.is_set() and server.context.spill_budget.used > 0
         if http2:
             with trio.move_on_after(ROUND_LIMIT / 2):
                 await stream.ended.wait()
@@ -451,6 +481,7 @@ def _median(values: list[int]) -> float:
 
 async def test_soak_good_and_hostile_clients_memory_flat_no_thread_leak() -> None:
     os_threads_before = threading.active_count()
+    threads_before = set(threading.enumerate())
     app = SoakApps()
     with TraceMemory() as memory:
         async with open_test_server(app, **SERVER_OPTIONS) as server:
@@ -468,7 +499,7 @@ async def test_soak_good_and_hostile_clients_memory_flat_no_thread_leak() -> Non
                     ("flood", flood_round, ["ping", "settings"]),
                     *[("slowloris", slowloris_round, [str(i)]) for i in range(SLOWLORIS_LOOPS)],
                     ("zero-window", zero_window_round, ["big"]),
-                    ("slow-reader", slow_reader_round, ["h1", "h2"]),
+                    ("slow-reader", functools.partial(slow_reader_round, app), ["h1", "h2"]),
                     ("continuation", continuation_round, ["trickle", "flood"]),
                 ]
                 for kind, mount, variants in hostile:
@@ -482,11 +513,11 @@ async def test_soak_good_and_hostile_clients_memory_flat_no_thread_leak() -> Non
             async with server.connect(http2=True) as connection:
                 await GoodClient(connection, "/good/last").one()
         await no_threads_left()  # wait_all_threads_completed(); active_thread_count() == 0
-    # trio keeps idle worker threads for 10 s: wait for them to exit (polled: nothing
-    # signals a thread's exit).
-    with trio.move_on_after(THREAD_IDLE_WAIT):
-        while threading.active_count() > os_threads_before:  # noqa: ASYNC110
-            await trio.sleep(0.5)
+    # trio keeps idle worker threads for 10 s: join every thread started during the run,
+    # THREAD_IDLE_WAIT for them all (nothing else runs in trio by now, so blocking is fine).
+    give_up = time.monotonic() + THREAD_IDLE_WAIT
+    for thread in set(threading.enumerate()) - threads_before:
+        thread.join(max(0.0, give_up - time.monotonic()))
     os_threads_after = threading.active_count()
 
     samples = soak.samples
