@@ -6,9 +6,10 @@ workers share it) with :class:`tests.test_cli.RunningCLI`. The parent logs
 port 0 means one port for all), ``Started worker PID``, ``Worker PID is
 serving`` and each exit. Most tests serve ``pidapp`` (written into a temporary
 directory): it answers with the pid of the worker that served the request, so a
-test sees which worker answered; ``?sleep=S`` makes it slow, ``?id=X`` makes it
-log ``pidapp: in flight X``, and it raises on import while a file ``BROKEN``
-sits next to it.
+test sees which worker answered; ``?sleep=S`` makes it slow, ``?gate=NAME``
+holds it until the test releases it (:func:`gate`), ``?id=X`` makes it log
+``pidapp: in flight X``, and it raises on import while a file ``BROKEN`` sits next
+to it.
 
 Every step has a time limit, and everything a test started is stopped in a
 ``finally``: the supervisor by signals (then SIGKILL), its workers by pid if
@@ -25,7 +26,7 @@ import os
 import re
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -54,7 +55,9 @@ import time
 from urllib.parse import parse_qs
 from wsgiref.validate import validator
 
-if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "BROKEN")):
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+if os.path.exists(os.path.join(HERE, "BROKEN")):
     raise RuntimeError("pidapp: this deploy is broken")
 
 
@@ -76,6 +79,9 @@ def _app(environ, start_response):
         if not chunk:
             break
         received += chunk
+    if "gate" in query:  # a FIFO the test holds open: wait for its byte
+        with open(os.path.join(HERE, query["gate"][0]), "rb", buffering=0) as gate:
+            gate.read(1)
     time.sleep(float(query.get("sleep", ["0"])[0]))
     body = str(os.getpid()).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
@@ -90,6 +96,23 @@ app = validator(_app)
 def app_dir(tmp_path: Path) -> Path:
     (tmp_path / "pidapp.py").write_text(PIDAPP)
     return tmp_path
+
+
+@contextlib.contextmanager
+def gate(app_dir: Path, name: str) -> Iterator[Callable[[int], object]]:
+    """A FIFO ``name`` next to pidapp, on which ``?gate=NAME`` requests wait; yields
+    ``release(n)``, which lets n of them go.
+
+    The test holds the FIFO open for reading and writing (Linux: that never blocks), so
+    the app's open returns at once and its one-byte read waits until released; a request
+    is held for as long as the test needs, not for a guessed time."""
+    path = app_dir / name
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        yield lambda n: os.write(fd, b"x" * n)
+    finally:
+        os.close(fd)  # a request still waiting reads the end of the FIFO and goes on
 
 
 # ---------------------------------------------------------------------------
@@ -147,7 +170,7 @@ async def _stop(cli: RunningCLI) -> None:
     for pid in set(started_pids(cli)) - exited_pids(cli):
         with trio.move_on_after(3):
             while _is_our_worker(pid):  # noqa: ASYNC110 - another process's state: poll it
-                await trio.sleep(0.05)
+                await trio.sleep(0.01)  # a polling interval, bounded by move_on_after(3)
         if _is_our_worker(pid):  # pragma: no cover
             os.kill(pid, signal.SIGKILL)
 
@@ -258,7 +281,9 @@ class Load:
             self._changed.set()
             self._changed = trio.Event()
             if result.error:
-                await trio.sleep(0.01)  # do not spin on a refused connection
+                # Do not spin on a refused connection (another process, restarting): a
+                # polling interval until the next fetch, not a timing assumption.
+                await trio.sleep(0.01)
 
     def ok(self, since: float = -1.0) -> list[Result]:
         return [r for r in self.results if not r.error and r.status == 200 and r.at >= since]
@@ -430,7 +455,7 @@ async def test_sigterm_lets_a_slow_request_finish_and_exits_0(
     app_dir: Path, everyone: bool
 ) -> None:
     graceful_timeout = 10
-    with trio.fail_after(TEST_TIMEOUT):
+    with trio.fail_after(TEST_TIMEOUT), gate(app_dir, "slow-gate") as release:
         async with supervising(
             "pidapp:app", "-w", "2", "-b", "127.0.0.1:0",
             "--graceful-timeout", str(graceful_timeout), cwd=app_dir,
@@ -439,7 +464,7 @@ async def test_sigterm_lets_a_slow_request_finish_and_exits_0(
                 results: list[Result] = []
 
                 async def slow() -> None:
-                    results.append(await fetch(cli.url, "/?sleep=1.5&id=slow"))
+                    results.append(await fetch(cli.url, "/?gate=slow-gate&id=slow"))
 
                 nursery.start_soon(slow)
                 await cli.wait_for_line("pidapp: in flight slow")
@@ -462,7 +487,11 @@ async def test_sigterm_lets_a_slow_request_finish_and_exits_0(
                         except OSError:
                             break
                         await stream.aclose()
-                        await trio.sleep(0.02)
+                        # Polling the other processes' sockets, bounded by TIMEOUT: a
+                        # polling interval, not a timing assumption.
+                        await trio.sleep(0.01)
+                # The request has been in flight all along: let it finish now.
+                release(1)
             assert await cli.wait_exit(timeout=graceful_timeout) == 0
             assert trio.current_time() - signalled_at < graceful_timeout
             (result,) = results
@@ -473,7 +502,7 @@ async def test_sigterm_lets_a_slow_request_finish_and_exits_0(
 
 async def test_sigterm_drains_every_in_flight_request_under_load(app_dir: Path) -> None:
     clients = 6
-    with trio.fail_after(TEST_TIMEOUT):
+    with trio.fail_after(TEST_TIMEOUT), gate(app_dir, "drain-gate") as release:
         # --max-connections 3: each worker takes three of the six, so both drain.
         async with supervising(
             "pidapp:app", "-w", "2", "-b", "127.0.0.1:0", "--max-connections", "3",
@@ -482,7 +511,7 @@ async def test_sigterm_drains_every_in_flight_request_under_load(app_dir: Path) 
             results: list[Result] = []
 
             async def client(n: int) -> None:
-                results.append(await fetch(cli.url, f"/?sleep=1&id=client{n}"))
+                results.append(await fetch(cli.url, f"/?gate=drain-gate&id=client{n}"))
 
             async with trio.open_nursery() as nursery:
                 for n in range(clients):
@@ -490,6 +519,9 @@ async def test_sigterm_drains_every_in_flight_request_under_load(app_dir: Path) 
                 for n in range(clients):
                     await cli.wait_for_line(f"pidapp: in flight client{n}$")
                 cli.send_signal(signal.SIGTERM)
+                # Both workers are stopping while every request is still held: release them.
+                await cli.wait_for_line("Supervisor: stop gracefully", nth=2)
+                release(clients)
             assert await cli.wait_exit() == 0
     assert len(results) == clients
     assert [r.error for r in results if r.error] == []
