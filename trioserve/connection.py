@@ -34,6 +34,13 @@ object in ``self.proto``) is touched only from trio tasks and ``run_sync_soon``
 callbacks, which trio runs one at a time, so it needs no locks. Which protocol
 it is never matters here: both speak :class:`~trioserve.events.ServerProtocol`.
 
+An HTTP/1.1 connection on a plain socket that has been idle for
+``DOZE_AFTER`` dozes: its reader, sender and request tasks end and its
+nursery closes, and ``Connection.run`` itself waits for the socket to become
+readable (or for the keep-alive time, a graceful stop or an abort), then
+starts them again. Idle keep-alive connections are most of a server's
+connections, and their tasks were most of their memory.
+
 The connection ends when the protocol says it is closing, no stream is live,
 and all output is flushed; or at once when the socket breaks, in which case
 every stream is cancelled. Either way the nursery waits for every app thread
@@ -110,6 +117,13 @@ HAVE_SENDFILE = hasattr(os, "sendfile")
 # this long and this much (Apache's lingering close allows 2 s and 512 KiB).
 CLOSE_TIMEOUT = 2.0
 LINGER_BYTES = 512 * 1024
+
+# An HTTP/1.1 keep-alive connection on a plain socket that has been idle this
+# long (seconds) dozes: its reader, sender and request tasks end, and the
+# connection's own task waits for the next bytes (Connection._doze). Those
+# tasks are most of an idle connection's memory; restarting them costs about
+# what one request does, so a connection busy enough to notice never dozes.
+DOZE_AFTER = 0.1
 
 
 class _DateHeader:
@@ -198,11 +212,11 @@ class _SocketIO:
     ``_SPINS`` reads all the same, so a fast sender cannot starve other tasks.
     """
 
-    __slots__ = ("_drained", "_fd", "_spins")
+    __slots__ = ("_drained", "_spins", "fd")
     _SPINS = 4
 
     def __init__(self, fd: int) -> None:
-        self._fd = fd
+        self.fd = fd
         self._spins = 0
         # The last read took less than it asked for: the kernel had no more, so
         # the next read waits for readiness first instead of failing with EAGAIN.
@@ -213,13 +227,13 @@ class _SocketIO:
         if self._drained:
             self._drained = False
             self._spins = 0
-            await trio.lowlevel.wait_readable(self._fd)
+            await trio.lowlevel.wait_readable(self.fd)
         while True:
             try:
-                data = os.read(self._fd, READ_SIZE)
+                data = os.read(self.fd, READ_SIZE)
             except BlockingIOError:
                 self._spins = 0
-                await trio.lowlevel.wait_readable(self._fd)
+                await trio.lowlevel.wait_readable(self.fd)
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
@@ -232,7 +246,7 @@ class _SocketIO:
 
     async def send_all(self, data: bytes, scope: trio.CancelScope, timeout: float) -> None:
         """Write all of ``data``; a wait for room longer than ``timeout`` cancels ``scope``."""
-        fd = self._fd
+        fd = self.fd
         try:
             sent = os.write(fd, data)
         except BlockingIOError:
@@ -280,11 +294,14 @@ class _StreamIO:
 class _Phase(enum.Enum):
     """Where the connection is on its way to closing.
 
-    OPEN -> INPUT_ENDED (EOF) -> DONE, or to ABORTED or LOST from either.
-    Only OPEN reads; only DONE closes politely (lingering) after the nursery.
+    OPEN -> INPUT_ENDED (EOF) -> DONE, or to ABORTED or LOST from either;
+    OPEN -> DOZING -> OPEN while an HTTP/1.1 connection idles (or DOZING ->
+    DONE when its keep-alive time runs out, or the server stops). Only OPEN
+    reads; only DONE closes politely (lingering) after the nursery.
     """
 
     OPEN = "open"  # reading and writing
+    DOZING = "dozing"  # idle HTTP/1.1, no tasks: the connection task waits for input
     INPUT_ENDED = "input ended"  # the peer sent EOF: nothing more to read; answers still go out
     ABORTED = "aborted"  # fatal protocol error: our last words (GOAWAY) go out, then close
     LOST = "lost"  # the socket broke: every stream is cancelled
@@ -301,6 +318,8 @@ class Connection:
     __slots__ = (
         "_abort_code",
         "_counts",
+        "_doze_scope",
+        "_doze_tried",
         "_head_started",
         "_idle_goaway_sent",
         "_idle_since",
@@ -369,6 +388,8 @@ class Connection:
         # When the last request finished (None: one is in progress); the reader's
         # deadline is moved only to make it earlier (see _read_loop).
         self._idle_since: float | None = trio.current_time()
+        self._doze_tried: float | None = None  # the _idle_since of the last chance to doze
+        self._doze_scope: trio.CancelScope | None = None  # the dozing wait for input
         self._pipeline_waiting = False  # HTTP/1.1: next request held back until output drains
         self._watchers: set[RequestStream] = set()  # told of every write (spilling streams)
         # HTTP/1.1: the request task's wake-up (None until the first request) and
@@ -391,15 +412,20 @@ class Connection:
     async def run(self, initial: bytes = b"") -> None:
         self._stats.connection_opened(self._protocol)
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                if initial:
-                    # Bytes read while choosing the protocol go in before any task
-                    # runs, so nobody mistakes this connection for an idle one.
-                    self._counts[self._received_word] += len(initial)
-                    self._receive(initial)
-                nursery.start_soon(self._sender_task)
-                nursery.start_soon(self._reader_task)
+            while True:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    if initial:
+                        # Bytes read while choosing the protocol go in before any task
+                        # runs, so nobody mistakes this connection for an idle one.
+                        self._counts[self._received_word] += len(initial)
+                        self._receive(initial)
+                        initial = b""
+                    nursery.start_soon(self._sender_task)
+                    nursery.start_soon(self._reader_task)
+                self._nursery = None
+                if self._phase is not _Phase.DOZING or not await self._doze():
+                    break
             if self._phase is _Phase.DONE:
                 await self._close_politely()
         finally:
@@ -410,11 +436,66 @@ class Connection:
         self.proto.start_shutdown()
         self._wake_sender()
         self._wake_reader()
+        if self._doze_scope is not None:
+            self._doze_scope.cancel()  # nothing in flight: close now
 
     def abort(self) -> None:
         """Stop now: cancel every stream and drop the connection."""
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+        elif self._doze_scope is not None:
+            self._phase = _Phase.ABORTED  # dropped, not closed politely
+            self._doze_scope.cancel()
+
+    @property
+    def dozing(self) -> bool:
+        """An idle HTTP/1.1 connection whose tasks have ended until its next request."""
+        return self._phase is _Phase.DOZING
+
+    def _may_doze(self) -> bool:
+        """Is this an idle HTTP/1.1 connection with nothing at all under way?"""
+        proto = self.proto
+        return (
+            self._phase is _Phase.OPEN
+            and type(self._io) is _SocketIO
+            and not self.multiplexed
+            and not self.streams
+            and self._next_stream is None
+            and not self._pipeline_waiting
+            and not self._in_flight
+            and not self._watchers
+            and self._output_drained is None
+            and not proto.output_size
+            and not proto.buffered_input
+            and not proto.partial_request
+            and not proto.closing
+            and not self.ctx.shutting_down
+        )
+
+    async def _doze(self) -> bool:
+        """Wait, with no task but this one, for the idle connection's next bytes.
+
+        True once they are there: the tasks start again. False if the
+        keep-alive time ran out, the server is stopping (both: closed
+        politely) or the connection was aborted.
+        """
+        assert self._idle_since is not None
+        assert isinstance(self._io, _SocketIO)
+        self._requests = None  # its task has ended: the next request starts one
+        self._reader_done = False
+        deadline = self._idle_since + self.ctx.config.keep_alive_timeout
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._doze_scope = scope
+            try:
+                if not self.proto.closing and not self.ctx.shutting_down:
+                    await trio.lowlevel.wait_readable(self._io.fd)
+                    self._phase = _Phase.OPEN
+                    return True
+            finally:
+                self._doze_scope = None
+        if self._phase is _Phase.DOZING:
+            self._phase = _Phase.DONE
+        return False
 
     @property
     def _reading(self) -> bool:
@@ -504,7 +585,10 @@ class Connection:
             return math.inf
         if self.multiplexed:
             return self._idle_since + config.h2_idle_timeout
-        return self._idle_since + config.keep_alive_timeout
+        deadline = self._idle_since + config.keep_alive_timeout
+        if self._doze_tried != self._idle_since and type(self._io) is _SocketIO:
+            return min(deadline, self._idle_since + DOZE_AFTER)
+        return deadline
 
     def _idle_expired(self) -> bool:
         """The idle deadline passed; True if the reader should stop reading."""
@@ -513,6 +597,15 @@ class Connection:
             self._wake_sender()
             return True
         if not self.multiplexed:
+            assert self._idle_since is not None
+            if trio.current_time() < self._idle_since + self.ctx.config.keep_alive_timeout:
+                # DOZE_AFTER is up, not the keep-alive time: one chance per idle
+                # spell (a connection still sending its answer stays as it is).
+                self._doze_tried = self._idle_since
+                if not self._may_doze():
+                    return False
+                self._phase = _Phase.DOZING  # the sender ends too, and the nursery
+                return True
             self.start_shutdown()  # idle HTTP/1.1 connection: close it
             return True
         if self._idle_goaway_sent:
@@ -892,6 +985,8 @@ class Connection:
                 if self._pipeline_waiting:
                     self._start_next_request()
                 continue
+            if self._phase is _Phase.DOZING:
+                return  # the reader has ended; _sender_task ends the request task
             if self._aborted:
                 # Our last words (GOAWAY) are out. Close the socket now rather
                 # than when the cancelled apps' threads return, which can take
