@@ -55,7 +55,17 @@ PEERS = [
     "granian==2.8.7",
     "trustme>=1.1",
 ]
-VERSIONED = ["trioserve", "trio", "h11", "httptools", "h2", "gunicorn", "waitress", "hypercorn", "granian"]
+VERSIONED = [
+    "trioserve",
+    "trio",
+    "h11",
+    "httptools",
+    "h2",
+    "gunicorn",
+    "waitress",
+    "hypercorn",
+    "granian",
+]
 
 SERVER_CPUS = "0"
 CLIENT_CPUS = "1"
@@ -369,8 +379,11 @@ def status_kib(pid: int, field_name: str) -> int:
 
 
 class ServerProcess:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path, cpus: str):
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log: Path, cpus: str, cwd: Path
+    ):
         self.name = name
+        self.cwd = cwd
         self.argv = ["taskset", "-c", cpus, *argv]
         self.env = {**os.environ, **env}
         # A baseline checkout's path (--baseline) goes first, so its trioserve wins.
@@ -394,7 +407,7 @@ class ServerProcess:
             log.flush()
             self.proc = subprocess.Popen(
                 self.argv,
-                cwd=ROOT,
+                cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -507,7 +520,10 @@ def running(
     if variant.app == "stream":
         env["BENCH_STREAM_BYTES"] = str(ctx.stream_bytes)
     log = WORK / "logs" / f"{server}.log"
-    proc = ServerProcess(server, argv, env, log, cpus)
+    # The baseline runs in its own checkout: ``-m`` puts the working directory
+    # first on sys.path (ahead of PYTHONPATH), in -w workers too.
+    cwd = ctx.baseline if server == BASELINE and ctx.baseline is not None else ROOT
+    proc = ServerProcess(server, argv, env, log, cpus, cwd)
     proc.start()
     try:
         proc.wait_ready(port, variant.mode == "tls")
