@@ -180,6 +180,32 @@ async def test_an_aborted_dozing_connection_is_dropped(
         assert await stream.receive_some() == b""
 
 
+async def test_an_abort_while_the_tasks_end_for_a_doze_drops_the_connection(
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """abort() right as the connection decides to doze, before its tasks have
+    ended: it must not go on to doze (nor close politely, which would wait on
+    the client)."""
+    decided: list[Connection] = []
+    may_doze = Connection._may_doze
+
+    def may_doze_then_abort(conn: Connection) -> bool:
+        ready = may_doze(conn)
+        if ready:
+            decided.append(conn)
+            conn.abort()
+        return ready
+
+    monkeypatch.setattr(Connection, "_may_doze", may_doze_then_abort)
+    async with served() as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        assert (await get(stream)).startswith(b"HTTP/1.1 200 ")
+        await quiet_for(server, mock_clock, DOZE_AFTER + 0.001)
+        await all_closed(server)
+        assert decided
+        assert await receive_promptly(stream) == b""
+
+
 async def test_a_client_closing_a_dozing_connection_ends_it(
     mock_clock: trio.testing.MockClock,
 ) -> None:

@@ -320,6 +320,7 @@ class Connection:
         "_counts",
         "_doze_scope",
         "_doze_tried",
+        "_dropped",
         "_head_started",
         "_idle_goaway_sent",
         "_idle_since",
@@ -390,6 +391,7 @@ class Connection:
         self._idle_since: float | None = trio.current_time()
         self._doze_tried: float | None = None  # the _idle_since of the last chance to doze
         self._doze_scope: trio.CancelScope | None = None  # the dozing wait for input
+        self._dropped = False  # abort() was called
         self._pipeline_waiting = False  # HTTP/1.1: next request held back until output drains
         self._watchers: set[RequestStream] = set()  # told of every write (spilling streams)
         # HTTP/1.1: the request task's wake-up (None until the first request) and
@@ -424,7 +426,7 @@ class Connection:
                     nursery.start_soon(self._sender_task)
                     nursery.start_soon(self._reader_task)
                 self._nursery = None
-                if self._phase is not _Phase.DOZING or not await self._doze():
+                if self._phase is not _Phase.DOZING or self._dropped or not await self._doze():
                     break
             if self._phase is _Phase.DONE:
                 await self._close_politely()
@@ -441,10 +443,12 @@ class Connection:
 
     def abort(self) -> None:
         """Stop now: cancel every stream and drop the connection."""
+        # Also while its tasks are ending for a doze: run() must not go on to
+        # wait for a next request then.
+        self._dropped = True
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
-        elif self._doze_scope is not None:
-            self._phase = _Phase.ABORTED  # dropped, not closed politely
+        if self._doze_scope is not None:
             self._doze_scope.cancel()
 
     @property
@@ -493,8 +497,8 @@ class Connection:
                     return True
             finally:
                 self._doze_scope = None
-        if self._phase is _Phase.DOZING:
-            self._phase = _Phase.DONE
+        if self._phase is _Phase.DOZING and not self._dropped:
+            self._phase = _Phase.DONE  # closed politely
         return False
 
     @property
