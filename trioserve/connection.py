@@ -393,7 +393,8 @@ class Connection:
         self._doze_scope: trio.CancelScope | None = None  # the dozing wait for input
         self._dropped = False  # abort() was called
         self._pipeline_waiting = False  # HTTP/1.1: next request held back until output drains
-        self._watchers: set[RequestStream] = set()  # told of every write (spilling streams)
+        # Told of every write: spilling streams (made at the first one).
+        self._watchers: set[RequestStream] | None = None
         # HTTP/1.1: the request task's wake-up (None until the first request) and
         # the request waiting for it.
         self._requests: Wakeup | None = None
@@ -415,23 +416,27 @@ class Connection:
         self._stats.connection_opened(self._protocol)
         try:
             while True:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    if initial:
-                        # Bytes read while choosing the protocol go in before any task
-                        # runs, so nobody mistakes this connection for an idle one.
-                        self._counts[self._received_word] += len(initial)
-                        self._receive(initial)
-                        initial = b""
-                    nursery.start_soon(self._sender_task)
-                    nursery.start_soon(self._reader_task)
-                self._nursery = None
+                await self._run_tasks(initial)
+                initial = b""
                 if self._phase is not _Phase.DOZING or self._dropped or not await self._doze():
                     break
             if self._phase is _Phase.DONE:
                 await self._close_politely()
         finally:
             self._stats.connection_closed(self._protocol)
+
+    async def _run_tasks(self, initial: bytes) -> None:
+        """The connection's nursery, until its tasks end (its frame, and the nursery, go then)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if initial:
+                # Bytes read while choosing the protocol go in before any task
+                # runs, so nobody mistakes this connection for an idle one.
+                self._counts[self._received_word] += len(initial)
+                self._receive(initial)
+            nursery.start_soon(self._sender_task)
+            nursery.start_soon(self._reader_task)
+        self._nursery = None
 
     def start_shutdown(self) -> None:
         """Graceful stop: finish what is in flight, accept nothing new, then close."""
@@ -693,7 +698,7 @@ class Connection:
                 case WindowOpened():
                     # The sender is woken after every read anyway; spilling
                     # streams queue what the new window lets out.
-                    for stream in list(self._watchers):
+                    for stream in list(self._watchers or ()):
                         stream.output_progressed()
 
     def _start_stream(self, event: RequestReceived) -> None:
@@ -868,8 +873,10 @@ class Connection:
 
     def watch_output(self, stream: RequestStream, watching: bool) -> None:
         if watching:
+            if self._watchers is None:
+                self._watchers = set()
             self._watchers.add(stream)
-        else:
+        elif self._watchers is not None:
             self._watchers.discard(stream)
 
     async def wait_output_progress(self) -> None:
@@ -979,8 +986,9 @@ class Connection:
         while True:
             if await self._send_pending(write_scope):
                 self._in_flight = 0
-                for stream in list(self._watchers):
-                    stream.output_progressed()
+                if self._watchers:
+                    for stream in list(self._watchers):
+                        stream.output_progressed()
                 drained = self._output_drained
                 if drained is not None:
                     self._output_drained = None

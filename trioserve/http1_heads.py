@@ -293,9 +293,9 @@ class HttptoolsHeadParser:
             raise HeadError(400, describe(exc)) from None
         if self._complete and parser.should_keep_alive():
             self._parser = parser  # ready for the next head
-        return ParsedHead(
-            parser.get_method(), self._target, parser.get_http_version().encode(), headers
-        )
+        target, self._target = self._target, b""
+        self._headers = []  # the request's own list goes with it, not kept while idle
+        return ParsedHead(parser.get_method(), target, parser.get_http_version().encode(), headers)
 
 
 def httptools_available() -> bool:
