@@ -14,7 +14,8 @@ no parsing and no WSGI: a nursery per connection running a reader task, a
 sender task and a task per request, whose response comes back from a worker
 thread (``trio.to_thread.run_sync`` under a ``CapacityLimiter``). What that
 costs is the floor trioserve's design puts under any HTTP/1.1 request, and its
-idle connections show the floor of its memory per connection. (Every response
+idle connections (which doze after DOZE_AFTER, as trioserve's do) show the floor
+of its memory per connection. (Every response
 is the same bytes, so tasks finishing out of order cannot be seen.)
 """
 
@@ -60,6 +61,9 @@ async def handle(stream: trio.SocketStream) -> None:
 # --shaped: trioserve's threads (its default --threads) and its write timeout.
 LIMITER_TOKENS = 40
 WRITE_TIMEOUT = 30.0
+# --shaped: idle this long, a connection dozes as trioserve's do (its tasks
+# end until the socket is readable again; trioserve.connection.DOZE_AFTER).
+DOZE_AFTER = 0.1
 
 
 def _answer() -> bytes:
@@ -74,35 +78,57 @@ class ShapedConnection:
         self.limiter = limiter
         self.output: list[bytes] = []
         self.output_wanted = trio.Event()
+        self.in_flight = 0  # requests not yet answered
+        self.idle_since = trio.current_time()
+        self.read_scope: trio.CancelScope | None = None
+        self.dozing = False
 
     async def run(self) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.reader, nursery)
-                nursery.start_soon(self.sender, nursery)
+            while True:
+                await self.run_tasks()
+                if not self.dozing:
+                    return
+                await trio.lowlevel.wait_readable(self.stream.socket)
+                self.dozing = False
         finally:
             await trio.aclose_forcefully(self.stream)
 
+    async def run_tasks(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.reader, nursery)
+            nursery.start_soon(self.sender, nursery)
+
     async def reader(self, nursery: trio.Nursery) -> None:
         tail = b""
-        with trio.CancelScope():  # trioserve's idle-timeout scope, one per reader
-            while True:
-                try:
-                    data = await self.stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    data = b""
-                if not data:
-                    nursery.cancel_scope.cancel()
-                    return
-                buffer = tail + data
-                for _ in range(buffer.count(TERMINATOR)):
-                    nursery.start_soon(self.request)
-                tail = buffer[-3:]
+        while True:
+            # trioserve's idle scope: one per reader, its deadline moved only
+            # earlier (by the sender), stale ones found out when they fire.
+            with trio.CancelScope() as self.read_scope:
+                while True:
+                    try:
+                        data = await self.stream.receive_some(65536)
+                    except trio.BrokenResourceError:
+                        data = b""
+                    if not data:
+                        nursery.cancel_scope.cancel()
+                        return
+                    buffer = tail + data
+                    for _ in range(buffer.count(TERMINATOR)):
+                        self.in_flight += 1
+                        nursery.start_soon(self.request)
+                    tail = buffer[-3:]
+            idle = not self.in_flight and not self.output
+            if idle and trio.current_time() >= self.idle_since + DOZE_AFTER:
+                self.dozing = True
+                nursery.cancel_scope.cancel()
+                return
 
     async def request(self) -> None:
         with trio.CancelScope():  # a request's own scope, for resets and disconnects
             response = await trio.to_thread.run_sync(_answer, limiter=self.limiter)
             self.output.append(response)
+            self.in_flight -= 1
             self.output_wanted.set()
 
     async def sender(self, nursery: trio.Nursery) -> None:
@@ -119,6 +145,11 @@ class ShapedConnection:
                     nursery.cancel_scope.cancel()
                     return
                 write_scope.deadline = math.inf
+                if not self.in_flight and not self.output:
+                    self.idle_since = trio.current_time()
+                    scope = self.read_scope
+                    if scope is not None and scope.deadline == math.inf:
+                        scope.deadline = self.idle_since + DOZE_AFTER
 
 
 async def main(host: str, port: int, shaped: bool = False) -> None:
