@@ -24,6 +24,9 @@ from trioserve.http2_fields import MalformedFields, request_fields, trailer_prob
 
 Field = tuple[bytes, bytes]
 
+# The pseudo-header fields of a GET, but for :authority (a host field can stand in).
+GET_FIELDS: list[Field] = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/")]
+
 REQUEST_FLAGS = h2.utilities.HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
 )
@@ -240,32 +243,15 @@ def test_plain_connect_has_no_path_or_scheme() -> None:
         ),
         ([(b":path", b"/"), (b":scheme", b"https"), (b"host", b"a")], "no :method"),
         (
-            [
-                (b":method", b"GET"),
-                (b":scheme", b"https"),
-                (b":path", b"/"),
-                (b"host", b"a"),
-                (b"host", b"a"),
-            ],
+            [*GET_FIELDS, (b"host", b"a"), (b"host", b"a")],
             "more than one host field",
         ),
         (
-            [
-                (b":method", b"GET"),
-                (b":scheme", b"https"),
-                (b":path", b"/"),
-                (b":authority", b"a"),
-                (b"host", b"b"),
-            ],
+            [*GET_FIELDS, (b":authority", b"a"), (b"host", b"b")],
             ":authority and host differ",
         ),
         (
-            [
-                (b":method", b"GET"),
-                (b":scheme", b"https"),
-                (b":path", b"/"),
-                (b"content-length", b"x"),
-            ],
+            [*GET_FIELDS, (b"content-length", b"x")],
             "invalid content-length",
         ),
     ],
@@ -289,13 +275,12 @@ def test_clean_field_memory_is_bounded_and_holds_only_clean_fields(
 ) -> None:
     clean: set[Field] = set()
     monkeypatch.setattr(http2_fields, "_clean", clean)
-    base = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/")]
     for n in range(http2_fields._CLEAN_ENTRIES * 2):
-        request_fields([*base, (b"host", b"h%d" % n)])
+        request_fields([*GET_FIELDS, (b"host", b"h%d" % n)])
         assert len(clean) <= http2_fields._CLEAN_ENTRIES
     with pytest.raises(MalformedFields):
-        request_fields([*base, (b"host", b"a"), (b"x-a", b"a\rb")])
+        request_fields([*GET_FIELDS, (b"host", b"a"), (b"x-a", b"a\rb")])
     assert (b"x-a", b"a\rb") not in clean
     long_value = b"v" * http2_fields._CLEAN_FIELD_BYTES
-    request_fields([*base, (b"host", long_value)])
+    request_fields([*GET_FIELDS, (b"host", long_value)])
     assert (b"host", long_value) not in clean
