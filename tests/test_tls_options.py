@@ -445,6 +445,9 @@ async def test_sighup_with_workers_starts_workers_with_the_new_certificate(pki: 
         replace_server_certificate(pki)
         cli.send_signal(signal.SIGHUP)
         await cli.wait_for_line(r"New workers are ready: stopping 2 old worker\(s\)")
+        # Until they exit, the old workers still share the listening socket, and a
+        # connection the kernel hands one of them gets the old certificate.
+        await cli.wait_for_line(r"Worker \d+ exited", nth=2)
         after = await curl(cli.url, pki, "--http2", ca="new-ca.pem")
     assert before["SSL_CLIENT_VERIFY"] == "NONE"
     assert echoed(after)["SERVER_PROTOCOL"] == "HTTP/2"
