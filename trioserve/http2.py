@@ -43,7 +43,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
-from h2.connection import ConnectionState
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.stream import StreamInputs, StreamState
 from hyperframe.frame import GoAwayFrame
 
@@ -98,9 +98,12 @@ SHUTDOWN_PING = b"trio-bye"
 # Frame types and flags read by the frame-header scan (RFC 9113 §6).
 FRAME_DATA = 0x0
 FRAME_HEADERS = 0x1
+FRAME_SETTINGS = 0x4
 FRAME_CONTINUATION = 0x9
 FLAG_END_STREAM = 0x1
 FLAG_END_HEADERS = 0x4
+FLAG_PADDED = 0x8
+FLAG_PRIORITY = 0x20
 
 # Abuse budgets (CVE-2023-44487 Rapid Reset, CVE-2025-8671 MadeYouReset,
 # CVE-2019-9512/9515/9518 control-frame floods). Each is a count that grows
@@ -109,6 +112,9 @@ FLAG_END_HEADERS = 0x4
 # gets GOAWAY(ENHANCE_YOUR_CALM).
 # A frame header (RFC 9113 §4.1): 24-bit length (as 16 + 8 bits), type, flags, stream id.
 _FRAME_HEADER = struct.Struct(">HBBBL")
+# A HEADERS frame longer than this is left to h2 (which buffers it the same
+# way): it is not a plain request, and holding it here is not worth it.
+_OPENING_FRAME_MAX = 16384
 _EMPTY = memoryview(b"")
 _SENDING_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 _OPEN_CONNECTION_STATES = frozenset({ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN})
@@ -238,6 +244,14 @@ class HTTP2Connection:
         self._completed = 0
         self._control_frames = 0
         self._in_header_block = False  # HEADERS seen, END_HEADERS not yet (header deadline)
+        # Opening streams ourselves (_receive_frames) needs h2 to hold no partial
+        # frame, so it starts at the first read that ends on a frame boundary
+        # after the client's SETTINGS; from then on h2 is handed whole frames.
+        self._settings_seen = False
+        self._whole_frames = False
+        self._partial_frame = b""  # a frame header, or a HEADERS frame, not yet whole
+        self._h2_frame_left = 0  # bytes still to come of a frame h2 has the start of
+        self._h2_in_header_block = False  # h2 holds HEADERS that await CONTINUATIONs
         self._bytes_sent = 0
         self._last_stream_id = MAX_STREAM_ID
         self._peer_closed = False  # EOF, error, or GOAWAY from the peer
@@ -342,7 +356,16 @@ class HTTP2Connection:
             self.fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many control frames")
             return
         try:
-            h2_events = self._h2.receive_data(data)
+            if self._whole_frames:
+                h2_events = self._receive_frames(data)
+            else:
+                h2_events = self._h2.receive_data(data)
+                self._whole_frames = self._settings_seen and not (
+                    self._preface_left
+                    or self._frame_left
+                    or self._frame_head
+                    or self._in_header_block
+                )
         except h2.exceptions.ProtocolError as exc:
             # h2 has queued GOAWAY with the right error code.
             self._abandon_all()
@@ -416,10 +439,128 @@ class HTTP2Connection:
                     self._control_frames += 1  # empty, or for a closed stream
             else:
                 self._control_frames += 1
+                if frame_type == FRAME_SETTINGS:
+                    self._settings_seen = True
             skipped = min(length, size - position)
             position += skipped
             self._frame_left = length - skipped
         return None
+
+    def _receive_frames(self, data: bytes | bytearray) -> list[h2.events.Event]:
+        """h2's receive_data, except that a plain HEADERS frame opening a stream is ours.
+
+        A new stream's HEADERS is most of what a request costs h2 on the way
+        in: a frame object parsed and copied, ``repr(frame)`` for a trace log
+        that is off, a dispatch, and the stream set up. Here frame headers are
+        read from the bytes directly. A HEADERS frame that may open a stream
+        plainly (one complete header block, no padding, an odd stream id) is
+        held until it is whole; if it does open a new stream with room under
+        MAX_CONCURRENT_STREAMS it is decoded with h2's own decoder and entered
+        in h2's books by h2's own stream code (see _open_stream). Every other
+        byte goes to h2 as it arrives and in order, so h2 judges everything
+        else, at the moment it always has.
+        """
+        conn = self._h2
+        if self._partial_frame:
+            data = self._partial_frame + data
+            self._partial_frame = b""
+        size = len(data)
+        view = memoryview(data)
+        events: list[h2.events.Event] = []
+        position = handed = 0  # bytes before ``handed`` went to h2 or were opened here
+        if self._h2_frame_left:  # the rest of a frame h2 already has the start of
+            position = min(self._h2_frame_left, size)
+            self._h2_frame_left -= position
+        in_block = self._h2_in_header_block
+        try:
+            while size - position >= 9:
+                length = int.from_bytes(view[position : position + 3], "big")
+                end = position + 9 + length
+                frame_type = data[position + 3]
+                flags = data[position + 4]
+                if frame_type in (FRAME_HEADERS, FRAME_CONTINUATION):
+                    if (
+                        frame_type == FRAME_HEADERS
+                        and not in_block
+                        and flags & FLAG_END_HEADERS
+                        and not flags & FLAG_PADDED
+                        and data[position + 8] & 1  # an odd (client) stream id
+                        and length <= _OPENING_FRAME_MAX
+                    ):
+                        # h2 first takes the frames before this one: whether
+                        # it opens a stream plainly depends on what they did.
+                        if handed < position:
+                            events += conn.receive_data(view[handed:position])
+                            handed = position
+                        if end > size:
+                            break  # held whole here until the rest arrives
+                        block = self._plain_stream_opening(view, position, end, flags)
+                        if block is not None:
+                            sid = int.from_bytes(view[position + 5 : position + 9], "big")
+                            events += self._open_stream(sid, block, bool(flags & FLAG_END_STREAM))
+                            handed = end
+                    in_block = not flags & FLAG_END_HEADERS
+                if end > size:  # h2 gets this frame's start now, the rest as it comes
+                    self._h2_frame_left = end - size
+                    position = size
+                    break
+                position = end
+            if handed < position:
+                events += conn.receive_data(view[handed:position])
+        finally:
+            self._h2_in_header_block = in_block
+            if position < size:
+                self._partial_frame = bytes(view[position:])
+            view.release()
+        return events
+
+    def _plain_stream_opening(
+        self, view: memoryview, start: int, end: int, flags: int
+    ) -> bytes | None:
+        """The header block of the HEADERS frame at ``view[start:end]`` if it opens a
+        new stream plainly (see _receive_frames), else None: h2 handles that frame."""
+        conn = self._h2
+        sid = int.from_bytes(view[start + 5 : start + 9], "big") & 0x7FFF_FFFF
+        if sid <= conn.highest_inbound_stream_id:
+            return None
+        block_start = start + 9
+        if flags & FLAG_PRIORITY:
+            # A priority (exclusive bit and 31-bit dependency, weight) comes
+            # first. Ignored, as trioserve ignores all priorities; one that
+            # is cut short or makes the stream depend on itself is h2's error.
+            block_start += 5
+            if block_start > end:
+                return None
+            depends_on = int.from_bytes(view[start + 9 : start + 13], "big") & 0x7FFF_FFFF
+            if depends_on == sid:
+                return None
+        # Counting open streams also lets h2 drop the closed ones from its books.
+        if conn.open_inbound_streams >= conn.local_settings.max_concurrent_streams:
+            return None  # h2 refuses it
+        return bytes(view[block_start:end])
+
+    def _open_stream(self, sid: int, block: bytes, end_stream: bool) -> list[h2.events.Event]:
+        """Open stream ``sid`` from its header block: the steps of h2's own HEADERS handling.
+
+        Decoding (h2's error translation around our decoder), the connection
+        state machine, a new stream, and the stream's own receive_headers
+        (its state machine, content-length bookkeeping and events), in h2's
+        order. A protocol error ends the connection exactly as in h2's
+        receive_data: GOAWAY queued, then the error raised.
+        """
+        conn = self._h2
+        try:
+            headers = h2.connection._decode_headers(conn.decoder, block)
+            events = conn.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+            stream = conn._begin_new_stream(sid, AllowedStreamIDs.ODD)
+            frames, stream_events = stream.receive_headers(
+                headers, end_stream, conn.config.header_encoding
+            )
+        except h2.exceptions.ProtocolError as exc:
+            conn._terminate_connection(exc.error_code)
+            raise
+        conn._prepare_for_sending(frames)
+        return events + stream_events
 
     def expire_partial_request(self) -> list[Event]:
         """A header block has waited too long for its CONTINUATIONs: end the connection."""
