@@ -119,6 +119,11 @@ def test_error_body_is_status_reason_and_detail() -> None:
             "Received duplicate pseudo-header field",
         ),
         ("bytearray(b'only data')", "malformed request"),
+        (
+            "Error decoding header block: Unable to decode HPACK integer representation"
+            " from <memory at 0x7f46efd83940>",
+            "Error decoding header block: Unable to decode HPACK integer representation",
+        ),
         ("no data quoted here", "no data quoted here"),
         ("about bytes and b-trees", "about bytes and b-trees"),
     ],

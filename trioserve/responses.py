@@ -102,16 +102,17 @@ def body_too_short(declared: int, sent: int) -> InvalidResponse:
 
 
 # Where a library's message starts quoting data: a bytes or bytearray repr.
-_QUOTED_DATA = re.compile(r"""\bbytearray\(|\bb['"]""")
+_QUOTED_DATA = re.compile(r"""\bbytearray\(|\bb['"]|(?: from)? <memory at 0x""")
 
 
 def in_words(message: str, fallback: str = "malformed request") -> str:
     """A protocol library's error message without the data it quotes.
 
     h11 and h2 put the offending bytes in their messages as Python reprs
-    (``bytearray(b'...')``); an error body or log line says what was wrong in
-    words instead, so the message is cut where the first repr starts. A
-    message that is nothing but a repr becomes ``fallback``.
+    (``bytearray(b'...')``, or hpack's ``<memory at 0x...>``); an error body
+    or log line says what was wrong in words instead, so the message is cut
+    where the first repr starts. A message that is nothing but a repr
+    becomes ``fallback``.
     """
     match = _QUOTED_DATA.search(message)
     if match is not None:
