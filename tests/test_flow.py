@@ -37,7 +37,7 @@ import functools
 import hashlib
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.validate import validator
 
@@ -535,6 +535,39 @@ async def test_http2_reset_stalled_streams_give_their_connection_credit_back() -
                 await settle()  # the app saw the reset and returned
             response = await client.post("/moving", body=body)
     assert response.text == f"{len(body)} {digest_of(body)}"
+
+
+async def test_http2_a_response_ended_on_the_wire_frees_its_stream_slot() -> None:
+    """A generator's declared body is all sent while the generator runs on: END_STREAM
+    goes out with the last byte, and with h2_max_concurrent_streams=1 the client's next
+    stream is served, not refused, while that app still runs."""
+    gate = Gate()
+    body = b"streamed body"
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+        start_response("200 OK", headers)
+        if environ["PATH_INFO"] == "/next":
+            return [body]
+
+        def chunks() -> Iterator[bytes]:
+            yield body[:5]
+            yield body[5:]
+            gate.wait()  # still running after its last byte went out
+
+        return chunks()
+
+    with trio.fail_after(TIMEOUT):
+        async with open_test_client(
+            validator(app), http2=True, h2_max_concurrent_streams=1
+        ) as client:
+            first = await client.get("/first")  # complete while its app is parked
+            await gate.wait_parked()
+            second = await client.get("/next")
+            assert not gate.opened.is_set()
+            gate.open()
+    assert (first.status, first.body) == (200, body)
+    assert (second.status, second.body) == (200, body)
 
 
 # ---- 3. download backpressure ------------------------------------------------------------

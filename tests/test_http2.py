@@ -642,6 +642,76 @@ def test_end_stream_later_sends_an_empty_data_frame() -> None:
     assert [(type(f), f.data, "END_STREAM" in f.flags) for f in sent] == [(DataFrame, b"", True)]
 
 
+def test_declared_length_reached_ends_the_stream_on_the_last_data_frame() -> None:
+    """A streamed response whose content-length is all queued ends on its last DATA
+    frame, before the app ends it: no empty DATA frame of its own afterwards."""
+    client, server = connect()
+    request(client, 1)
+    pump(client, server)
+    server.send_response(1, 200, [(b"content-length", b"6")])
+    server.send_body(1, b"abc")
+    sent = frames(server.data_to_send())
+    assert [(type(f), "END_STREAM" in f.flags) for f in sent] == [
+        (HeadersFrame, False),
+        (DataFrame, False),
+    ]
+    server.send_body(1, b"def")
+    sent = frames(server.data_to_send())
+    assert [(type(f), f.data, "END_STREAM" in f.flags) for f in sent] == [(DataFrame, b"def", True)]
+    assert server.response_ended(1)  # the app has not ended it yet
+    server.end_stream(1)
+    assert server.data_to_send() == b""
+    assert not server.response_ended(1)
+
+
+def test_empty_declared_body_ends_on_the_headers_frame_before_the_app_ends_it() -> None:
+    client, server = connect()
+    request(client, 1)
+    pump(client, server)
+    server.send_response(1, 200, [(b"content-length", b"0")])
+    sent = frames(server.data_to_send())
+    assert [(type(f), "END_STREAM" in f.flags) for f in sent] == [(HeadersFrame, True)]
+    server.end_stream(1)
+    assert server.data_to_send() == b""
+
+
+def test_a_byte_past_the_length_after_an_early_end_is_still_refused() -> None:
+    client, server = connect()
+    request(client, 1)
+    pump(client, server)
+    server.send_response(1, 200, [(b"content-length", b"3")])
+    server.send_body(1, b"abc")
+    client_events, _ = pump(client, server)
+    assert summary(client_events)[-2:] == [("data", 1, b"abc"), ("end", 1)]
+    with pytest.raises(InvalidResponse, match="longer than its Content-Length of 3"):
+        server.send_body(1, b"d")
+    server.reset_stream(1)  # what stream.py does; the stream is closed on the wire already
+    assert server.data_to_send() == b""
+    assert not server.response_ended(1)
+
+
+def test_no_early_end_while_the_request_body_is_coming() -> None:
+    """Ending the response would stop the upload (RST_STREAM) under an app that may
+    still be reading it: END_STREAM waits for the app."""
+    client, server = connect()
+    request(client, 1, POST, b"partial", end=False)
+    pump(client, server)
+    server.send_response(1, 200, [(b"content-length", b"2")])
+    server.send_body(1, b"ok")
+    sent = frames(server.data_to_send())
+    assert [(type(f), "END_STREAM" in f.flags) for f in sent] == [
+        (HeadersFrame, False),
+        (DataFrame, False),
+    ]
+    assert not server.response_ended(1)
+    server.end_stream(1)
+    sent = frames(server.data_to_send())
+    assert [(type(f), "END_STREAM" in f.flags) for f in sent] == [
+        (DataFrame, True),
+        (RstStreamFrame, False),
+    ]
+
+
 # ---- responses held to their own framing (trioserve.responses) ---------------------------
 
 

@@ -707,6 +707,35 @@ async def test_nghttp_request_fields_reach_the_app(serve: Serve, mode: str) -> N
     assert seen["REQUEST_METHOD"] == "GET"
 
 
+def _streamed_with_length(environ: Environ, start_response: Any) -> Iterable[bytes]:
+    body = b"0123456789" * 10
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
+    return (body[i : i + 25] for i in range(0, 100, 25))
+
+
+_DATA_FRAME = re.compile(r"recv DATA frame <length=(\d+), flags=0x([0-9a-f]+), stream_id=\d+>")
+
+
+@needs("nghttp")
+@pytest.mark.parametrize("mode", ["h2c-prior-knowledge", "h2-tls-alpn"])
+async def test_nghttp_sees_a_streamed_response_end_on_its_last_data_frame(
+    serve: Serve, mode: str
+) -> None:
+    """A generator with a Content-Length: END_STREAM rides on the DATA frame that
+    completes the length, with no empty DATA frame after it (nghttp -v)."""
+    flags, tls = NGHTTP_MODES[mode]
+    with trio.fail_after(QUICK):
+        server = await serve(validator(_streamed_with_length), tls=tls)
+        result = await run("nghttp", "--timeout=10", "-nv", *flags, server.url + "/")
+    output = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, output + result.stderr.decode()
+    data = [(int(length), int(flags, 16)) for length, flags in _DATA_FRAME.findall(output)]
+    assert sum(length for length, _ in data) == 100, output
+    assert all(length for length, _ in data), output  # no empty DATA frame
+    assert data[-1][1] & 0x1, output  # END_STREAM on the last one
+    assert not any(flags & 0x1 for _, flags in data[:-1]), output
+
+
 # ---- h2load ----------------------------------------------------------------------------
 
 _H2LOAD_REQUESTS = re.compile(

@@ -760,12 +760,16 @@ class Connection:
         """Streams whose app has not returned yet (HTTP/2's concurrency bound).
 
         Counted only at the limit: a stream whose app finished but whose
-        response waits for window no longer counts against it.
+        response waits for window no longer counts against it. Nor does one
+        whose response has ended on the wire while its app finishes: the
+        client may open the next stream at once, and such apps are bounded
+        anyway, each holding one of the connection's app threads.
         """
         streams = self.streams
         if len(streams) < self.ctx.config.h2_max_concurrent_streams:
             return len(streams)
-        return sum(1 for stream in streams.values() if not stream.app_done)
+        ended = self.proto.response_ended
+        return sum(1 for sid, stream in streams.items() if not stream.app_done and not ended(sid))
 
     def _bad_request(self, event: BadRequest) -> None:
         client = self.info.client_addr or "unix socket"

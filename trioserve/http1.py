@@ -262,6 +262,10 @@ class HTTP1Connection:
         """HTTP/1.1 queues nothing per stream: all output is in data_to_send()."""
         return False
 
+    def response_ended(self, stream_id: int) -> bool:
+        """HTTP/1.1 counts no streams: a response ends when its request's turn does."""
+        return False
+
     @property
     def output_size(self) -> int:
         """Bytes queued for the socket."""

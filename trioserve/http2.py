@@ -234,6 +234,10 @@ class HTTP2Connection:
         self._body_received: dict[int, int] = {}
         self._uncredited: dict[int, int] = {}  # body bytes that never used a window
         self._rejected: set[int] = set()  # streams answered without the app (413, 501)
+        # Streams whose END_STREAM went out with the last byte of their declared
+        # content-length, before the app ended them: sid -> that length, kept
+        # until end_stream() or a reset so that a byte too many is still refused.
+        self._ended_early: dict[int, int] = {}
         self._shutdown = _Shutdown.RUNNING
         self._max_header_count = max_header_count
         self._max_path_length = max_path_length
@@ -332,6 +336,16 @@ class HTTP2Connection:
     def has_queued_streams(self) -> bool:
         """Is any response still queued here (waiting for flow-control window)?"""
         return bool(self._outbound)
+
+    def response_ended(self, stream_id: int) -> bool:
+        """Has ``stream_id``'s response ended on the wire before its app ended it?
+
+        True once all of a declared content-length has been framed (with
+        END_STREAM on its last frame) while the app is still finishing, e.g.
+        a generator running on after its last chunk. The client counts the
+        stream closed and may open another.
+        """
+        return stream_id in self._ended_early
 
     # ---- bytes in, events out ---------------------------------------------
 
@@ -769,6 +783,8 @@ class HTTP2Connection:
         """
         out = self._outbound.get(stream_id)
         if out is None or out.head_only or not data:
+            if out is None and data and stream_id in self._ended_early:
+                raise body_too_long(self._ended_early[stream_id])
             return
         counted = out.counted + len(data)
         if out.declared is not None and counted > out.declared:
@@ -786,6 +802,7 @@ class HTTP2Connection:
         """
         out = self._outbound.get(stream_id)
         if out is None:
+            self._ended_early.pop(stream_id, None)  # (its END_STREAM has gone out)
             return
         if out.declared is not None and out.counted < out.declared:
             raise body_too_short(out.declared, out.counted)
@@ -921,6 +938,7 @@ class HTTP2Connection:
 
     def _forget(self, stream_id: int) -> None:
         self._outbound.pop(stream_id, None)
+        self._ended_early.pop(stream_id, None)
         self._ready.pop(stream_id, None)
         self._remote_open.discard(stream_id)
         self._body_received.pop(stream_id, None)
@@ -964,11 +982,11 @@ class HTTP2Connection:
         """Frame at most one HEADERS or DATA frame for ``sid``; return (budget left, progressed)."""
         conn = self._h2
         if out.headers is not None:
-            finished = out.end and not out.size
+            finished = not out.size and self._body_complete(sid, out)
             self._send_headers_frame(sid, out.headers, finished)
             out.headers = None
             if finished:
-                self._stream_complete(sid)
+                self._stream_complete(sid, out)
             return budget, True
         if out.size:
             window = conn.local_flow_control_window(sid)
@@ -982,16 +1000,16 @@ class HTTP2Connection:
                 out.chunks[0] = chunk[n:]
             out.size -= n
             self._bytes_sent += n
-            finished = out.end and not out.size
+            finished = not out.size and self._body_complete(sid, out)
             self._send_data_frame(sid, chunk[:n], finished)
             if finished:
-                self._stream_complete(sid)
+                self._stream_complete(sid, out)
             elif not out.size:
                 del self._ready[sid]
             return budget - n, True
         if out.end:
             self._send_data_frame(sid, _EMPTY, True)
-            self._stream_complete(sid)
+            self._stream_complete(sid, out)
             return budget, True
         del self._ready[sid]
         return budget, False
@@ -1086,11 +1104,25 @@ class HTTP2Connection:
             conn.outbound_flow_control_window -= size
             stream.outbound_flow_control_window -= size
 
-    def _stream_complete(self, stream_id: int) -> None:
+    def _body_complete(self, stream_id: int, out: _Outbound) -> bool:
+        """May END_STREAM go on the frame that empties ``out``?
+
+        Yes once the app has ended the response; and as soon as all of its
+        declared content-length is queued, if the request has ended too: no
+        byte may follow, so a streamed (iterator) response needs no empty
+        DATA frame of its own once the app returns. Not while the request body
+        is still coming: ending the response would stop the upload
+        (RST_STREAM) under an app that may still read it.
+        """
+        return out.end or (out.counted == out.declared and stream_id not in self._remote_open)
+
+    def _stream_complete(self, stream_id: int, out: _Outbound) -> None:
         """END_STREAM is framed; if the request body is still coming, stop it (RFC 9113 §8.1)."""
         self._completed += 1
         remote_open = stream_id in self._remote_open
         self._forget(stream_id)
+        if not out.end and out.declared is not None:
+            self._ended_early[stream_id] = out.declared
         if remote_open:
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
 
