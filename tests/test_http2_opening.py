@@ -93,7 +93,8 @@ def frame_sequences(draw: st.DrawFn) -> bytes:
         kind = draw(
             st.sampled_from(["headers"] * 6 + ["continuation", "data", "rst", "priority", "ping"])
         )
-        sid = draw(st.sampled_from([1, 3, 5, 7, 9, 2, 0, 11, 101]))
+        # (1 | 2**31: stream 1 with the reserved bit set, which must be ignored)
+        sid = draw(st.sampled_from([1, 3, 5, 7, 9, 2, 0, 11, 101, 1 | 2**31]))
         if kind == "headers":
             flags = draw(st.sampled_from([END_HEADERS, END_HEADERS | END_STREAM]))
             flags |= draw(st.sampled_from([0, 0, PADDED, PRIORITY]))
@@ -205,6 +206,15 @@ def test_a_priority_cut_short_is_h2s_error() -> None:
     events = server.next_events()
     assert isinstance(events[-1], ConnectionClosed)
     assert events[-1].error_code == 6  # FRAME_SIZE_ERROR, as h2 says
+
+
+def test_the_reserved_bit_of_a_stream_id_is_ignored(h2_headers_calls: list[int]) -> None:
+    server = started(HTTP2Connection())
+    block = hpack.Encoder().encode(GET)
+    server.receive_data(raw_frame(HEADERS, END_HEADERS | END_STREAM, 1 | 2**31, block))
+    events = server.next_events()
+    assert [e.stream_id for e in events if isinstance(e, RequestReceived)] == [1]
+    assert h2_headers_calls == []
 
 
 def test_a_reused_stream_id_is_left_to_h2(h2_headers_calls: list[int]) -> None:

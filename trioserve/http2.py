@@ -508,9 +508,12 @@ class HTTP2Connection:
                             handed = position
                         if end > size:
                             break  # held whole here until the rest arrives
-                        block = self._plain_stream_opening(view, position, end, flags)
+                        # (the reserved bit of a stream id is ignored, RFC 9113 §4.1)
+                        sid = (
+                            int.from_bytes(view[position + 5 : position + 9], "big") & MAX_STREAM_ID
+                        )
+                        block = self._plain_stream_opening(view, position, end, flags, sid)
                         if block is not None:
-                            sid = int.from_bytes(view[position + 5 : position + 9], "big")
                             events += self._open_stream(sid, block, bool(flags & FLAG_END_STREAM))
                             handed = end
                     in_block = not flags & FLAG_END_HEADERS
@@ -529,12 +532,11 @@ class HTTP2Connection:
         return events
 
     def _plain_stream_opening(
-        self, view: memoryview, start: int, end: int, flags: int
+        self, view: memoryview, start: int, end: int, flags: int, sid: int
     ) -> bytes | None:
-        """The header block of the HEADERS frame at ``view[start:end]`` if it opens a
-        new stream plainly (see _receive_frames), else None: h2 handles that frame."""
+        """The header block of stream ``sid``'s HEADERS frame at ``view[start:end]`` if
+        it opens the stream plainly (see _receive_frames), else None: h2 handles it."""
         conn = self._h2
-        sid = int.from_bytes(view[start + 5 : start + 9], "big") & 0x7FFF_FFFF
         if sid <= conn.highest_inbound_stream_id:
             return None
         block_start = start + 9
@@ -545,7 +547,7 @@ class HTTP2Connection:
             block_start += 5
             if block_start > end:
                 return None
-            depends_on = int.from_bytes(view[start + 9 : start + 13], "big") & 0x7FFF_FFFF
+            depends_on = int.from_bytes(view[start + 9 : start + 13], "big") & MAX_STREAM_ID
             if depends_on == sid:
                 return None
         # Counting open streams also lets h2 drop the closed ones from its books.
