@@ -8,6 +8,7 @@ it, after every task has gone quiet, so "idle for DOZE_AFTER" is exact.
 from __future__ import annotations
 
 import select
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +20,7 @@ import trio.testing
 
 from tests import apps
 from trioserve.connection import DOZE_AFTER, Connection
+from trioserve.http1 import HTTP1Connection
 from trioserve.server import Server, serve_wsgi
 
 KEEP_ALIVE = 5.0
@@ -142,6 +144,29 @@ async def test_an_idle_connection_dozes_and_wakes_for_its_next_request(
             assert not conn.dozing
             await quiet_for(server, mock_clock, DOZE_AFTER + 0.001)
             assert conn.dozing
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+async def test_a_dozing_connection_holds_no_parser_nor_streams_table(
+    parser: str, mock_clock: trio.testing.MockClock
+) -> None:
+    """What the next request builds again anyway is dropped while dozing (an idle
+    connection's memory): llhttp's parser, and the table a dict keeps after its
+    last key goes. The next request on it is parsed as well as the first."""
+    if parser == "httptools":
+        pytest.importorskip("httptools")
+    async with served(http1_parser=parser) as server:
+        stream, conn = await dozing_connection(server, mock_clock)
+        proto = conn.proto
+        assert isinstance(proto, HTTP1Connection)
+        assert proto.parser_name == parser
+        assert getattr(proto._parser, "_parser", None) is None
+        assert sys.getsizeof(conn.streams) == sys.getsizeof({})
+        for _ in range(2):
+            assert (await get(stream)).startswith(b"HTTP/1.1 200 ")
+            await quiet_for(server, mock_clock, DOZE_AFTER + 0.001)
+            assert conn.dozing
+            assert getattr(proto._parser, "_parser", None) is None
 
 
 async def test_a_dozing_connection_still_closes_after_the_keep_alive_time(

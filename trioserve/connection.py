@@ -492,6 +492,10 @@ class Connection:
         assert isinstance(self._io, _SocketIO)
         self._requests = None  # its task has ended: the next request starts one
         self._reader_done = False
+        # Hold only what the next request cannot build again (see DOZE_AFTER):
+        # the parser, and the streams table a dict keeps after its last key goes.
+        self.proto.release_idle()
+        self.streams = {}
         deadline = self._idle_since + self.ctx.config.keep_alive_timeout
         with trio.CancelScope(deadline=deadline) as scope:
             self._doze_scope = scope

@@ -721,6 +721,9 @@ class HTTP1Connection:
     def acknowledge_body(self, stream_id: int, size: int) -> None:
         """HTTP/1.1 has no flow-control credit: the driver resumes reading instead."""
 
+    def release_idle(self) -> None:
+        self._parser.release()
+
     def start_shutdown(self) -> None:
         """Finish the current exchange, then close: no more keep-alive.
 

@@ -173,6 +173,10 @@ class HeadParser(Protocol):
         """Parse one complete head (ending with its empty line); raises HeadError."""
         ...
 
+    def release(self) -> None:
+        """Between requests: drop what the next ``parse`` can build again."""
+        ...
+
 
 # ---- h11: the reference ---------------------------------------------------------------
 
@@ -237,6 +241,9 @@ class H11HeadParser:
             bytes(event.method), bytes(event.target), bytes(event.http_version), list(event.headers)
         )
 
+    def release(self) -> None:
+        pass  # each head gets a fresh h11.Connection anyway
+
 
 # ---- httptools (llhttp) ---------------------------------------------------------------
 
@@ -296,6 +303,11 @@ class HttptoolsHeadParser:
         target, self._target = self._target, b""
         self._headers = []  # the request's own list goes with it, not kept while idle
         return ParsedHead(parser.get_method(), target, parser.get_http_version().encode(), headers)
+
+    def release(self) -> None:
+        # llhttp's parser is about 700 bytes: a dozing connection should not
+        # hold one, and making the next is cheap next to a request.
+        self._parser = None
 
 
 def httptools_available() -> bool:

@@ -888,6 +888,9 @@ class HTTP2Connection:
                 return  # the connection is already closed
             self._pull_control()
 
+    def release_idle(self) -> None:
+        pass  # HTTP/2 connections do not doze: h2's state is the connection's
+
     def start_shutdown(self) -> None:
         """Begin a graceful shutdown: the two-step GOAWAY of RFC 9113 §6.8.
 

@@ -39,6 +39,7 @@ PEP 3333 rules enforced here, each with a test in tests/test_wsgi.py:
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -46,7 +47,7 @@ import re
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
@@ -122,6 +123,9 @@ class AppResult:
     close: Callable[[], object] | None = None
 
 
+_NO_TLS: Mapping[str, str] = MappingProxyType({})  # shared: not a dict per connection
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionInfo:
     """Per-connection facts the environ needs, computed once per connection."""
@@ -134,31 +138,39 @@ class ConnectionInfo:
     root_path: str = ""
     forwarding: AllowList | None = None  # trusted proxies (None: forwarding headers kept as is)
     # TLS connections: mod_ssl's SSL_* variables (trioserve.tls.tls_environ), same every request.
-    tls: Mapping[str, str] = field(default_factory=dict)
-    # The environ entries every request of the connection shares (build_environ
-    # copies it, rather than building them again per request).
+    tls: Mapping[str, str] = field(default_factory=lambda: _NO_TLS)
+    # The environ entries every request of the connection shares but the
+    # client's address (build_environ copies it, rather than building them
+    # again per request). Without TLS it is shared with every connection to
+    # the same address, so an idle connection does not hold a copy.
     environ_base: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        base: dict[str, Any] = {
-            "SCRIPT_NAME": self.root_path,
-            "SERVER_NAME": self.server_name,
-            "SERVER_PORT": self.server_port,
-            "SERVER_SOFTWARE": "trioserve",
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": self.scheme,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-            "wsgi.input_terminated": True,
-            "wsgi.file_wrapper": FileWrapper,
-            "trioserve.check_cancelled": trio.from_thread.check_cancelled,
-        }
-        if self.client_addr is not None:
-            base["REMOTE_ADDR"] = self.client_addr
-            base["REMOTE_PORT"] = self.client_port
-        base.update(self.tls)
+        base = _server_environ(self.root_path, self.server_name, self.server_port, self.scheme)
+        if self.tls:
+            base = {**base, **self.tls}
         object.__setattr__(self, "environ_base", base)
+
+
+@functools.lru_cache(maxsize=64)
+def _server_environ(
+    root_path: str, server_name: str, server_port: str, scheme: str
+) -> dict[str, Any]:
+    """The environ entries that depend only on where the server listens (never mutated)."""
+    return {
+        "SCRIPT_NAME": root_path,
+        "SERVER_NAME": server_name,
+        "SERVER_PORT": server_port,
+        "SERVER_SOFTWARE": "trioserve",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scheme,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+        "wsgi.input_terminated": True,
+        "wsgi.file_wrapper": FileWrapper,
+        "trioserve.check_cancelled": trio.from_thread.check_cancelled,
+    }
 
 
 def _raise_cancelled() -> None:
@@ -324,6 +336,9 @@ def build_environ(
     if script_name and (path_info == script_name or path_info.startswith(script_name + "/")):
         path_info = path_info[len(script_name) :]
     environ = info.environ_base.copy()
+    if info.client_addr is not None:
+        environ["REMOTE_ADDR"] = info.client_addr
+        environ["REMOTE_PORT"] = info.client_port
     target = request.target.decode("latin-1")
     environ["REQUEST_METHOD"] = request.method.decode("latin-1")
     environ["PATH_INFO"] = path_info
