@@ -865,3 +865,32 @@ def test_the_head_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for n in range(trioserve.wsgi._HEAD_MEMO_ENTRIES * 3):
         trioserve.wsgi._encode_head("200 OK", [("ETag", f'"{n}"')])
         assert len(memo) <= trioserve.wsgi._HEAD_MEMO_ENTRIES
+
+
+def test_connections_to_one_address_share_their_environ_entries_but_not_the_client() -> None:
+    """An idle connection holds no environ template of its own; each request's
+    environ still names its own client (and a TLS connection its own TLS facts)."""
+    from trioserve.events import RequestReceived
+    from trioserve.wsgi import ConnectionInfo, InputStream, build_environ
+
+    first = ConnectionInfo("http", "127.0.0.1", "8000", "10.0.0.1", "1111")
+    second = ConnectionInfo("http", "127.0.0.1", "8000", "10.0.0.2", "2222")
+    assert first.environ_base is second.environ_base
+    tls = ConnectionInfo("https", "127.0.0.1", "8443", "10.0.0.3", "3333", tls={"HTTPS": "on"})
+    assert tls.environ_base["HTTPS"] == "on"
+    assert "HTTPS" not in ConnectionInfo("https", "127.0.0.1", "8443", None, None).environ_base
+    request = RequestReceived(1, b"GET", b"/a?b=c", [(b"host", b"x")], "1.1", end_stream=True)
+    environs = [
+        build_environ(request, info, InputStream(None, eof=True))  # type: ignore[arg-type]
+        for info in (first, second, tls)
+    ]
+    assert [(e["REMOTE_ADDR"], e["REMOTE_PORT"]) for e in environs] == [
+        ("10.0.0.1", "1111"),
+        ("10.0.0.2", "2222"),
+        ("10.0.0.3", "3333"),
+    ]
+    assert environs[2]["HTTPS"] == "on"
+    assert "HTTPS" not in environs[0]
+    assert "REMOTE_ADDR" not in first.environ_base  # a copy was changed, never the shared one
+    unix = ConnectionInfo("http", "localhost", "80", None, None)
+    assert "REMOTE_ADDR" not in build_environ(request, unix, InputStream(None, eof=True))  # type: ignore[arg-type]
