@@ -511,3 +511,32 @@ async def test_connection_with_a_live_request_is_not_idle(
     async with open_test_client(validator(slow), keep_alive_timeout=5) as client:
         response = await client.get("/")
     assert response.body == b"slow but fine"
+
+
+async def test_gathering_writes_deliver_every_piece_in_order_through_a_slow_reader() -> None:
+    """_SocketIO.send_buffers (os.writev): partial writes cut pieces anywhere, and
+    more pieces than one call may take (IOV_MAX) go out in later calls."""
+    from trioserve.connection import _IOV_MAX, _SocketIO
+
+    left, right = trio.socket.socketpair()
+    with left, right:
+        left.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+        right.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        sizes = [1, 7, 3000, 0, 65536, 5] * (_IOV_MAX // 3)  # more pieces than IOV_MAX
+        parts: list[bytes | memoryview] = [bytes([n % 251]) * size for n, size in enumerate(sizes)]
+        parts[3] = memoryview(b"view:" + bytes(5000))[5:]  # a view among the pieces
+        expected = b"".join(parts)
+        received = bytearray()
+
+        async def read_slowly() -> None:
+            while len(received) < len(expected):
+                data = await right.recv(1500)
+                assert data
+                received.extend(data)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_slowly)
+            with trio.CancelScope() as scope:
+                await _SocketIO(left.fileno()).send_buffers(list(parts), scope, 30)
+            assert not scope.cancelled_caught
+        assert received == expected

@@ -27,7 +27,14 @@ from trioserve.events import (
     StreamReset,
     UpgradeToH2,
 )
-from trioserve.http1 import MAX_DRAIN, MAX_UPGRADE_BODY, MAX_WRITE, HTTP1Connection, describe
+from trioserve.http1 import (
+    MAX_BUFFERS,
+    MAX_DRAIN,
+    MAX_UPGRADE_BODY,
+    MAX_WRITE,
+    HTTP1Connection,
+    describe,
+)
 
 OK_EMPTY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
@@ -1239,6 +1246,55 @@ def test_data_to_send_hands_over_at_most_max_write_at_a_time() -> None:
     assert received == body
     assert isinstance(event, h11.EndOfMessage)
     assert server.output_size == 0
+
+
+def test_buffers_to_send_hands_over_the_app_s_own_chunks_uncopied_and_in_order() -> None:
+    """A streamed response goes to the socket as the app's chunks themselves (a
+    gathering write), at most MAX_WRITE bytes in at most MAX_BUFFERS pieces a
+    time; a chunk cut at MAX_WRITE is a view of it, not a copy."""
+    server = HTTP1Connection()
+    feed(server, get("/"))
+    server.send_response(1, 200, [])  # no Content-Length: chunked
+    big = bytes(range(256)) * (3 * 1024)  # 768 KiB
+    small = [bytes([65 + n % 26]) * 10 for n in range(MAX_BUFFERS)]
+    chunks = [big, big, *small]
+    for chunk in chunks:
+        server.send_body(1, chunk)
+    server.end_stream(1)
+    takes = []
+    while parts := server.buffers_to_send():
+        assert sum(map(len, parts)) <= MAX_WRITE
+        assert len(parts) <= MAX_BUFFERS
+        takes.append(parts)
+    assert server.output_size == 0
+    first = takes[0]
+    assert any(part is big for part in first)
+    assert isinstance(first[-1], memoryview)  # the second big chunk, cut at MAX_WRITE
+    assert first[-1].obj is big
+    assert sum(map(len, first)) == MAX_WRITE
+    assert any(part is small[0] for part in takes[1])
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(b"".join(b"".join(parts) for parts in takes))
+    assert isinstance(client.next_event(), h11.Response)
+    received = b""
+    while isinstance(event := client.next_event(), h11.Data):
+        received += event.data
+    assert received == b"".join(chunks)
+    assert isinstance(event, h11.EndOfMessage)
+
+
+def test_buffers_to_send_stops_at_a_queued_file() -> None:
+    server = HTTP1Connection()
+    feed(server, get("/"))
+    server.send_response(1, 200, [(b"Content-Length", b"9")])
+    server.send_body(1, b"abc")
+    server.send_file(1, FileSegment(fd=-1, offset=0, length=6))
+    parts = server.buffers_to_send()
+    assert parts[-1] == b"abc"
+    assert server.buffers_to_send() == []  # the file is next: file_to_send's
+    assert server.file_to_send() is not None
 
 
 def test_the_run_reads_heads_with_the_parser_it_was_asked_for(http1_parser: str) -> None:

@@ -105,6 +105,12 @@ BODY_READ_AHEAD = 256 * 1024
 # write_timeout: the timeout bounds a pause in progress, not a whole response.
 WRITE_CHUNK = 256 * 1024
 
+# os.writev takes at most this many pieces per call (IOV_MAX).
+try:
+    _IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX"), 1024))
+except (AttributeError, ValueError, OSError):
+    _IOV_MAX = 16  # POSIX's minimum
+
 # os.sendfile: at most this much per call, with a checkpoint between calls so
 # one large file cannot hold up the other connections.
 SENDFILE_CHUNK = 4 * 1024 * 1024
@@ -244,7 +250,42 @@ class _SocketIO:
                 await trio.lowlevel.checkpoint()
             return data
 
-    async def send_all(self, data: bytes, scope: trio.CancelScope, timeout: float) -> None:
+    async def send_buffers(
+        self, parts: list[bytes | memoryview], scope: trio.CancelScope, timeout: float
+    ) -> None:
+        """Write all of ``parts``, in order, with gathering writes (os.writev): the
+        pieces go to the kernel as they are, never joined into a copy first. A
+        wait for room longer than ``timeout`` cancels ``scope``. Consumes ``parts``.
+        """
+        if len(parts) == 1:
+            await self.send_all(parts[0], scope, timeout)
+            return
+        fd = self.fd
+        while True:
+            try:
+                sent = os.writev(fd, parts if len(parts) <= _IOV_MAX else parts[:_IOV_MAX])
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
+            done = 0
+            for part in parts:
+                if sent < len(part):
+                    break
+                sent -= len(part)
+                done += 1
+            else:
+                return  # all of it: the usual case
+            del parts[:done]
+            if sent:
+                parts[0] = memoryview(parts[0])[sent:]
+            if done < _IOV_MAX or sent:  # the kernel took less than offered: wait for room
+                scope.deadline = trio.current_time() + timeout  # progress since the last wait
+                await trio.lowlevel.wait_writable(fd)
+
+    async def send_all(
+        self, data: bytes | memoryview, scope: trio.CancelScope, timeout: float
+    ) -> None:
         """Write all of ``data``; a wait for room longer than ``timeout`` cancels ``scope``."""
         fd = self.fd
         try:
@@ -1026,12 +1067,22 @@ class Connection:
 
     async def _send_pending(self, write_scope: trio.CancelScope) -> bool:
         """Write what the protocol has queued, bytes or a file; False if nothing was."""
-        data = self.proto.data_to_send()
-        if data:
-            self._in_flight = len(data)
-            await self._io.send_all(data, write_scope, self.ctx.config.write_timeout)
-            self._counts[self._sent_word] += len(data)
-            return True
+        io = self._io
+        if type(io) is _SocketIO:
+            parts = self.proto.buffers_to_send()
+            if parts:
+                size = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
+                self._in_flight = size
+                await io.send_buffers(parts, write_scope, self.ctx.config.write_timeout)
+                self._counts[self._sent_word] += size
+                return True
+        else:
+            data = self.proto.data_to_send()
+            if data:
+                self._in_flight = len(data)
+                await io.send_all(data, write_scope, self.ctx.config.write_timeout)
+                self._counts[self._sent_word] += len(data)
+                return True
         segment = self.proto.file_to_send()
         if segment is not None:
             self._in_flight = segment.length

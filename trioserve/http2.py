@@ -923,18 +923,26 @@ class HTTP2Connection:
         self._ready.clear()
         self._remote_open.clear()
 
-    def data_to_send(self) -> bytes:
-        """Frame queued response data as windows allow and return all pending bytes."""
+    def buffers_to_send(self) -> list[bytes | memoryview]:
+        """Frame queued response data as windows allow; all pending bytes, in
+        order, as pieces for one gathering write (DATA payloads are not copied)."""
         if self._ready:
             self._frame_ready_streams()
         if not self._control:
-            return self._h2.data_to_send()
+            data = self._h2.data_to_send()
+            return [data] if data else []
         self._pull_control()
         parts = self._control
-        data = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
         self._control = []
         self._control_size = 0
-        return data
+        return parts
+
+    def data_to_send(self) -> bytes:
+        """:meth:`buffers_to_send` joined into one piece (for TLS and other streams)."""
+        if not self._ready and not self._control:
+            return self._h2.data_to_send()  # no list made for h2's own bytes
+        parts = self.buffers_to_send()
+        return parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
 
     # ---- internals ---------------------------------------------------------
 

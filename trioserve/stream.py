@@ -83,7 +83,8 @@ STREAM_HIGH_WATER = 256 * 1024
 # The same for HTTP/1.1, where one response at a time has the connection. Twice
 # STREAM_HIGH_WATER: each wait is a thread handoff, and fewer of them make a
 # streamed download faster; no more, because a client that stops reading holds
-# this much memory (plus the sender's MAX_WRITE) for the write timeout.
+# this much memory (plus the write under way, no more than was queued) for
+# the write timeout.
 HTTP1_HIGH_WATER = 512 * 1024
 
 # The name app threads get (trio's default formats one per call from the task's name).
