@@ -540,3 +540,28 @@ async def test_gathering_writes_deliver_every_piece_in_order_through_a_slow_read
                 await _SocketIO(left.fileno()).send_buffers(list(parts), scope, 30)
             assert not scope.cancelled_caught
         assert received == expected
+
+
+async def test_writes_to_other_streams_join_pieces_at_most_write_chunk_at_a_time() -> None:
+    """_StreamIO.send_buffers (TLS, in-memory): small pieces are joined, large ones
+    cut, so no single write (nor copy) is larger than WRITE_CHUNK; order is kept."""
+    from trioserve.connection import WRITE_CHUNK, _StreamIO
+
+    writes: list[int] = []
+    received = bytearray()
+    stream = trio.testing.MemorySendStream()
+
+    async def collect() -> None:
+        data = stream.get_data_nowait()
+        writes.append(len(data))
+        received.extend(data)
+
+    stream.send_all_hook = collect
+    parts: list[bytes | memoryview] = [b"a" * 10] * 100
+    parts += [b"b" * (WRITE_CHUNK + 1000), memoryview(b"c" * 5000), b"d" * (WRITE_CHUNK - 1)]
+    with trio.CancelScope() as scope:
+        await _StreamIO(stream).send_buffers(list(parts), scope, 30)
+    assert received == b"".join(parts)
+    assert max(writes) <= WRITE_CHUNK
+    assert writes[0] == 1000  # the small pieces, joined into one write
+    assert len(writes) == 5  # 1000 B; the big piece in two; c + d would pass WRITE_CHUNK

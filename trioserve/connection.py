@@ -320,7 +320,26 @@ class _StreamIO:
     async def receive(self) -> bytes | bytearray:
         return await self._stream.receive_some(READ_SIZE)
 
-    async def send_all(self, data: bytes, scope: trio.CancelScope, timeout: float) -> None:
+    async def send_buffers(
+        self, parts: list[bytes | memoryview], scope: trio.CancelScope, timeout: float
+    ) -> None:
+        """Send ``parts`` in order, small ones joined into writes of up to WRITE_CHUNK
+        (TLS makes records of them anyway): what is copied at once stays that small."""
+        batch: list[bytes | memoryview] = []
+        size = 0
+        for part in parts:
+            if batch and size + len(part) > WRITE_CHUNK:
+                await self.send_all(b"".join(batch), scope, timeout)
+                batch = []
+                size = 0
+            batch.append(part)
+            size += len(part)
+        if batch:
+            await self.send_all(batch[0] if len(batch) == 1 else b"".join(batch), scope, timeout)
+
+    async def send_all(
+        self, data: bytes | memoryview, scope: trio.CancelScope, timeout: float
+    ) -> None:
         if len(data) <= WRITE_CHUNK:
             scope.deadline = trio.current_time() + timeout
             await self._stream.send_all(data)
@@ -1067,22 +1086,13 @@ class Connection:
 
     async def _send_pending(self, write_scope: trio.CancelScope) -> bool:
         """Write what the protocol has queued, bytes or a file; False if nothing was."""
-        io = self._io
-        if type(io) is _SocketIO:
-            parts = self.proto.buffers_to_send()
-            if parts:
-                size = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
-                self._in_flight = size
-                await io.send_buffers(parts, write_scope, self.ctx.config.write_timeout)
-                self._counts[self._sent_word] += size
-                return True
-        else:
-            data = self.proto.data_to_send()
-            if data:
-                self._in_flight = len(data)
-                await io.send_all(data, write_scope, self.ctx.config.write_timeout)
-                self._counts[self._sent_word] += len(data)
-                return True
+        parts = self.proto.buffers_to_send()
+        if parts:
+            size = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
+            self._in_flight = size
+            await self._io.send_buffers(parts, write_scope, self.ctx.config.write_timeout)
+            self._counts[self._sent_word] += size
+            return True
         segment = self.proto.file_to_send()
         if segment is not None:
             self._in_flight = segment.length

@@ -102,8 +102,9 @@ MAX_DRAIN = 256 * 1024
 # app thread waits, the sender takes all it queued in one write: fewer, larger
 # writes, and fewer wake-ups of the app thread, make a streamed download about
 # 1.2x faster than 256 KiB writes did. A write takes no more than was queued,
-# and its pieces are the app's own chunks (a gathering write copies nothing),
-# so a stalled client still holds at most its queue and one write of it.
+# and its pieces are the app's own chunks (a gathering write copies nothing;
+# TLS joins them 256 KiB at a time), so a stalled client still holds at most
+# its queue and one write of it.
 MAX_WRITE = 1024 * 1024
 # ...in at most this many pieces (a gathering write takes at most IOV_MAX,
 # 1024 on Linux); more small chunks than that go out in later writes.
@@ -784,7 +785,7 @@ class HTTP1Connection:
         return parts
 
     def data_to_send(self) -> bytes:
-        """:meth:`buffers_to_send` joined into one piece (for TLS and other streams)."""
+        """:meth:`buffers_to_send` joined into one piece."""
         parts = self.buffers_to_send()
         if len(parts) == 1:
             first = parts[0]

@@ -938,7 +938,7 @@ class HTTP2Connection:
         return parts
 
     def data_to_send(self) -> bytes:
-        """:meth:`buffers_to_send` joined into one piece (for TLS and other streams)."""
+        """:meth:`buffers_to_send` joined into one piece."""
         if not self._ready and not self._control:
             return self._h2.data_to_send()  # no list made for h2's own bytes
         parts = self.buffers_to_send()
