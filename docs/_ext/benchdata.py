@@ -311,7 +311,7 @@ def cost_steps(results: Results) -> dict[str, float]:
     return {
         "trio server floor (canned)": 1e6 / canned,
         "task shape (canned-shaped minus canned)": 1e6 / shaped - 1e6 / canned,
-        "h11, WSGI and the rest (trioserve minus canned-shaped)": 1e6 / full - 1e6 / shaped,
+        "parsing, WSGI and the rest (trioserve minus canned-shaped)": 1e6 / full - 1e6 / shaped,
     }
 
 
