@@ -274,7 +274,7 @@ class HTTP1Connection:
 
     @property
     def has_queued_streams(self) -> bool:
-        """HTTP/1.1 queues nothing per stream: all output is in data_to_send()."""
+        """HTTP/1.1 queues nothing per stream: all output is in buffers_to_send()."""
         return False
 
     def response_ended(self, stream_id: int) -> bool:

@@ -83,7 +83,7 @@ _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
 )
 
-# How much response data one data_to_send() call frames at most. Bounds the
+# How much response data one buffers_to_send() call frames at most. Bounds the
 # size of a single socket write (and so the memory in flight) while still
 # letting writes coalesce many small frames.
 MAX_BATCH = 256 * 1024
@@ -224,7 +224,7 @@ class HTTP2Connection:
         self._connection_window = min(MAX_WINDOW, initial_window_size * max_concurrent_streams)
         self._max_body_size = max_body_size
         # Bytes for the socket, in order: frames h2 produced, our own GOAWAYs and
-        # DATA frames; joined once per data_to_send().
+        # DATA frames; handed over whole by buffers_to_send().
         self._control: list[bytes | memoryview] = []
         self._control_size = 0
         self._events: list[Event] = []
