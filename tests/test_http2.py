@@ -175,6 +175,11 @@ def data_frames(events: list[h2.events.Event]) -> list[tuple[int, int]]:
     ]
 
 
+def sent_ends(server: HTTP2Connection) -> list[tuple[type[Frame], bool]]:
+    """The frames the server has to send now, each as (type, END_STREAM set)."""
+    return [(type(f), "END_STREAM" in f.flags) for f in frames(server.data_to_send())]
+
+
 def frames(data: bytes) -> list[Frame]:
     """Split raw server output into hyperframe frames."""
     out = []
@@ -614,8 +619,7 @@ def test_empty_body_ends_the_stream_on_headers() -> None:
     request(client, 1)
     pump(client, server)
     respond(server, 1, b"", [(b"content-length", b"0")])
-    sent = frames(server.data_to_send())
-    assert [(type(f), "END_STREAM" in f.flags) for f in sent] == [(HeadersFrame, True)]
+    assert sent_ends(server) == [(HeadersFrame, True)]
 
 
 def test_end_stream_after_data_goes_on_the_last_data_frame() -> None:
@@ -623,8 +627,7 @@ def test_end_stream_after_data_goes_on_the_last_data_frame() -> None:
     request(client, 1)
     pump(client, server)
     respond(server, 1, b"abc")
-    sent = frames(server.data_to_send())
-    assert [(type(f), "END_STREAM" in f.flags) for f in sent] == [
+    assert sent_ends(server) == [
         (HeadersFrame, False),
         (DataFrame, True),
     ]
@@ -650,8 +653,7 @@ def test_declared_length_reached_ends_the_stream_on_the_last_data_frame() -> Non
     pump(client, server)
     server.send_response(1, 200, [(b"content-length", b"6")])
     server.send_body(1, b"abc")
-    sent = frames(server.data_to_send())
-    assert [(type(f), "END_STREAM" in f.flags) for f in sent] == [
+    assert sent_ends(server) == [
         (HeadersFrame, False),
         (DataFrame, False),
     ]
@@ -669,8 +671,7 @@ def test_empty_declared_body_ends_on_the_headers_frame_before_the_app_ends_it() 
     request(client, 1)
     pump(client, server)
     server.send_response(1, 200, [(b"content-length", b"0")])
-    sent = frames(server.data_to_send())
-    assert [(type(f), "END_STREAM" in f.flags) for f in sent] == [(HeadersFrame, True)]
+    assert sent_ends(server) == [(HeadersFrame, True)]
     server.end_stream(1)
     assert server.data_to_send() == b""
 
@@ -698,15 +699,13 @@ def test_no_early_end_while_the_request_body_is_coming() -> None:
     pump(client, server)
     server.send_response(1, 200, [(b"content-length", b"2")])
     server.send_body(1, b"ok")
-    sent = frames(server.data_to_send())
-    assert [(type(f), "END_STREAM" in f.flags) for f in sent] == [
+    assert sent_ends(server) == [
         (HeadersFrame, False),
         (DataFrame, False),
     ]
     assert not server.response_ended(1)
     server.end_stream(1)
-    sent = frames(server.data_to_send())
-    assert [(type(f), "END_STREAM" in f.flags) for f in sent] == [
+    assert sent_ends(server) == [
         (DataFrame, True),
         (RstStreamFrame, False),
     ]
