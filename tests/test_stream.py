@@ -288,6 +288,56 @@ async def test_a_refusal_after_the_response_started_is_a_reset() -> None:
     assert owner.done == [stream]
 
 
+async def test_a_lent_scope_carries_the_cancel_to_the_caller() -> None:
+    """Rule 1 with HTTP/1.1's lent scope: cancelling the stream cancels the scope
+    its caller runs it in, so the caller's ``with`` is what catches it."""
+    started = Started()
+
+    def reader(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        started.event.set()
+        try:
+            environ["wsgi.input"].read(1)
+        except BaseException as exc:
+            started.outcome = exc
+            raise
+        return hello(environ, start_response)
+
+    owner = RecordingOwner()
+    stream = RequestStream(owner, context(reader, body_prebuffer=0), INFO, request(body=True))
+
+    async def caller() -> None:
+        with trio.CancelScope() as scope:
+            await stream.run(scope)
+        lent.append(scope)
+
+    lent: list[trio.CancelScope] = []
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller)
+            await trio.to_thread.run_sync(started.event.wait)
+            await trio.testing.wait_all_tasks_blocked()
+            stream.cancel(CancelReason.ABANDONED)
+    assert isinstance(started.outcome, trio.Cancelled)
+    [scope] = lent
+    assert scope.cancel_called
+    assert scope.cancelled_caught
+    assert owner.endings == [("reset", ResetReason.CANCEL)]
+    assert owner.done == [stream]
+
+
+async def test_a_finished_stream_no_longer_reaches_its_lent_scope() -> None:
+    """Once ``run`` has returned, the scope belongs to the caller's next stream: a
+    late cancel of the finished one (a disconnect noticed afterwards, say) must
+    not reach it."""
+    owner = RecordingOwner()
+    stream = RequestStream(owner, context(hello), INFO, request())
+    with trio.fail_after(TIMEOUT), trio.CancelScope() as scope:
+        await stream.run(scope)
+        stream.cancel(CancelReason.PEER)
+        assert not scope.cancel_called
+    assert owner.endings == [("end",)]
+
+
 # ---- rule 2: once cancelled, nothing more is queued -------------------------------------
 
 

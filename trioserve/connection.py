@@ -800,8 +800,10 @@ class Connection:
         """HTTP/1.1: hand ``stream`` to the connection's request task (started once).
 
         HTTP/1.1 answers one request at a time, so one long-lived task runs them
-        all in turn, each in its own cancel scope (``RequestStream.run``),
-        rather than a task being started and torn down for every request.
+        all in turn, rather than a task being started and torn down for every
+        request. It lends each stream the cancel scope it runs in, so that
+        ``RequestStream.cancel`` reaches that stream's app, and opens a new
+        scope only once one has been cancelled.
         """
         self._next_stream = stream
         if self._requests is None:
@@ -813,12 +815,16 @@ class Connection:
 
     async def _request_task(self, wakeup: Wakeup) -> None:
         while True:
-            stream = self._next_stream
-            if stream is None:
-                await wakeup.wait()
-                continue
-            self._next_stream = None
-            await stream.run()
+            with trio.CancelScope() as scope:
+                # Only a running stream holds the scope, so nothing cancels it
+                # while this waits for the next one.
+                while not scope.cancel_called:
+                    stream = self._next_stream
+                    if stream is None:
+                        await wakeup.wait()
+                        continue
+                    self._next_stream = None
+                    await stream.run(scope)
 
     def _live_apps(self) -> int:
         """Streams whose app has not returned yet (HTTP/2's concurrency bound).
