@@ -11,21 +11,24 @@ idle-connection scenarios send.
 
 ``--shaped`` answers the same way but through trioserve's task shape, still with
 no parsing and no WSGI: a nursery per connection running a reader task, a
-sender task and a task per request, whose response comes back from a worker
-thread (``trio.to_thread.run_sync`` under a ``CapacityLimiter``). What that
+sender task and a request task that answers the requests in turn, each
+response coming back from a worker thread (``trio.to_thread.run_sync`` under
+a ``CapacityLimiter``), on non-blocking socket calls as trioserve's. What that
 costs is the floor trioserve's design puts under any HTTP/1.1 request, and its
 idle connections (which doze after DOZE_AFTER, as trioserve's do) show the floor
-of its memory per connection. (Every response
-is the same bytes, so tasks finishing out of order cannot be seen.)
+of its memory per connection.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 
 import trio
+
+from trioserve.wakeup import Wakeup
 
 TERMINATOR = b"\r\n\r\n"
 RESPONSE = (
@@ -64,6 +67,7 @@ WRITE_TIMEOUT = 30.0
 # --shaped: idle this long, a connection dozes as trioserve's do (its tasks
 # end until the socket is readable again; trioserve.connection.DOZE_AFTER).
 DOZE_AFTER = 0.1
+READ_SIZE = 64 * 1024  # trioserve.connection.READ_SIZE
 
 
 def _answer() -> bytes:
@@ -71,13 +75,23 @@ def _answer() -> bytes:
 
 
 class ShapedConnection:
-    """Reader, sender and a task per request, as trioserve.connection runs them."""
+    """Reader, sender and request task, as trioserve.connection runs them for HTTP/1.1.
+
+    The socket is read and written with non-blocking system calls, waiting on
+    the event loop only when the kernel says so (trioserve's ``_SocketIO``).
+    One long-lived request task answers the requests in turn, each in the
+    cancel scope the task lends it (a new one only after a cancellation), and
+    the tasks sleep on reusable wake-ups.
+    """
 
     def __init__(self, stream: trio.SocketStream, limiter: trio.CapacityLimiter) -> None:
         self.stream = stream
+        self.fd = stream.socket.fileno()
         self.limiter = limiter
         self.output: list[bytes] = []
-        self.output_wanted = trio.Event()
+        self.output_wanted = Wakeup()
+        self.waiting = 0  # requests read, not yet taken by the request task
+        self.requests_wanted = Wakeup()
         self.in_flight = 0  # requests not yet answered
         self.idle_since = trio.current_time()
         self.read_scope: trio.CancelScope | None = None
@@ -89,7 +103,7 @@ class ShapedConnection:
                 await self.run_tasks()
                 if not self.dozing:
                     return
-                await trio.lowlevel.wait_readable(self.stream.socket)
+                await trio.lowlevel.wait_readable(self.fd)
                 self.dozing = False
         finally:
             await trio.aclose_forcefully(self.stream)
@@ -98,25 +112,35 @@ class ShapedConnection:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.reader, nursery)
             nursery.start_soon(self.sender, nursery)
+            nursery.start_soon(self.requests)
 
     async def reader(self, nursery: trio.Nursery) -> None:
         tail = b""
+        drained = True
         while True:
             # trioserve's idle scope: one per reader, its deadline moved only
             # earlier (by the sender), stale ones found out when they fire.
             with trio.CancelScope() as self.read_scope:
                 while True:
+                    if drained:
+                        await trio.lowlevel.wait_readable(self.fd)
                     try:
-                        data = await self.stream.receive_some(65536)
-                    except trio.BrokenResourceError:
+                        data = os.read(self.fd, READ_SIZE)
+                    except BlockingIOError:
+                        drained = True
+                        continue
+                    except OSError:
                         data = b""
                     if not data:
                         nursery.cancel_scope.cancel()
                         return
+                    drained = len(data) < READ_SIZE
                     buffer = tail + data
-                    for _ in range(buffer.count(TERMINATOR)):
-                        self.in_flight += 1
-                        nursery.start_soon(self.request)
+                    count = buffer.count(TERMINATOR)
+                    if count:
+                        self.in_flight += count
+                        self.waiting += count
+                        self.requests_wanted.set()
                     tail = buffer[-3:]
             idle = not self.in_flight and not self.output
             if idle and trio.current_time() >= self.idle_since + DOZE_AFTER:
@@ -124,26 +148,36 @@ class ShapedConnection:
                 nursery.cancel_scope.cancel()
                 return
 
-    async def request(self) -> None:
-        with trio.CancelScope():  # a request's own scope, for resets and disconnects
-            response = await trio.to_thread.run_sync(_answer, limiter=self.limiter)
-            self.output.append(response)
-            self.in_flight -= 1
-            self.output_wanted.set()
+    async def requests(self) -> None:
+        while True:
+            with trio.CancelScope() as scope:  # lent to each request, as trioserve's
+                while not scope.cancel_called:
+                    if not self.waiting:
+                        await self.requests_wanted.wait()
+                        continue
+                    self.waiting -= 1
+                    response = await trio.to_thread.run_sync(_answer, limiter=self.limiter)
+                    self.output.append(response)
+                    self.in_flight -= 1
+                    self.output_wanted.set()
 
     async def sender(self, nursery: trio.Nursery) -> None:
         with trio.CancelScope() as write_scope:  # trioserve's write-timeout scope
             while True:
-                await self.output_wanted.wait()
-                self.output_wanted = trio.Event()
-                data = b"".join(self.output)
+                if not self.output:
+                    await self.output_wanted.wait()
+                    continue
+                data = memoryview(b"".join(self.output))
                 self.output.clear()
-                write_scope.deadline = trio.current_time() + WRITE_TIMEOUT
-                try:
-                    await self.stream.send_all(data)
-                except trio.BrokenResourceError:
-                    nursery.cancel_scope.cancel()
-                    return
+                while data:
+                    try:
+                        data = data[os.write(self.fd, data) :]
+                    except BlockingIOError:
+                        write_scope.deadline = trio.current_time() + WRITE_TIMEOUT
+                        await trio.lowlevel.wait_writable(self.fd)
+                    except OSError:
+                        nursery.cancel_scope.cancel()
+                        return
                 write_scope.deadline = math.inf
                 if not self.in_flight and not self.output:
                     self.idle_since = trio.current_time()

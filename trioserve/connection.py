@@ -11,8 +11,16 @@ object to a :class:`Connection`, which runs this task tree::
     └── nursery
         ├── _reader_task        the only task that reads the socket
         ├── _sender_task        the only task that writes the socket
-        └── RequestStream.run   one per request/stream, each in its own cancel scope
+        └── RequestStream.run   one stream at a time per task, in a cancel scope lent to it
             └── to_thread.run_sync(call_app)   the WSGI app, in a worker thread
+
+HTTP/1.1 runs its requests one after another in one long-lived request task
+(``_request_task``); HTTP/2 runs each concurrent stream in a task of its own,
+and a task whose stream is done parks to be handed the next one
+(``_stream_task``). Either way a task lends each stream the cancel scope it
+runs in, so cancelling a stream reaches that stream's app alone, and a fresh
+scope is opened only after one was cancelled: starting a task and opening a
+scope per request would cost about a sixth of a hello request on this thread.
 
 Who may block on what:
 

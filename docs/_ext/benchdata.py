@@ -278,8 +278,8 @@ COST_ROWS = [
     ("canned", "a trio server that answers precomputed bytes: no parsing, no WSGI"),
     (
         "canned-shaped",
-        "the same answers through trioserve's task shape: a nursery, a reader and a sender"
-        " task per connection, a task per request answered from a worker thread",
+        "the same answers through trioserve's task shape: a nursery, a reader, a sender and"
+        " a request task per connection, each answer from a worker thread",
     ),
     ("trioserve", "the whole server: h11, the WSGI environ, the response rules, logging hooks"),
     ("waitress", "for comparison"),
