@@ -567,39 +567,34 @@ async def test_writes_to_other_streams_join_pieces_at_most_write_chunk_at_a_time
     assert len(writes) == 5  # 1000 B; the big piece in two; c + d would pass WRITE_CHUNK
 
 
-async def test_the_request_task_opens_a_fresh_scope_after_a_cancel() -> None:
-    """HTTP/1.1's request task lends one cancel scope to stream after stream. A
-    stream cancelled after its last checkpoint returns normally and leaves the
-    scope cancelled: the next stream must still run in an uncancelled one."""
+async def test_a_task_running_streams_in_turn_opens_a_fresh_scope_after_a_cancel() -> None:
+    """HTTP/1.1's request task and HTTP/2's parked stream tasks lend one cancel
+    scope to stream after stream (``_run_in_turn``). A stream cancelled after its
+    last checkpoint returns normally and leaves the scope cancelled: the next
+    stream must still run in an uncancelled one."""
     from trioserve.connection import Connection
-    from trioserve.wakeup import Wakeup
 
     seen: list[tuple[trio.CancelScope, bool]] = []
 
     class Stream:
-        def __init__(self, cancel_late: bool, pipelined: Stream | None = None) -> None:
+        def __init__(self, cancel_late: bool) -> None:
             self.cancel_late = cancel_late
-            self.pipelined = pipelined
 
         async def run(self, scope: trio.CancelScope) -> None:
             seen.append((scope, scope.cancel_called))
             await trio.lowlevel.checkpoint()
-            # The next request is already queued when this one returns: the
-            # task goes straight on to it, with no wait that would notice.
-            owner._next_stream = self.pipelined
             if self.cancel_late:
                 scope.cancel()  # as RequestStream.cancel would, after the last await
 
-    class Owner:
-        _next_stream: Any = None
+    # The next stream is already there when one returns (a pipelined request):
+    # no wait of the task's own would notice the cancelled scope.
+    queue = [Stream(False), Stream(False)]
 
-    owner = Owner()
-    owner._next_stream = Stream(True, Stream(False, Stream(False)))
+    async def next_stream() -> Stream | None:
+        return queue.pop(0) if queue else None
+
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(Connection._request_task, owner, Wakeup())  # type: ignore[arg-type]
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.cancel_scope.cancel()
+        await Connection._run_in_turn(None, Stream(True), next_stream)  # type: ignore[arg-type]
     assert [cancelled for _, cancelled in seen] == [False, False, False]
     first, second, third = (scope for scope, _ in seen)
     assert second is not first  # a new scope after the cancel ...

@@ -66,6 +66,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
+from functools import partial
 
 import trio
 
@@ -487,8 +488,9 @@ class Connection:
         # the request waiting for it.
         self._requests: Wakeup | None = None
         self._next_stream: RequestStream | None = None
-        # HTTP/2: stream tasks waiting for the next stream (IDLE_PARKED_RUNNERS).
-        self._parked: list[_Runner] = []
+        # HTTP/2: stream tasks waiting for the next stream (IDLE_PARKED_RUNNERS),
+        # made at the first (an HTTP/1.1 connection never needs it).
+        self._parked: list[_Runner] | None = None
         # The server's counters (trioserve.stats), and this connection's words in them.
         self._stats = ctx.stats
         self._counts = ctx.stats.counts
@@ -688,7 +690,8 @@ class Connection:
             return math.inf
         if self.multiplexed:
             deadline = self._idle_since + config.h2_idle_timeout
-            if len(self._parked) > IDLE_PARKED_RUNNERS:  # time to shed parked tasks
+            parked = self._parked
+            if parked is not None and len(parked) > IDLE_PARKED_RUNNERS:  # time to shed some
                 return min(deadline, self._idle_since + DOZE_AFTER)
             return deadline
         deadline = self._idle_since + config.keep_alive_timeout
@@ -715,7 +718,7 @@ class Connection:
             self.start_shutdown()  # idle HTTP/1.1 connection: close it
             return True
         parked = self._parked
-        if len(parked) > IDLE_PARKED_RUNNERS:
+        if parked is not None and len(parked) > IDLE_PARKED_RUNNERS:
             assert self._idle_since is not None
             if trio.current_time() < self._idle_since + self.ctx.config.h2_idle_timeout:
                 # DOZE_AFTER is up, not the idle timeout: shed parked tasks.
@@ -845,58 +848,66 @@ class Connection:
         """HTTP/1.1: hand ``stream`` to the connection's request task (started once).
 
         HTTP/1.1 answers one request at a time, so one long-lived task runs them
-        all in turn, rather than a task being started and torn down for every
-        request. It lends each stream the cancel scope it runs in, so that
-        ``RequestStream.cancel`` reaches that stream's app, and opens a new
-        scope only once one has been cancelled.
+        all in turn (``_run_in_turn``), rather than a task being started and
+        torn down for every request.
         """
-        self._next_stream = stream
         if self._requests is None:
             self._requests = Wakeup()
             assert self._nursery is not None
-            self._nursery.start_soon(self._request_task, self._requests)
+            self._nursery.start_soon(self._request_task, stream)
         else:
+            self._next_stream = stream
             self._requests.set()
 
-    async def _request_task(self, wakeup: Wakeup) -> None:
-        while True:
-            with trio.CancelScope() as scope:
-                # Only a running stream holds the scope, so nothing cancels it
-                # while this waits for the next one.
-                while not scope.cancel_called:
-                    stream = self._next_stream
-                    if stream is None:
-                        await wakeup.wait()
-                        continue
-                    self._next_stream = None
-                    await stream.run(scope)
+    async def _request_task(self, stream: RequestStream) -> None:
+        await self._run_in_turn(stream, self._next_request)
+
+    async def _next_request(self) -> RequestStream:
+        while (stream := self._next_stream) is None:
+            assert self._requests is not None
+            await self._requests.wait()
+        self._next_stream = None
+        return stream
 
     async def _stream_task(self, stream: RequestStream) -> None:
         """HTTP/2: run ``stream``, then each stream handed over while parked.
 
-        One stream at a time, each in a cancel scope lent to it as HTTP/1.1's
-        request task does (``RequestStream.run``): a stream's cancel reaches
-        only its own app, and a new scope is opened only after one was
-        cancelled. Concurrent streams have tasks of their own, as before.
+        Concurrent streams have tasks of their own; a task whose stream is done
+        parks (``_park``) rather than ending, and the next new stream goes to it.
         """
         runner = _Runner()
-        next_stream: RequestStream | None = stream
-        while next_stream is not None:
+        await self._run_in_turn(stream, partial(self._park, runner))
+
+    async def _run_in_turn(
+        self,
+        stream: RequestStream,
+        next_stream: Callable[[], Awaitable[RequestStream | None]],
+    ) -> None:
+        """Run ``stream``, then each one ``next_stream`` gives, until it gives None.
+
+        Each runs in a cancel scope lent to it (``RequestStream.run``), so its
+        cancel reaches its own app alone; a new scope is opened only after one
+        was cancelled. ``next_stream`` is awaited with no stream holding the
+        scope, so nothing cancels that wait but the connection's end.
+        """
+        upcoming: RequestStream | None = stream
+        while upcoming is not None:
             with trio.CancelScope() as scope:
-                while next_stream is not None:
-                    current, next_stream = next_stream, None
+                while upcoming is not None:
+                    current, upcoming = upcoming, None
                     await current.run(scope)
                     if scope.cancel_called:
                         break  # (a cancel after its last checkpoint raised nothing)
-                    # Nothing holds the scope while parked: nothing cancels it.
-                    next_stream = await self._park(runner)
+                    upcoming = await next_stream()
             if scope.cancel_called:
-                next_stream = await self._park(runner)
+                upcoming = await next_stream()
 
     async def _park(self, runner: _Runner) -> RequestStream | None:
         """Wait to be handed the next stream; None: end (too many wait already)."""
         parked = self._parked
-        if len(parked) >= self.ctx.config.h2_max_concurrent_streams:
+        if parked is None:
+            parked = self._parked = []
+        elif len(parked) >= self.ctx.config.h2_max_concurrent_streams:
             return None
         parked.append(runner)
         try:
