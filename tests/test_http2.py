@@ -17,6 +17,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import pytest
 from hyperframe.frame import (
     DataFrame,
@@ -1297,3 +1298,70 @@ def test_note_upgrade_body_only_covers_the_noted_bytes() -> None:
     assert [(type(f), f.stream_id, f.window_increment) for f in sent] == [
         (WindowUpdateFrame, 0, 32768)
     ]
+
+
+# ---- h2's books: closed streams leave them at once; no count below the limit ----------
+
+
+@pytest.mark.parametrize("request_open", [False, True], ids=["request-ended", "upload-stopped"])
+def test_a_stream_closed_by_its_response_leaves_h2s_books_at_once(request_open: bool) -> None:
+    """As h2's own count of open streams would drop it (remembering who closed
+    it); frames the client still sends for it are met as h2 meets them then."""
+    client, server = connect()
+    request(
+        client,
+        1,
+        POST if request_open else GET,
+        b"part" if request_open else None,
+        end=not request_open,
+    )
+    pump(client, server)
+    respond(server, 1, b"done")
+    client_events, _ = pump(client, server)
+    expected = [("response", 1, [(b":status", b"200")], False), ("data", 1, b"done"), ("end", 1)]
+    if request_open:
+        expected.append(("reset", 1, Errors.NO_ERROR))  # the upload is stopped (RFC 9113 §8.1)
+    assert summary(client_events) == expected
+    books = server._h2
+    assert 1 not in books.streams
+    assert 1 in books._closed_streams
+    # A late WINDOW_UPDATE for the closed stream is ignored, as h2 ignores it.
+    server.receive_data(raw_frame(0x8, 0, 1, (100).to_bytes(4, "big")))
+    assert server.next_events() == []
+    assert server.data_to_send() == b""
+    request(client, 3)
+    _, server_events = pump(client, server)
+    assert [type(e).__name__ for e in server_events] == ["RequestReceived", "BodyEnded"]
+
+
+def test_new_streams_are_counted_only_at_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """h2 counts open streams by walking all it holds. While it holds fewer than
+    the limit no count is needed; at the limit the count still refuses, as h2 does."""
+    walks: list[int] = []
+    count_open = h2.connection.H2Connection._open_streams
+
+    def counted(self: h2.connection.H2Connection, remainder: int) -> int:
+        if not self.config.client_side:  # (the h2 client counts its own to send)
+            walks.append(len(self.streams))
+        return count_open(self, remainder)
+
+    monkeypatch.setattr(h2.connection.H2Connection, "_open_streams", counted)
+    client, server = connect(max_concurrent_streams=2)
+    for sid in (1, 3, 5):  # one after another: each closed before the next
+        request(client, sid)
+        pump(client, server)
+        respond(server, sid, b"ok")
+        pump(client, server)
+    assert walks == []
+    request(client, 7)
+    request(client, 9)
+    pump(client, server)  # two open: at the limit
+    # h2's client keeps to the limit itself: stream 11 goes as raw bytes, its
+    # fields never indexed, so both HPACK tables stay as they were.
+    block = hpack.Encoder().encode([(name, value, True) for name, value in GET])
+    client._data_to_send += raw_frame(0x1, 0x5, 11, block)  # HEADERS, END_STREAM|END_HEADERS
+    client_events, server_events = pump(client, server)
+    assert walks  # counted at the limit ...
+    # ... and refused the way h2 alone refuses it (a connection error).
+    assert summary(client_events) == [("goaway", Errors.PROTOCOL_ERROR, 9)]
+    assert not [e for e in server_events if isinstance(e, RequestReceived)]
