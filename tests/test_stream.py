@@ -165,6 +165,21 @@ def fails_midway(environ: Environ, start_response: Any) -> Iterator[bytes]:
     raise RuntimeError("broken half-way")
 
 
+def blocked_reader(started: Started) -> Any:
+    """An app that blocks reading the body, and records how that read ended."""
+
+    def reader(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        started.event.set()
+        try:
+            environ["wsgi.input"].read(1)
+        except BaseException as exc:
+            started.outcome = exc
+            raise
+        return hello(environ, start_response)
+
+    return reader
+
+
 # ---- rule 3: every stream ends exactly one way ------------------------------------------
 
 
@@ -223,18 +238,10 @@ async def test_a_stream_cancelled_before_its_response_ends_as_its_reason_says(
     """The app blocks reading the body; the stream is cancelled meanwhile (rule 1
     delivers it to the thread); how the stream ends depends only on the reason."""
     started = Started()
-
-    def reader(environ: Environ, start_response: Any) -> Iterable[bytes]:
-        started.event.set()
-        try:
-            environ["wsgi.input"].read(1)
-        except BaseException as exc:
-            started.outcome = exc
-            raise
-        return hello(environ, start_response)
-
     owner = RecordingOwner()
-    stream = RequestStream(owner, context(reader, body_prebuffer=0), INFO, request(body=True))
+    stream = RequestStream(
+        owner, context(blocked_reader(started), body_prebuffer=0), INFO, request(body=True)
+    )
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stream.run)
@@ -292,18 +299,10 @@ async def test_a_lent_scope_carries_the_cancel_to_the_caller() -> None:
     """Rule 1 with HTTP/1.1's lent scope: cancelling the stream cancels the scope
     its caller runs it in, so the caller's ``with`` is what catches it."""
     started = Started()
-
-    def reader(environ: Environ, start_response: Any) -> Iterable[bytes]:
-        started.event.set()
-        try:
-            environ["wsgi.input"].read(1)
-        except BaseException as exc:
-            started.outcome = exc
-            raise
-        return hello(environ, start_response)
-
     owner = RecordingOwner()
-    stream = RequestStream(owner, context(reader, body_prebuffer=0), INFO, request(body=True))
+    stream = RequestStream(
+        owner, context(blocked_reader(started), body_prebuffer=0), INFO, request(body=True)
+    )
 
     async def caller() -> None:
         with trio.CancelScope() as scope:
