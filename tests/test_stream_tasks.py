@@ -137,3 +137,35 @@ async def test_an_idle_connection_keeps_only_a_few_parked_tasks(
         assert response.status == 200
         await settled(server)
         assert live_stream_tasks() == IDLE_PARKED_RUNNERS
+
+
+async def test_a_stream_arriving_as_the_connection_is_cancelled_still_ends() -> None:
+    """The connection's nursery is cancelled, and before its parked tasks have
+    run, one more request is dispatched (a read that was already done): a
+    parked task would never run it. It must still end (stream_done), so the
+    server's count of requests in flight goes back to zero."""
+    from trioserve.events import RequestReceived
+
+    async with open_test_server(validator(hello)) as server, server.connect(http2=True) as client:
+        response = await client.get("/")
+        assert response.status == 200
+        await settled(server)
+        [conn] = server.context.connections
+        assert conn._parked  # the first stream's task waits for the next
+        assert conn._nursery is not None
+        conn._nursery.cancel_scope.cancel()
+        conn._dispatch(
+            [
+                RequestReceived(
+                    stream_id=3,
+                    method=b"GET",
+                    target=b"/",
+                    headers=[],
+                    http_version="2",
+                    end_stream=True,
+                )
+            ]
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.streams == {}
+        assert server.context.requests_in_flight == 0

@@ -836,11 +836,14 @@ class Connection:
         self._idle_since = None  # busy (the reader's deadline catches up lazily)
         if not self.multiplexed:
             self._run_next(stream)
-        elif self._parked:
+        elif self._parked and self._parked[-1].wakeup.waiting:
             runner = self._parked.pop()
             runner.stream = stream
             runner.wakeup.set()
         else:
+            # (Parked tasks that no longer wait were cancelled with the
+            # connection: a new task, cancelled at once, gives this stream its
+            # ending, where a parked one would never run it.)
             assert self._nursery is not None
             self._nursery.start_soon(self._stream_task, stream)
 
