@@ -21,11 +21,12 @@ Rules:
 
 1. The task runs inside a cancel scope, and :meth:`RequestStream.cancel`
    cancels it: that is how a reset, a disconnect or a refusal reaches the app
-   (the thread's next read or write raises ``trio.Cancelled``). An HTTP/2
-   stream's task has a scope of its own. HTTP/1.1's long-lived request task
-   lends each stream in turn the scope it runs in, and opens a new one only
-   after a cancellation: entering and leaving a trio cancel scope costs about
-   a tenth of a hello request's time on the trio thread.
+   (the thread's next read or write raises ``trio.Cancelled``). The
+   connection's tasks (HTTP/1.1's request task, HTTP/2's stream tasks) lend
+   each stream in turn the scope they run in, and open a new one only after a
+   cancellation: entering and leaving a trio cancel scope costs about a tenth
+   of a hello request's time on the trio thread. Run without a scope (the
+   stream an h2c upgrade carries), a stream opens its own.
 2. Once cancelled, nothing more is sent for the stream: ``take_body_nowait``
    and ``take_pushed`` check for cancellation before queueing anything.
 3. Every stream ends exactly one way: a complete response, an error response
