@@ -141,9 +141,10 @@ async def test_an_idle_connection_keeps_only_a_few_parked_tasks(
 
 async def test_a_stream_arriving_as_the_connection_is_cancelled_still_ends() -> None:
     """The connection's nursery is cancelled, and before its parked tasks have
-    run, one more request is dispatched (a read that was already done): a
-    parked task would never run it. It must still end (stream_done), so the
-    server's count of requests in flight goes back to zero."""
+    run, one more request is dispatched (a read that was already done) and
+    handed to a parked task that will never run it. It must still end
+    (stream_done) once the connection's tasks are over, so the server's count
+    of requests in flight goes back to zero."""
     from trioserve.events import RequestReceived
 
     async with open_test_server(validator(hello)) as server, server.connect(http2=True) as client:
@@ -162,6 +163,37 @@ async def test_a_stream_arriving_as_the_connection_is_cancelled_still_ends() -> 
                     target=b"/",
                     headers=[],
                     http_version="2",
+                    end_stream=True,
+                )
+            ]
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.streams == {}
+        assert server.context.requests_in_flight == 0
+
+
+async def test_an_http1_request_arriving_as_the_connection_is_cancelled_still_ends() -> None:
+    """HTTP/1.1's twin of the race above: the request task, cancelled while it
+    waits for the next request, never runs the one dispatched in between. The
+    connection gives it its ending once its tasks are over."""
+    from trioserve.events import RequestReceived
+
+    async with open_test_server(validator(hello)) as server, server.connect() as client:
+        response = await client.get("/")
+        assert response.status == 200
+        await settled(server)
+        [conn] = server.context.connections
+        assert conn._requests is not None  # the request task waits for the next one
+        assert conn._nursery is not None
+        conn._nursery.cancel_scope.cancel()
+        conn._dispatch(
+            [
+                RequestReceived(
+                    stream_id=2,
+                    method=b"GET",
+                    target=b"/",
+                    headers=[(b"host", b"testserver")],
+                    http_version="1.1",
                     end_stream=True,
                 )
             ]

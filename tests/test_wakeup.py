@@ -85,22 +85,3 @@ async def test_sets_before_the_woken_task_runs_are_one_wake_up(
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
     assert wakes == [0, 1]
-
-
-async def test_waiting_is_true_only_while_a_task_really_waits() -> None:
-    """A woken task and a cancelled one both stop counting at once, before
-    they run again (Connection hands a stream only to a task that waits)."""
-    wakeup = Wakeup()
-    assert not wakeup.waiting
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(wakeup.wait)
-        await trio.testing.wait_all_tasks_blocked()
-        assert wakeup.waiting
-        wakeup.set()
-        assert not wakeup.waiting  # woken, not yet run
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(wakeup.wait)
-        await trio.testing.wait_all_tasks_blocked()
-        assert wakeup.waiting
-        nursery.cancel_scope.cancel()
-        assert not wakeup.waiting  # cancelled, not yet run

@@ -529,6 +529,11 @@ class Connection:
             nursery.start_soon(self._sender_task)
             nursery.start_soon(self._reader_task)
         self._nursery = None
+        # A request dispatched while the tasks were being cancelled (by a read
+        # already done) may have been handed to a task that never ran again.
+        self._next_stream = None
+        for stream in [s for s in self.streams.values() if not s.app_done]:
+            stream.abandon()  # so it is counted out (requests_in_flight) all the same
 
     def start_shutdown(self) -> None:
         """Graceful stop: finish what is in flight, accept nothing new, then close."""
@@ -836,14 +841,11 @@ class Connection:
         self._idle_since = None  # busy (the reader's deadline catches up lazily)
         if not self.multiplexed:
             self._run_next(stream)
-        elif self._parked and self._parked[-1].wakeup.waiting:
+        elif self._parked:
             runner = self._parked.pop()
             runner.stream = stream
             runner.wakeup.set()
         else:
-            # (Parked tasks that no longer wait were cancelled with the
-            # connection: a new task, cancelled at once, gives this stream its
-            # ending, where a parked one would never run it.)
             assert self._nursery is not None
             self._nursery.start_soon(self._stream_task, stream)
 
@@ -1251,8 +1253,8 @@ class Connection:
         Pipelined requests already buffered would otherwise be answered one
         after another into memory, however little of it the client reads.
         """
-        if self.multiplexed or self.streams:
-            return
+        if self.multiplexed or self.streams or self._nursery is None:
+            return  # (None: the connection's tasks have ended, nobody would run it)
         if self.proto.output_size + self._in_flight > OUTPUT_HIGH_WATER:
             self._pipeline_waiting = True  # the sender comes back here once output drains
             return

@@ -612,6 +612,16 @@ class RequestStream:
             self._finish()
             self._owner.stream_done(self)
 
+    def abandon(self) -> None:
+        """End a stream whose task never ran it: its connection's tasks ended first.
+
+        Nothing can be sent any more, so it ends as if the peer had gone (rule 3).
+        """
+        self.cancel(CancelReason.PEER)
+        self.app_done = True
+        self._finish()
+        self._owner.stream_done(self)
+
     async def _serve(self) -> None:
         await self._wait_for_body_start()
         result = await self._run_app()

@@ -26,11 +26,6 @@ class Wakeup:
         self._woken = False
         self._abort_fn = self._abort  # bound once: no allocation per wait
 
-    @property
-    def waiting(self) -> bool:
-        """A task waits here and has been neither woken nor cancelled yet."""
-        return self._waiter is not None
-
     def set(self) -> None:
         waiter = self._waiter
         if waiter is not None:
