@@ -14,10 +14,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 from wsgiref.validate import validator
 
+import pytest
 import trio
 import trio.testing
 
 from trioserve.connection import DOZE_AFTER, IDLE_PARKED_RUNNERS
+from trioserve.events import RequestReceived
 from trioserve.testing import AppProbe, TestServer, open_test_server
 
 STREAM_TASK = "_stream_task"
@@ -139,65 +141,32 @@ async def test_an_idle_connection_keeps_only_a_few_parked_tasks(
         assert live_stream_tasks() == IDLE_PARKED_RUNNERS
 
 
-async def test_a_stream_arriving_as_the_connection_is_cancelled_still_ends() -> None:
-    """The connection's nursery is cancelled, and before its parked tasks have
-    run, one more request is dispatched (a read that was already done) and
-    handed to a parked task that will never run it. It must still end
+@pytest.mark.parametrize("http2", [True, False], ids=["h2-parked-task", "http1-request-task"])
+async def test_a_request_arriving_as_the_connection_is_cancelled_still_ends(http2: bool) -> None:
+    """The connection's nursery is cancelled, and before its tasks have run
+    again one more request is dispatched (from a read already done). The task
+    it is handed to, a parked HTTP/2 stream task or HTTP/1.1's request task
+    waiting for its next request, will never run it. It must still end
     (stream_done) once the connection's tasks are over, so the server's count
     of requests in flight goes back to zero."""
-    from trioserve.events import RequestReceived
-
-    async with open_test_server(validator(hello)) as server, server.connect(http2=True) as client:
+    async with open_test_server(validator(hello)) as server, server.connect(http2=http2) as client:
         response = await client.get("/")
         assert response.status == 200
         await settled(server)
         [conn] = server.context.connections
-        assert conn._parked  # the first stream's task waits for the next
+        # The first request's task waits for the next one.
+        assert conn._parked if http2 else conn._requests is not None
         assert conn._nursery is not None
         conn._nursery.cancel_scope.cancel()
-        conn._dispatch(
-            [
-                RequestReceived(
-                    stream_id=3,
-                    method=b"GET",
-                    target=b"/",
-                    headers=[],
-                    http_version="2",
-                    end_stream=True,
-                )
-            ]
+        late = RequestReceived(
+            stream_id=3 if http2 else 2,
+            method=b"GET",
+            target=b"/",
+            headers=[] if http2 else [(b"host", b"testserver")],
+            http_version="2" if http2 else "1.1",
+            end_stream=True,
         )
-        await trio.testing.wait_all_tasks_blocked()
-        assert conn.streams == {}
-        assert server.context.requests_in_flight == 0
-
-
-async def test_an_http1_request_arriving_as_the_connection_is_cancelled_still_ends() -> None:
-    """HTTP/1.1's twin of the race above: the request task, cancelled while it
-    waits for the next request, never runs the one dispatched in between. The
-    connection gives it its ending once its tasks are over."""
-    from trioserve.events import RequestReceived
-
-    async with open_test_server(validator(hello)) as server, server.connect() as client:
-        response = await client.get("/")
-        assert response.status == 200
-        await settled(server)
-        [conn] = server.context.connections
-        assert conn._requests is not None  # the request task waits for the next one
-        assert conn._nursery is not None
-        conn._nursery.cancel_scope.cancel()
-        conn._dispatch(
-            [
-                RequestReceived(
-                    stream_id=2,
-                    method=b"GET",
-                    target=b"/",
-                    headers=[(b"host", b"testserver")],
-                    http_version="1.1",
-                    end_stream=True,
-                )
-            ]
-        )
+        conn._dispatch([late])
         await trio.testing.wait_all_tasks_blocked()
         assert conn.streams == {}
         assert server.context.requests_in_flight == 0
