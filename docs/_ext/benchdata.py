@@ -281,7 +281,10 @@ COST_ROWS = [
         "the same answers through trioserve's task shape: a nursery, a reader, a sender and"
         " a request task per connection, each answer from a worker thread",
     ),
-    ("trioserve", "the whole server: httptools, the WSGI environ, the response rules, logging hooks"),
+    (
+        "trioserve",
+        "the whole server: httptools, the WSGI environ, the response rules, logging hooks",
+    ),
     ("waitress", "for comparison"),
     ("gunicorn", "for comparison (gthread worker)"),
 ]
