@@ -519,21 +519,25 @@ class Connection:
 
     async def _run_tasks(self, initial: bytes) -> None:
         """The connection's nursery, until its tasks end (its frame, and the nursery, go then)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if initial:
-                # Bytes read while choosing the protocol go in before any task
-                # runs, so nobody mistakes this connection for an idle one.
-                self._counts[self._received_word] += len(initial)
-                self._receive(initial)
-            nursery.start_soon(self._sender_task)
-            nursery.start_soon(self._reader_task)
-        self._nursery = None
-        # A request dispatched while the tasks were being cancelled (by a read
-        # already done) may have been handed to a task that never ran again.
-        self._next_stream = None
-        for stream in [s for s in self.streams.values() if not s.app_done]:
-            stream.abandon()  # so it is counted out (requests_in_flight) all the same
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if initial:
+                    # Bytes read while choosing the protocol go in before any task
+                    # runs, so nobody mistakes this connection for an idle one.
+                    self._counts[self._received_word] += len(initial)
+                    self._receive(initial)
+                nursery.start_soon(self._sender_task)
+                nursery.start_soon(self._reader_task)
+        finally:
+            # (Also when an outer cancel, a server's hard stop, ends the nursery.)
+            self._nursery = None
+            # A request dispatched while the tasks were being cancelled (by a
+            # read already done) may have been handed to a task that never ran
+            # again.
+            self._next_stream = None
+            for stream in [s for s in self.streams.values() if not s.app_done]:
+                stream.abandon()  # so it is counted out (requests_in_flight) all the same
 
     def start_shutdown(self) -> None:
         """Graceful stop: finish what is in flight, accept nothing new, then close."""

@@ -603,14 +603,18 @@ class RequestStream:
                 await self._serve()
         finally:
             self._scope = None  # a late cancel() must not reach a lent scope's next stream
-            self.app_done = True
-            if self._file is not None:
-                self._file.release()  # the app's iterable (wsgi.file_wrapper) closes the file
-            if self._spill is not None:
-                self._owner.watch_output(self, False)
-                self._spill.close()
-            self._finish()
-            self._owner.stream_done(self)
+            self._end()
+
+    def _end(self) -> None:
+        """The stream's last step, run or not: release what it holds, end it, report it."""
+        self.app_done = True
+        if self._file is not None:
+            self._file.release()  # the app's iterable (wsgi.file_wrapper) closes the file
+        if self._spill is not None:
+            self._owner.watch_output(self, False)
+            self._spill.close()
+        self._finish()
+        self._owner.stream_done(self)
 
     def abandon(self) -> None:
         """End a stream whose task never ran it: its connection's tasks ended first.
@@ -618,9 +622,7 @@ class RequestStream:
         Nothing can be sent any more, so it ends as if the peer had gone (rule 3).
         """
         self.cancel(CancelReason.PEER)
-        self.app_done = True
-        self._finish()
-        self._owner.stream_done(self)
+        self._end()
 
     async def _serve(self) -> None:
         await self._wait_for_body_start()
