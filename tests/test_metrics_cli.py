@@ -221,6 +221,10 @@ async def test_two_workers_are_summed_and_totals_never_go_backwards_across_recyc
                 else:
                     assert (await request(cli.url, "/")).status == 200
                 seen.append(requests_2xx(await scrape(metrics)))
+            # A worker counts a request once its response has gone out, so the scrape
+            # just after the last one may not see it yet: wait for it, bounded.
+            last = await scrape_until(metrics, "all 12 counted", lambda s: requests_2xx(s) >= 12)
+            seen.append(requests_2xx(last))
             await cli.wait_for_line(r"Worker \d+ exited \(exit status 0\)", nth=3)
             final = await scrape_until(
                 metrics,
