@@ -17,6 +17,7 @@ import h11
 import pytest
 
 from trioserve.events import (
+    UNCHECKED,
     BadRequest,
     BodyEnded,
     BodyReceived,
@@ -28,6 +29,7 @@ from trioserve.events import (
     UpgradeToH2,
 )
 from trioserve.http1 import (
+    COALESCE_LIMIT,
     MAX_BUFFERS,
     MAX_DRAIN,
     MAX_UPGRADE_BODY,
@@ -35,6 +37,7 @@ from trioserve.http1 import (
     HTTP1Connection,
     describe,
 )
+from trioserve.responses import ASKS_CLOSE
 
 OK_EMPTY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
@@ -1295,6 +1298,86 @@ def test_buffers_to_send_stops_at_a_queued_file() -> None:
     assert parts[-1] == b"abc"
     assert server.buffers_to_send() == []  # the file is next: file_to_send's
     assert server.file_to_send() is not None
+
+
+def whole(server: HTTP1Connection, headers: list[tuple[bytes, bytes]], body: list[bytes]) -> bytes:
+    """send_whole_response on a fresh GET; the bytes it queued, in one list."""
+    feed(server, get("/"))
+    server.send_whole_response(1, 200, headers, body)
+    return server.buffers_to_send()
+
+
+def test_send_whole_response_queues_head_and_a_small_body_as_one_piece() -> None:
+    """One write for the whole response, and the connection is ready for the next request."""
+    server = HTTP1Connection()
+    parts = whole(server, [(b"Content-Length", b"5")], [b"hel", b"lo"])
+    assert parts == [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"]
+    assert feed(server, get("/next"))[0].target == b"/next"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ([(b"Content-Length", str(COALESCE_LIMIT + 1).encode())], [b"x" * (COALESCE_LIMIT + 1)]),
+        ([], [b"hel", b"lo"]),  # no Content-Length: chunked, chunk by chunk
+    ],
+    ids=["larger than COALESCE_LIMIT", "chunked"],
+)
+def test_send_whole_response_otherwise_sends_what_the_three_calls_would(
+    headers: list[tuple[bytes, bytes]], body: list[bytes]
+) -> None:
+    three = HTTP1Connection()
+    feed(three, get("/"))
+    three.send_response(1, 200, list(headers))
+    for chunk in body:
+        three.send_body(1, chunk)
+    three.end_stream(1)
+    expected = three.buffers_to_send()
+    parts = whole(HTTP1Connection(), list(headers), body)
+    assert parts == expected
+    assert len(parts) > 1
+    assert any(part is body[0] for part in parts)  # the app's chunk itself, not a copy
+
+
+@pytest.mark.parametrize(
+    ("declared", "error", "sent"),
+    [(b"6", "ended after 5 of the 6 bytes", b"hello"), (b"4", "longer than", b"")],
+    ids=["too short", "too long"],
+)
+def test_send_whole_response_refuses_a_body_that_is_not_its_content_length(
+    declared: bytes, error: str, sent: bytes
+) -> None:
+    """As send_body and end_stream would: InvalidResponse, and nothing past the
+    declared length queued."""
+    server = HTTP1Connection()
+    feed(server, get("/"))
+    with pytest.raises(InvalidResponse, match=error):
+        server.send_whole_response(1, 200, [(b"Content-Length", declared)], [b"hello"])
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: " + declared + b"\r\n\r\n"
+    assert b"".join(server.buffers_to_send()) == head + sent
+
+
+def test_send_whole_response_to_head_sends_the_head_alone() -> None:
+    server = HTTP1Connection()
+    feed(server, client_request("HEAD", "/"))
+    server.send_whole_response(1, 200, [(b"Content-Length", b"5")], [b"hello"])
+    assert server.buffers_to_send() == [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"]
+
+
+@pytest.mark.parametrize("traits", [UNCHECKED, ASKS_CLOSE], ids=["looked up", "given"])
+def test_an_app_s_connection_close_ends_the_connection_whether_traits_are_given(
+    traits: int,
+) -> None:
+    server = HTTP1Connection()
+    feed(server, get("/"))
+    headers = [(b"Content-Length", b"0"), (b"Connection", b"close")]
+    server.send_whole_response(1, 200, headers, [], traits=traits)
+    assert server.buffers_to_send() == [b"HTTP/1.1 200 OK\r\n" + _fields_of(headers)]
+    assert server.closing
+
+
+def _fields_of(headers: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n"
 
 
 def test_the_run_reads_heads_with_the_parser_it_was_asked_for(http1_parser: str) -> None:

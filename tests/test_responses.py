@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import pytest
 
-from trioserve.events import InvalidResponse
+from trioserve.events import UNCHECKED, InvalidResponse
 from trioserve.responses import (
+    ASKS_CLOSE,
+    HAS_DATE,
+    HAS_FRAMING,
+    HAS_SERVER,
     check_status,
     declared_length,
     error_body,
+    field_traits,
     in_words,
     reason_phrase,
 )
@@ -130,3 +135,24 @@ def test_error_body_is_status_reason_and_detail() -> None:
 )
 def test_in_words_drops_quoted_data(message: str, expected: str) -> None:
     assert in_words(message) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "traits"),
+    [
+        ([], 0),
+        ([(b"Content-Type", b"text/plain")], 0),
+        ([(b"DATE", b"x"), (b"server", b"y")], HAS_DATE | HAS_SERVER),
+        ([(b"Content-Length", b"3")], HAS_FRAMING),
+        ([(b"transfer-encoding", b"chunked")], HAS_FRAMING),
+        ([(b"Connection", b"Keep-Alive, CLOSE")], ASKS_CLOSE),
+        ([(b"Connection", b"keep-alive")], 0),
+        ([(b"X-Date", b"x"), (b"Servers", b"y")], 0),
+    ],
+)
+def test_field_traits_name_what_the_server_looks_for(
+    headers: list[tuple[bytes, bytes]], traits: int
+) -> None:
+    assert field_traits(headers) == traits
+    assert field_traits(headers, UNCHECKED) == traits
+    assert field_traits(headers, HAS_DATE) == HAS_DATE  # known: not looked up again

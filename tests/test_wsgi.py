@@ -18,6 +18,7 @@ import pytest
 import trio
 
 import trioserve.wsgi
+from trioserve.responses import HAS_FRAMING
 from trioserve.testing import AppProbe, open_test_client
 
 both_protocols = pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
@@ -825,6 +826,9 @@ def test_a_repeated_head_is_encoded_once_and_handed_out_as_a_fresh_list(
     assert second.headers == [(b"Content-Type", b"text/plain"), (b"Content-Length", b"13")]
     assert (second.status, second.reason, second.content_length) == (200, b"OK", 13)
     assert second.headers is not first.headers
+    # What the trio side looks for, found once with the head: a Content-Length,
+    # and neither Date nor Server (the Date appended above is not the app's).
+    assert second.traits == first.traits == HAS_FRAMING
 
 
 class _Name(str):

@@ -85,6 +85,7 @@ from .events import (
     UpgradeToH2,
     WindowOpened,
 )
+from .responses import HAS_DATE, HAS_SERVER, field_traits
 from .stats import HTTP1, HTTP2, LAYOUT, Cause
 from .stream import CancelReason, Failure, RequestStream
 from .wakeup import Wakeup
@@ -993,23 +994,41 @@ class Connection:
 
     def send_head(self, stream_id: int, head: ResponseHead) -> None:
         """Queue a response head, adding the Date and Server headers if the app did not."""
-        headers = head.headers
-        has_date = has_server = False
-        for name, _ in headers:
-            lowered = name.lower()
-            if lowered == b"date":
-                has_date = True
-            elif lowered == b"server":
-                has_server = True
-        if not has_date:
-            headers.append((b"Date", date_header()))
-        server_header = self.ctx.server_header
-        if not has_server and server_header:
-            headers.append((b"Server", server_header))
+        traits = self._add_server_fields(head)
         self.proto.send_response(
-            stream_id, head.status, headers, reason=head.reason, content_length=head.content_length
+            stream_id,
+            head.status,
+            head.headers,
+            reason=head.reason,
+            content_length=head.content_length,
+            traits=traits,
         )
         self._wake_sender()
+
+    def send_whole(self, stream_id: int, head: ResponseHead, body: list[bytes]) -> None:
+        """Queue a complete response (``send_head``, ``send_body`` for each chunk, ``end``)."""
+        traits = self._add_server_fields(head)
+        self.proto.send_whole_response(
+            stream_id,
+            head.status,
+            head.headers,
+            body,
+            reason=head.reason,
+            content_length=head.content_length,
+            traits=traits,
+        )
+        self._wake_sender()
+
+    def _add_server_fields(self, head: ResponseHead) -> int:
+        """Append Date and Server to ``head`` unless the app set them; the app's traits."""
+        traits = field_traits(head.headers, head.traits)
+        headers = head.headers
+        if not traits & HAS_DATE:
+            headers.append((b"Date", date_header()))
+        server_header = self.ctx.server_header
+        if server_header and not traits & HAS_SERVER:
+            headers.append((b"Server", server_header))
+        return traits
 
     def send_body(self, stream_id: int, data: bytes) -> None:
         self.proto.send_body(stream_id, data)

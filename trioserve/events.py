@@ -249,7 +249,22 @@ class ServerProtocol(Protocol):
         *,
         reason: bytes = b"",
         content_length: int | None = UNCHECKED,
+        traits: int = UNCHECKED,
     ) -> None: ...
+    def send_whole_response(
+        self,
+        stream_id: int,
+        status: int,
+        headers: Headers,
+        body: list[bytes],
+        *,
+        reason: bytes = b"",
+        content_length: int | None = UNCHECKED,
+        traits: int = UNCHECKED,
+    ) -> None:
+        """``send_response``, ``send_body`` for each chunk and ``end_stream`` in one call."""
+        ...
+
     def send_body(self, stream_id: int, data: bytes) -> None: ...
     def end_stream(self, stream_id: int) -> None: ...
     def send_error_response(

@@ -69,16 +69,19 @@ from .http1_heads import (
     valid_settings,
 )
 from .responses import (
+    ASKS_CLOSE,
     NO_BODY_STATUSES,
     body_too_long,
     body_too_short,
     check_status,
     declared_length,
     error_body,
+    field_traits,
     reason_phrase,
 )
 
 __all__ = [
+    "COALESCE_LIMIT",
     "MAX_BUFFERS",
     "MAX_DRAIN",
     "MAX_UPGRADE_BODY",
@@ -109,6 +112,10 @@ MAX_WRITE = 1024 * 1024
 # ...in at most this many pieces (a gathering write takes at most IOV_MAX,
 # 1024 on Linux); more small chunks than that go out in later writes.
 MAX_BUFFERS = 512
+
+# send_whole_response joins a body of up to this many bytes to its head: one
+# write instead of a gathering one, for the price of copying a small body.
+COALESCE_LIMIT = 16 * 1024
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
@@ -625,13 +632,57 @@ class HTTP1Connection:
         *,
         reason: bytes = b"",
         content_length: int | None = UNCHECKED,
+        traits: int = UNCHECKED,
     ) -> None:
         """Queue the response head.
 
         Raises InvalidResponse, having queued nothing, for a head that breaks
         the rules of trioserve.responses (a status that is not final, a bad
-        reason phrase or Content-Length).
+        reason phrase or Content-Length). ``traits``: the fields'
+        :func:`~trioserve.responses.field_traits`, if the caller knows them.
         """
+        self._queue(self._response_head(status, headers, reason, content_length, traits))
+
+    def send_whole_response(
+        self,
+        stream_id: int,
+        status: int,
+        headers: Headers,
+        body: list[bytes],
+        *,
+        reason: bytes = b"",
+        content_length: int | None = UNCHECKED,
+        traits: int = UNCHECKED,
+    ) -> None:
+        """A complete response in one call: ``send_response``, ``send_body`` for
+        each chunk, then ``end_stream``, raising as they would.
+
+        A body of at most COALESCE_LIMIT bytes, exactly as long as its
+        Content-Length, is queued in one piece with the head: one write, and
+        a client that reads the head gets its body in the same segment.
+        """
+        head = self._response_head(status, headers, reason, content_length, traits)
+        if self._framing is _Framing.LENGTH:
+            size = sum(map(len, body))
+            if size == self._declared and size <= COALESCE_LIMIT:
+                self._body_sent = size
+                self._queue(head + b"".join(body))
+                self._finish_request()
+                return
+        self._queue(head)
+        for chunk in body:
+            self.send_body(stream_id, chunk)
+        self.end_stream(stream_id)
+
+    def _response_head(
+        self,
+        status: int,
+        headers: Headers,
+        reason: bytes,
+        content_length: int | None,
+        traits: int,
+    ) -> bytes:
+        """Check a response head, set this response's framing, and serialize the head."""
         if content_length == UNCHECKED:
             check_status(status, reason)
             declared = declared_length(headers)
@@ -647,9 +698,8 @@ class HTTP1Connection:
             # so this connection cannot carry another request.
             self._closed = True
         close = self._closed or self._no_keep_alive or not self._keep_alive
-        asked = any(  # the app asked for it: no reuse, but its fields stay as given
-            name.lower() == b"connection" and b"close" in value.lower() for name, value in headers
-        )
+        # The app asked for it: no reuse, but its fields stay as given.
+        asked = bool(field_traits(headers, traits) & ASKS_CLOSE)
         fields = headers
         if status in NO_BODY_STATUSES:
             framing = _Framing.NONE
@@ -667,7 +717,7 @@ class HTTP1Connection:
             fields = _with_close(fields)
         self._close_after = close or asked
         self._framing = _Framing.NONE if self._head_request else framing
-        self._queue(_status_line(status, reason) + _fields(fields))
+        return _status_line(status, reason) + _fields(fields)
 
     def send_body(self, stream_id: int, data: bytes) -> None:
         """Queue body bytes (none for HEAD, 204 and 304).

@@ -755,11 +755,13 @@ class HTTP2Connection:
         *,
         reason: bytes = b"",
         content_length: int | None = UNCHECKED,
+        traits: int = UNCHECKED,
     ) -> None:
         """Queue the response HEADERS (sent with END_STREAM if no body follows).
 
         Raises InvalidResponse, having queued nothing, for a status that is not
         final or a bad content-length (the rules of trioserve.responses).
+        ``traits`` is for HTTP/1.1 (a Connection field is dropped here anyway).
         """
         out = self._outbound.get(stream_id)
         if out is None:
@@ -780,6 +782,27 @@ class HTTP2Connection:
         if not out.head_only:
             out.declared = declared
         self._mark_ready(stream_id)
+
+    def send_whole_response(
+        self,
+        stream_id: int,
+        status: int,
+        headers: Headers,
+        body: list[bytes],
+        *,
+        reason: bytes = b"",
+        content_length: int | None = UNCHECKED,
+        traits: int = UNCHECKED,
+    ) -> None:
+        """``send_response``, ``send_body`` for each chunk, then ``end_stream``.
+
+        (Frames are made only when the sender takes them, so there is nothing
+        to join here.)
+        """
+        self.send_response(stream_id, status, headers, reason=reason, content_length=content_length)
+        for chunk in body:
+            self.send_body(stream_id, chunk)
+        self.end_stream(stream_id)
 
     def send_body(self, stream_id: int, data: bytes) -> None:
         """Queue response body bytes; they go out as flow control allows.

@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable
 from http import HTTPStatus
 
-from .events import InvalidResponse
+from .events import UNCHECKED, InvalidResponse
 
 FINAL_STATUSES = range(200, 600)
 NO_BODY_STATUSES = frozenset({204, 304})
@@ -59,6 +59,35 @@ def check_status(status: int, reason: bytes = b"") -> None:
         raise InvalidResponse(f"status {status} is not a final status (200 to 599)")
     if not _REASON.fullmatch(reason):
         raise InvalidResponse("control character in the reason phrase")
+
+
+# What the server looks for in a response's own fields, found in one pass
+# (field_traits) and, for heads from start_response, once per distinct head:
+# the app thread memoizes them with the head (trioserve.wsgi), so the trio
+# side needs no scan of its own per response.
+HAS_DATE = 1  # a Date field: the server adds none
+HAS_SERVER = 2  # a Server field: the server adds none
+HAS_FRAMING = 4  # a Content-Length or Transfer-Encoding field
+ASKS_CLOSE = 8  # a Connection field with the close token: no reuse (HTTP/1.1)
+
+
+def field_traits(headers: Iterable[tuple[bytes, bytes]], known: int = UNCHECKED) -> int:
+    """HAS_DATE, HAS_SERVER, HAS_FRAMING and ASKS_CLOSE, or'ed, as ``headers`` have them;
+    ``known`` instead, unless it is UNCHECKED (nobody has looked yet)."""
+    if known != UNCHECKED:
+        return known
+    traits = 0
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"date":
+            traits |= HAS_DATE
+        elif lowered == b"server":
+            traits |= HAS_SERVER
+        elif lowered == b"content-length" or lowered == b"transfer-encoding":
+            traits |= HAS_FRAMING
+        elif lowered == b"connection" and b"close" in value.lower():
+            traits |= ASKS_CLOSE
+    return traits
 
 
 def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:

@@ -70,6 +70,7 @@ import trio
 
 from .context import ServerContext
 from .events import UNCHECKED, FileSegment, InvalidResponse, RequestReceived, ResetReason
+from .responses import HAS_FRAMING, field_traits
 from .spill import Spill
 from .wakeup import Wakeup
 from .wsgi import AppResult, ConnectionInfo, ResponseHead, StreamCancelled, call_app
@@ -122,6 +123,10 @@ class StreamOwner(Protocol):
         ...
 
     def send_head(self, stream_id: int, head: ResponseHead) -> None: ...
+    def send_whole(self, stream_id: int, head: ResponseHead, body: list[bytes]) -> None:
+        """``send_head``, ``send_body`` for each chunk, then ``end``, in one call."""
+        ...
+
     def send_body(self, stream_id: int, data: bytes) -> None: ...
     def send_file(self, stream_id: int, segment: FileSegment) -> None: ...
     def end(self, stream_id: int) -> None: ...
@@ -704,35 +709,37 @@ class RequestStream:
             return
         owner = self._owner
         sid = self.stream_id
+        head = result.head
         try:
-            if result.head is not None:
-                head = result.head
+            if head is None:
+                owner.end(sid)  # the app streamed: head and body went out already
+            elif result.file is not None:
+                self._start_response(head)
+                if head.status in _NO_BODY_STATUSES:
+                    result.file.sent = True  # nothing of it to send
+                else:
+                    owner.send_file(sid, result.file)  # (HEAD: marked sent)
+                    self.bytes_sent += result.file.length
+                owner.end(sid)
+            else:
+                # The whole response is here: one call queues it, head to end.
+                body = result.body
                 bodyless = head.status in _NO_BODY_STATUSES
-                if (
-                    not bodyless
-                    and (head.content_length is None or head.content_length == UNCHECKED)
-                    and not any(
-                        name.lower() in (b"content-length", b"transfer-encoding")
-                        for name, _ in head.headers
-                    )
-                ):
+                if bodyless:
+                    body = []
+                elif (
+                    head.content_length is None or head.content_length == UNCHECKED
+                ) and not field_traits(head.headers, head.traits) & HAS_FRAMING:
                     # The whole body is here: say how long it is.
-                    size = sum(map(len, result.body))
+                    size = sum(map(len, body))
                     head.headers.append((b"Content-Length", str(size).encode("ascii")))
                     if head.content_length is None:  # (a checked head stays checked)
                         head.content_length = size
-                self._start_response(head)
-                if not bodyless:
-                    for chunk in result.body:
-                        owner.send_body(sid, chunk)
-                        self.bytes_sent += len(chunk)
-                if result.file is not None:
-                    if bodyless:
-                        result.file.sent = True  # nothing of it to send
-                    else:
-                        owner.send_file(sid, result.file)  # (HEAD: marked sent)
-                        self.bytes_sent += result.file.length
-            owner.end(sid)
+                self.status = head.status
+                self.response_head = head
+                self.response = Response.STARTED
+                owner.send_whole(sid, head, body)
+                self.bytes_sent += sum(map(len, body))
         except InvalidResponse as exc:
             self._abort(f"invalid response: {exc}")
             return

@@ -55,7 +55,13 @@ import trio
 
 from .events import UNCHECKED, FileSegment, Headers, InvalidResponse, RequestReceived
 from .proxy import AllowList, apply_forwarded
-from .responses import check_status, declared_length, error_body, reason_phrase
+from .responses import (
+    check_status,
+    declared_length,
+    error_body,
+    field_traits,
+    reason_phrase,
+)
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 StartResponse = Callable[..., Callable[[bytes], None]]
@@ -93,6 +99,9 @@ class ResponseHead:
     # Its Content-Length once the rules of trioserve.responses were applied to
     # it (None: none declared); UNCHECKED for a head nobody has checked.
     content_length: int | None = UNCHECKED
+    # trioserve.responses.field_traits of ``headers`` as the app gave them
+    # (UNCHECKED: not looked at yet).
+    traits: int = UNCHECKED
 
 
 class StreamPort(Protocol):
@@ -405,7 +414,7 @@ def _encode_status(status: str) -> tuple[int, bytes]:
 # per-response ETag, say) only ever cost the full check.
 _HEAD_MEMO_ENTRIES = 128
 _head_memo: dict[
-    tuple[object, ...], tuple[int, bytes, tuple[tuple[bytes, bytes], ...], int | None]
+    tuple[object, ...], tuple[int, bytes, tuple[tuple[bytes, bytes], ...], int | None, int]
 ] = {}
 
 
@@ -432,12 +441,13 @@ def _encode_head(status: str, headers: list[tuple[str, str]]) -> ResponseHead:
         encoded = tuple(_encode_field(name, value) for name, value in headers)
         # Rule 2: one valid Content-Length, a plain chunked coding. Worked out
         # here, in the app's thread, so the protocol layer need not do it again.
-        known = (code, reason, encoded, declared_length(encoded))
+        # And what the trio side looks for in them (Date, Server, framing, close).
+        known = (code, reason, encoded, declared_length(encoded), field_traits(encoded))
         if len(_head_memo) >= _HEAD_MEMO_ENTRIES:
             _head_memo.clear()
         _head_memo[key] = known
-    code, reason, encoded, declared = known
-    return ResponseHead(code, reason, list(encoded), declared)
+    code, reason, encoded, declared, traits = known
+    return ResponseHead(code, reason, list(encoded), declared, traits)
 
 
 def _encode_field(name: str, value: str) -> tuple[bytes, bytes]:
