@@ -37,6 +37,18 @@ def _environ(environ: Environ, start_response: Any) -> Iterable[bytes]:
     return [body]
 
 
+def _gc_settings(environ: Environ, start_response: Any) -> Iterable[bytes]:
+    """The serving process's garbage-collector threshold and frozen objects, as JSON."""
+    import gc
+
+    settings = {"threshold": gc.get_threshold()[0], "frozen": gc.get_freeze_count()}
+    body = json.dumps(settings).encode()
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
+
+
 def _tls_echo(environ: Environ, start_response: Any) -> Iterable[bytes]:
     """Echo mod_ssl's SSL_* variables, the protocol and the scheme as JSON."""
     echoed = {key: value for key, value in environ.items() if key.startswith("SSL_")}
@@ -100,6 +112,7 @@ def _wait_for_fifo(environ: Environ, start_response: Any) -> Iterable[bytes]:
 application = _text_app("default attribute\n")
 
 environ_echo = validator(_environ)
+gc_settings = validator(_gc_settings)
 tls_echo = validator(_tls_echo)
 raises = validator(_raises)
 slow_upload = validator(_slow_upload)

@@ -422,6 +422,7 @@ async def test_port_in_use() -> None:
         (["--log-level", "loud"], 2, "loud"),
         (["--h2-max-frame-size", "100"], 2, "h2-max-frame-size"),
         (["--max-header-size", "10"], 2, "max-header-size"),
+        (["--gc-threshold", "-1"], 2, "gc-threshold"),
         (["-b", "127.0.0.1:notaport"], None, "notaport"),
         (["-b", "127.0.0.1:70000"], None, "out of range"),
         (["-b", "unix:"], None, "no path"),
@@ -631,6 +632,30 @@ async def test_serves_until_signal(launcher: str, signum: signal.Signals) -> Non
         await cli.wait_for_line(f"Received {signum.name}: finishing in-flight requests")
         assert await cli.wait_exit(timeout=10) == 0
     assert not any("Traceback" in line for line in cli.stderr), cli.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_serving_processes_tune_the_garbage_collector_unless_told_not_to(
+    workers: str,
+) -> None:
+    """--gc-threshold (7000 by default) in the process that serves, one or a worker;
+    0 leaves Python's own threshold and freezes nothing."""
+    fresh = await trio.run_process(
+        [sys.executable, "-c", "import gc; print(gc.get_threshold()[0])"], capture_stdout=True
+    )
+    pythons = int(fresh.stdout)
+    seen = {}
+    for given in ([], ["--gc-threshold", "0"], ["--gc-threshold", "5000"]):
+        async with serving(
+            "tests.cli_targets:gc_settings", "-b", "127.0.0.1:0", "-w", workers, *given
+        ) as cli:
+            response = await request(cli.url)
+        assert response.status == 200
+        seen[" ".join(given) or "default"] = json.loads(response.body)
+    assert seen["default"]["threshold"] == 7000
+    assert seen["default"]["frozen"] > 1000  # the modules, the app, the server
+    assert seen["--gc-threshold 0"] == {"threshold": pythons, "frozen": 0}
+    assert seen["--gc-threshold 5000"]["threshold"] == 5000
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))

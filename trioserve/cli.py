@@ -43,7 +43,13 @@ from .configfile import load_config_file
 from .importer import import_app
 from .listeners import bind_listeners, remove_socket_files, systemd_listeners
 from .logs import configure_logging
-from .process import Identity, drop_privileges, pid_file, prepare_process
+from .process import (
+    Identity,
+    drop_privileges,
+    pid_file,
+    prepare_process,
+    tune_garbage_collector,
+)
 from .reloader import check_reload_available
 from .server import Server, serve_wsgi
 from .tls import reload_certificates
@@ -162,6 +168,7 @@ async def run_until_signalled(
                 app = load()
             stats = worker_stats() if worker else None  # shared with the supervisor (metrics)
             server = await serve_wsgi(app, nursery, config=config, listeners=listeners, stats=stats)
+            tune_garbage_collector(config.gc_threshold)
             for address in server.addresses:
                 scheme = "https" if config.certfile else "http"
                 LOGGER.log(

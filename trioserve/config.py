@@ -262,6 +262,17 @@ class Config:
         0,
         "add a random 0..N to max-requests per worker, so workers do not restart together",
     )
+    gc_threshold: int = _option(
+        # Python's 700 makes the interpreter collect every few dozen requests:
+        # a request's objects are young when a collection comes, so each one
+        # scans the requests in flight and promotes them, and the promotions
+        # bring full collections of the whole heap (docs/performance.md).
+        7000,
+        "a serving process's youngest-generation garbage-collector threshold (Python's"
+        " default is 700), and what was loaded at startup is frozen (gc.freeze);"
+        " 0 leaves the collector as Python set it",
+        metavar="N",
+    )
     reload: bool = _option(
         # Development only: watching files costs a little and restarts drop state.
         False,
@@ -427,6 +438,7 @@ class Config:
         _check(self.workers >= 1, f"workers must be at least 1, not {self.workers}")
         _check(self.max_requests >= 0, "max-requests cannot be negative")
         _check(self.max_requests_jitter >= 0, "max-requests-jitter cannot be negative")
+        _check(self.gc_threshold >= 0, "gc-threshold cannot be negative")
         for name in ("header_timeout", "body_timeout", "write_timeout", "h2_idle_timeout"):
             value = getattr(self, name)
             _check(value > 0, f"{name.replace('_', '-')} must be positive, not {value}")

@@ -14,6 +14,9 @@ of ``-w N`` / ``--reload``, whose workers inherit the result):
    and are the TLS files read: make them readable by that user or group (on
    Debian, the ``ssl-cert`` group). SIGHUP reads them again as that user.
 
+5. once the app is loaded and the server serves, :func:`tune_garbage_collector`
+   (``--gc-threshold``), in each process that serves.
+
 What the server creates after the switch belongs to the user; what root created
 before it (the pid file, a unix socket file in a root-owned directory) may then
 not be removable at exit, which is harmless: the next start replaces both.
@@ -22,6 +25,7 @@ not be removable at exit, which is harmless: the next start replaces both.
 from __future__ import annotations
 
 import contextlib
+import gc
 import grp
 import os
 import pwd
@@ -136,3 +140,24 @@ def pid_file(path: str | None) -> Iterator[None]:
                 os.unlink(path)
         except OSError:
             pass  # gone already, or not ours to remove any more
+
+
+def tune_garbage_collector(threshold: int) -> None:
+    """``--gc-threshold``: collect less often, and never scan startup's objects again.
+
+    Python collects its youngest generation after 700 new container objects,
+    every few dozen requests here. At that moment the requests in flight are
+    young, so each collection scans them and promotes them, and enough
+    promotions bring a collection of the whole heap (the modules, the app).
+    A threshold of ``threshold`` makes all of that rarer, and ``gc.freeze()``
+    puts what exists once the server is up into the permanent generation,
+    which no collection scans. Garbage in reference cycles is still found, a
+    little later. Called by the command only: a program embedding
+    ``serve_wsgi`` keeps its process's settings. 0 changes nothing.
+    """
+    if not threshold:
+        return
+    gc.collect()  # what startup left as garbage is not frozen with the rest
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(threshold, older, oldest)

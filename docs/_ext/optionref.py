@@ -45,6 +45,7 @@ GROUPS: list[tuple[str, str, list[str]]] = [
             "workers",
             "max_requests",
             "max_requests_jitter",
+            "gc_threshold",
             "reload",
             "reload_dir",
         ],
