@@ -3,7 +3,7 @@
 The client is ``h2.connection.H2Connection`` in client mode with
 ``header_encoding=None``; :func:`pump` moves bytes both ways until neither side
 has anything more to say and returns what each side saw. Server-side
-assertions compare trioserve's frozen event dataclasses exactly; client-side
+assertions compare trioserve's event dataclasses exactly; client-side
 ones compare a tuple summary of h2's events (:func:`summary`), or the raw
 frames parsed with hyperframe (:func:`frames`) when the wire order or the
 frame sizes are the point. No trio, no mocks, no sockets.

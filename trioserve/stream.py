@@ -238,6 +238,40 @@ class _BodyBuffer:
 class RequestStream:
     """One request/response exchange on a connection (see module docstring)."""
 
+    # Slots: one is made per request, and its attributes are read on every hop.
+    __slots__ = (
+        "_continue_sent",
+        "_ctx",
+        "_file",
+        "_owner",
+        "_push_lock",
+        "_pushed",
+        "_pushed_size",
+        "_queued",
+        "_scope",
+        "_spill",
+        "_spill_backlog",
+        "_take_scheduled",
+        "_trio_token",
+        "admitted",
+        "app_done",
+        "body",
+        "bytes_sent",
+        "can_sendfile",
+        "cancel_reason",
+        "error_status",
+        "failure",
+        "high_water",
+        "info",
+        "reading_body",
+        "request",
+        "response",
+        "response_head",
+        "started_at",
+        "status",
+        "stream_id",
+    )
+
     def __init__(
         self,
         owner: StreamOwner,
@@ -630,7 +664,8 @@ class RequestStream:
         self._end()
 
     async def _serve(self) -> None:
-        await self._wait_for_body_start()
+        if not self.body.ended:
+            await self._wait_for_body_start()
         result = await self._run_app()
         self.app_done = True
         if result is not None:
@@ -639,7 +674,8 @@ class RequestStream:
             self._complete(result)
         if self._file is not None and not self._file.sent:
             await self._wait_file_sent(self._file)
-        if self._owner.output_blocked(self.stream_id):
+        owner = self._owner
+        if owner.multiplexed and owner.output_blocked(self.stream_id):
             # HTTP/2: hold the stream open until its finished response has
             # gone out, under the same stall rule as wait_writable, so a
             # client that never opens its window cannot pin the queued bytes
@@ -660,16 +696,30 @@ class RequestStream:
         initial = self.body.take() if self.body.size else b""
         if initial:
             self._owner.body_consumed(self.stream_id, len(initial))
+        ctx = self._ctx
         share = self._owner.thread_share()
         try:
+            if share is not None:
+                await share.acquire()
             try:
-                if share is None:
-                    result = await self._call_app(initial)
-                else:
-                    async with share:
-                        result = await self._call_app(initial)
+                result = await trio.to_thread.run_sync(
+                    call_app,
+                    ctx.app,
+                    self.request,
+                    self.info,
+                    self,
+                    initial,
+                    self.body.ended,
+                    # trio takes any CapacityLimiter-like object here (its docs say
+                    # so); its annotation says CapacityLimiter.
+                    limiter=cast(trio.CapacityLimiter, ctx.thread_limiter),
+                    thread_name=APP_THREAD_NAME,
+                )
             finally:
-                self.take_pushed()  # whatever the thread pushed before it returned
+                if share is not None:
+                    share.release()
+                if self._pushed:  # the thread is done: nobody pushes meanwhile
+                    self.take_pushed()  # whatever it pushed before it returned
         except Exception:
             LOGGER.exception(
                 "Error in the application handling %s %s",
@@ -686,22 +736,6 @@ class RequestStream:
             result.file.close_file = result.close
             self._file = result.file
         return result
-
-    async def _call_app(self, initial: bytes) -> AppResult:
-        ctx = self._ctx
-        return await trio.to_thread.run_sync(
-            call_app,
-            ctx.app,
-            self.request,
-            self.info,
-            self,
-            initial,
-            self.body.ended,
-            # trio takes any CapacityLimiter-like object here (its docs say so);
-            # its annotation says CapacityLimiter.
-            limiter=cast(trio.CapacityLimiter, ctx.thread_limiter),
-            thread_name=APP_THREAD_NAME,
-        )
 
     def _complete(self, result: AppResult) -> None:
         """Send what the app thread left for us and end the response."""
