@@ -51,6 +51,7 @@ from trioserve.events import (
     UpgradeToH2,
 )
 from trioserve.http1 import HTTP1Connection
+from trioserve.http1_heads import head_end, head_problem, plain_head_end
 from trioserve.http2 import PREFACE, HTTP2Connection
 from trioserve.opening import serve_connection
 from trioserve.testing import memory_connection
@@ -435,6 +436,49 @@ def parse_h2_output(data: bytes) -> None:
 
 
 # ---- the sans-IO properties -----------------------------------------------------------
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=300), http1_requests()), start=st.integers(0, 3))
+def test_plain_head_end_only_takes_heads_the_full_checks_pass(data: bytes, start: int) -> None:
+    """The one-pass shortcut (http1_heads.plain_head_end) ends a head where head_end
+    does, and only heads head_problem finds nothing wrong with."""
+    end = plain_head_end(data, start)
+    if end < 0:
+        return
+    hypothesis.event("plain head")
+    assert head_end(data, start) == end
+    assert head_problem(data[start : end - 4]) is None
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /a?b HTTP/1.0\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: x\r\nX-A: \xe9 \t1\r\nCookie: a=b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length-X: 1\r\n\r\n",
+    ],
+)
+def test_plain_head_end_takes_the_common_bodiless_heads(head: bytes) -> None:
+    assert plain_head_end(head + b"GET / HTTP/1.1\r\n") == len(head)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n",  # not complete
+        b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\ntransfer-ENCODING: chunked\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: x\n\n",
+        b"GET / HTTP/1.1\r\nX-Fold: a\r\n b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-A: a\x01b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n",
+        b"GET  / HTTP/1.1\r\n\r\n",
+    ],
+)
+def test_plain_head_end_leaves_everything_else_to_the_full_checks(head: bytes) -> None:
+    assert plain_head_end(head) == -1
 
 
 @FUZZ

@@ -65,6 +65,7 @@ from .http1_heads import (
     head_parser,
     head_problem,
     partial_head_problem,
+    plain_head_end,
     split_target,
     valid_settings,
 )
@@ -347,17 +348,20 @@ class HTTP1Connection:
         start = 0
         while start < len(buffer) and buffer[start] in b"\r\n":
             start += 1  # empty lines before a request line are allowed (RFC 9112 §2.2)
-        try:
-            end = head_end(buffer, start)
-        except HeadError as error:
-            events.append(self._reject(error.status, error.reason))
-            return False
-        if end < 0:
-            self._check_partial_head(buffer, start, events)
-            return False
+        end = plain_head_end(buffer, start)
+        plain = end >= 0
+        if not plain:
+            try:
+                end = head_end(buffer, start)
+            except HeadError as error:
+                events.append(self._reject(error.status, error.reason))
+                return False
+            if end < 0:
+                self._check_partial_head(buffer, start, events)
+                return False
         head = bytes(buffer[start:end])
         del buffer[:end]
-        request = self._request(head, events)
+        request = self._request(head, events, plain)
         if request is None:
             return False
         if self._upgrade is None:
@@ -378,8 +382,12 @@ class HTTP1Connection:
         elif pending > self._max_header_size:
             events.append(self._reject(431, "request header fields too large"))
 
-    def _request(self, head: bytes, events: list[Event]) -> RequestReceived | None:
-        """Check and parse a complete head; the request, or None if it was refused."""
+    def _request(self, head: bytes, events: list[Event], plain: bool) -> RequestReceived | None:
+        """Check and parse a complete head; the request, or None if it was refused.
+
+        ``plain``: :func:`~trioserve.http1_heads.plain_head_end` found it, so
+        :func:`~trioserve.http1_heads.head_problem` would too.
+        """
         if len(head) - 4 > self._max_header_size:
             events.append(self._reject(431, "request header fields too large"))
             return None
@@ -387,7 +395,7 @@ class HTTP1Connection:
         if line_end > self._max_request_line_size:
             events.append(self._reject(414, "request target too long"))
             return None
-        problem = head_problem(head[:-4])
+        problem = None if plain else head_problem(head[:-4])
         if problem is not None:
             events.append(self._reject(*problem))
             return None

@@ -49,6 +49,15 @@ _CLEAN_HEAD = re.compile(
     rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]"
     rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*"
 )
+# A whole head, its empty line included, that needs no closer look: clean as
+# _CLEAN_HEAD and without a framing field (the common bodiless request), found
+# in the one pass that also finds where it ends.
+_PLAIN_HEAD = re.compile(
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]"
+    rb"(?:\r\n(?!(?i:content-length|transfer-encoding):)"
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*"
+    rb"\r\n\r\n"
+)
 # Fields whose values the connection must check before a parser sees them.
 _FRAMING_FIELD = re.compile(rb"\n(?i:content-length|transfer-encoding):")
 # The start of a request line: a method so far, or a method and its space.
@@ -79,6 +88,14 @@ def head_end(buffer: bytes | bytearray, start: int = 0) -> int:
     if match[0] != b"\r\n\r\n":
         raise HeadError(400, "bare LF line ending")
     return match.end()
+
+
+def plain_head_end(buffer: bytes | bytearray, start: int = 0) -> int:
+    """Where a complete head beginning at ``start`` ends if :func:`head_problem` would
+    find nothing wrong with it at a glance; else -1 (it is incomplete, has a framing
+    field, or needs the closer look: ask :func:`head_end` and :func:`head_problem`)."""
+    match = _PLAIN_HEAD.match(buffer, start)
+    return -1 if match is None else match.end()
 
 
 def partial_head_problem(buffer: bytes | bytearray, start: int) -> str | None:
