@@ -269,8 +269,8 @@ class Config:
         # bring full collections of the whole heap (docs/performance.md).
         7000,
         "a serving process's youngest-generation garbage-collector threshold (Python's"
-        " default is 700), and what was loaded at startup is frozen (gc.freeze);"
-        " 0 leaves the collector as Python set it",
+        " default is 700, 2000 from 3.13), and what was loaded at startup is frozen"
+        " (gc.freeze); 0 leaves the collector as Python set it",
         metavar="N",
     )
     reload: bool = _option(

@@ -145,10 +145,10 @@ def pid_file(path: str | None) -> Iterator[None]:
 def tune_garbage_collector(threshold: int) -> None:
     """``--gc-threshold``: collect less often, and never scan startup's objects again.
 
-    Python collects its youngest generation after 700 new container objects,
-    every few dozen requests here. At that moment the requests in flight are
-    young, so each collection scans them and promotes them, and enough
-    promotions bring a collection of the whole heap (the modules, the app).
+    Python collects its youngest generation after 700 new container objects
+    (2000 from Python 3.13), every few dozen requests here. At that moment the
+    requests in flight are young, so each collection scans them and promotes
+    them, and enough promotions bring a collection of the whole heap (the modules, the app).
     A threshold of ``threshold`` makes all of that rarer, and ``gc.freeze()``
     puts what exists once the server is up into the permanent generation,
     which no collection scans. Garbage in reference cycles is still found, a
