@@ -55,6 +55,9 @@ class RecordingOwner:
     def send_head(self, stream_id: int, head: ResponseHead) -> None:
         self.calls.append(("head", head.status))
 
+    def send_whole(self, stream_id: int, head: ResponseHead, body: list[bytes]) -> None:
+        self.calls.append(("whole", head.status, dict(head.headers), body))
+
     def send_body(self, stream_id: int, data: bytes) -> None:
         self.calls.append(("body", data))
 
@@ -104,7 +107,7 @@ class RecordingOwner:
     @property
     def endings(self) -> list[tuple[Any, ...]]:
         """The calls that end a stream."""
-        return [call for call in self.calls if call[0] in ("end", "error", "reset")]
+        return [call for call in self.calls if call[0] in ("end", "whole", "error", "reset")]
 
 
 def request(*, body: bool = False, method: bytes = b"GET") -> RequestReceived:
@@ -188,6 +191,34 @@ async def test_a_list_response_is_sent_whole_and_ended() -> None:
     assert owner.calls == [("head", 200), ("body", b"hello"), ("end",)]
     assert owner.done == [stream]
     assert stream.response is Response.ENDED
+
+
+@pytest.mark.parametrize(
+    ("headers", "sent"),
+    [
+        ([("Content-Length", "5")], {b"Content-Length": b"5"}),
+        ([], {b"Content-Length": b"5"}),  # the whole body is here: its length is added
+    ],
+    ids=["with Content-Length", "without"],
+)
+async def test_a_list_response_goes_to_the_owner_in_one_call(
+    headers: list[tuple[str, str]], sent: dict[bytes, bytes]
+) -> None:
+    """The list fast path (wsgi.call_app hands the body back with its return value).
+    Not through wsgiref's validator, whose iterable wrapper is not a list."""
+
+    def app(environ: Environ, start_response: Any) -> list[bytes]:
+        start_response("200 OK", headers)
+        return [b"hel", b"lo"]
+
+    owner = RecordingOwner()
+    ctx = context_from_config(app, Config())
+    stream = RequestStream(owner, ctx, INFO, request())
+    with trio.fail_after(TIMEOUT):
+        await stream.run()
+    assert owner.calls == [("whole", 200, sent, [b"hel", b"lo"])]
+    assert (stream.response, stream.status, stream.bytes_sent) == (Response.ENDED, 200, 5)
+    assert owner.done == [stream]
 
 
 async def test_a_streamed_response_is_pushed_then_ended() -> None:
