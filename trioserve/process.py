@@ -148,12 +148,13 @@ def tune_garbage_collector(threshold: int) -> None:
     Python collects its youngest generation after 700 new container objects
     (2000 from Python 3.13), every few dozen requests here. At that moment the
     requests in flight are young, so each collection scans them and promotes
-    them, and enough promotions bring a collection of the whole heap (the modules, the app).
-    A threshold of ``threshold`` makes all of that rarer, and ``gc.freeze()``
-    puts what exists once the server is up into the permanent generation,
-    which no collection scans. Garbage in reference cycles is still found, a
-    little later. Called by the command only: a program embedding
-    ``serve_wsgi`` keeps its process's settings. 0 changes nothing.
+    them, and enough promotions bring a collection of the whole heap (the
+    modules, the app). A threshold of ``threshold`` makes all of that rarer,
+    and ``gc.freeze()`` puts what exists once the server is up into the
+    permanent generation, which no collection scans. Garbage in reference
+    cycles is still found, a little later. Called by the command only: a
+    program embedding ``serve_wsgi`` keeps its process's settings. 0 changes
+    nothing.
     """
     if not threshold:
         return

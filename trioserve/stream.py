@@ -664,7 +664,7 @@ class RequestStream:
         self._end()
 
     async def _serve(self) -> None:
-        if not self.body.ended:
+        if not self.body.ended:  # (its own first check: spares bodiless requests a call)
             await self._wait_for_body_start()
         result = await self._run_app()
         self.app_done = True
@@ -769,9 +769,7 @@ class RequestStream:
                     head.headers.append((b"Content-Length", str(size).encode("ascii")))
                     if head.content_length is None:  # (a checked head stays checked)
                         head.content_length = size
-                self.status = head.status
-                self.response_head = head
-                self.response = Response.STARTED
+                self._response_started(head)
                 owner.send_whole(sid, head, body)
                 self.bytes_sent += sum(map(len, body))
         except InvalidResponse as exc:
@@ -782,10 +780,14 @@ class RequestStream:
     # ---- ending the stream --------------------------------------------------
 
     def _start_response(self, head: ResponseHead) -> None:
+        self._response_started(head)
+        self._owner.send_head(self.stream_id, head)
+
+    def _response_started(self, head: ResponseHead) -> None:
+        """Record that ``head`` is this stream's response, about to be queued."""
         self.status = head.status
         self.response_head = head
         self.response = Response.STARTED
-        self._owner.send_head(self.stream_id, head)
 
     def _send_continue(self) -> None:
         if (
