@@ -11,6 +11,8 @@ frame sizes are the point. No trio, no mocks, no sockets.
 
 from __future__ import annotations
 
+import collections
+
 import h2.config
 import h2.connection
 import h2.errors
@@ -1360,8 +1362,111 @@ def test_new_streams_are_counted_only_at_the_limit(monkeypatch: pytest.MonkeyPat
     # fields never indexed, so both HPACK tables stay as they were.
     block = hpack.Encoder().encode([(name, value, True) for name, value in GET])
     client._data_to_send += raw_frame(0x1, 0x5, 11, block)  # HEADERS, END_STREAM|END_HEADERS
-    client_events, server_events = pump(client, server)
+    server.receive_data(client.data_to_send())
     assert walks  # counted at the limit ...
-    # ... and refused the way h2 alone refuses it (a connection error).
-    assert summary(client_events) == [("goaway", Errors.PROTOCOL_ERROR, 9)]
-    assert not [e for e in server_events if isinstance(e, RequestReceived)]
+    # ... and refused: RST_STREAM(REFUSED_STREAM) for that stream alone.
+    assert not [e for e in server.next_events() if isinstance(e, RequestReceived)]
+    assert [
+        (type(f), f.stream_id, getattr(f, "error_code", None))
+        for f in frames(server.data_to_send())
+    ] == [(RstStreamFrame, 11, Errors.REFUSED_STREAM)]
+
+
+def over_limit_requests(
+    client: h2.connection.H2Connection, first: int, count: int, *, end: bool = True
+) -> None:
+    """Queue ``count`` requests from stream ``first`` on, whatever the client
+    knows of the server's limit: each adds a field of its own to the HPACK table."""
+    limit = h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+    known = client.remote_settings.get(limit)
+    client.remote_settings._settings.pop(limit, None)  # h2's own check would stop us
+    for sid in range(first, first + 2 * count, 2):
+        request(client, sid, [*GET, (b"x-stream", str(sid).encode())], end=end)
+    if known is not None:
+        client.remote_settings._settings[limit] = collections.deque([known])
+
+
+def test_streams_over_the_limit_in_the_first_flight_are_refused() -> None:
+    """A client may open streams before our SETTINGS reach it (RFC 9113 §6.5.2 puts
+    no limit until then): those over the limit get RST_STREAM(REFUSED_STREAM),
+    which tells it nothing was processed, and the connection carries on."""
+    server = HTTP2Connection(max_concurrent_streams=2)
+    server.initiate()
+    client = h2_client()
+    client.initiate_connection()
+    for sid in (1, 3, 5, 7):  # one read: the preface, SETTINGS and four HEADERS
+        request(client, sid, [*GET, (b"x-stream", str(sid).encode())])
+    server.receive_data(client.data_to_send())
+    opened = [e.stream_id for e in server.next_events() if isinstance(e, RequestReceived)]
+    assert opened == [1, 3]
+    client_events = client_receive(client, server.data_to_send())
+    assert [s for s in summary(client_events) if s[0] in ("reset", "goaway")] == [
+        ("reset", 5, Errors.REFUSED_STREAM),
+        ("reset", 7, Errors.REFUSED_STREAM),
+    ]
+    respond(server, 1, b"one")
+    respond(server, 3, b"three")
+    client_events, _ = pump(client, server)
+    assert ("data", 1, b"one") in summary(client_events)
+    assert ("data", 3, b"three") in summary(client_events)
+    assert not [s for s in summary(client_events) if s[0] == "goaway"]
+    # Stream 9 repeats stream 7's field: the client sends it as an index into the
+    # HPACK table, which holds it only if the refused block was decoded too.
+    request(client, 9, [*GET, (b"x-stream", b"7")])
+    _, server_events = pump(client, server)
+    (nine,) = [e for e in server_events if isinstance(e, RequestReceived)]
+    assert nine.stream_id == 9
+    assert (b"x-stream", b"7") in nine.headers
+
+
+def test_a_stream_over_the_limit_later_is_refused_alone() -> None:
+    """At the limit on an established connection: the extra stream is refused, its
+    header block decoded (the HPACK tables stay in step), and its request body is
+    dropped as h2 drops frames for a stream it reset, the connection window
+    counted as used up and due back."""
+    client, server = connect(max_concurrent_streams=2)
+    request(client, 1)
+    request(client, 3)
+    pump(client, server)
+    window = client.outbound_flow_control_window
+    over_limit_requests(client, 5, 1, end=False)  # HEADERS without END_STREAM ...
+    client.send_data(5, b"x" * 1000)  # ... and a body
+    client_events, server_events = pump(client, server)
+    assert not [e for e in server_events if getattr(e, "stream_id", None) == 5]
+    assert ("reset", 5, Errors.REFUSED_STREAM) in summary(client_events)
+    assert not [s for s in summary(client_events) if s[0] == "goaway"]
+    # The body's bytes count as processed: h2 gives the connection window back
+    # with its next WINDOW_UPDATE, so they never hold up the other streams.
+    assert client.outbound_flow_control_window == window - 1000
+    assert server._h2._inbound_flow_control_window_manager._bytes_processed == 1000
+    respond(server, 1, b"one")
+    pump(client, server)
+    request(client, 7, [*GET, (b"x-stream", b"5")])  # indexed by the refused block
+    client_events, server_events = pump(client, server)
+    (seven,) = [e for e in server_events if isinstance(e, RequestReceived)]
+    assert (b"x-stream", b"5") in seven.headers
+
+
+def test_refusals_over_the_limit_spend_the_reset_budget() -> None:
+    """Opening streams over the limit again and again is Rapid Reset by another
+    name: each refusal counts, and past the budget the connection ends."""
+    client, server = connect(max_concurrent_streams=1)
+    request(client, 1)
+    pump(client, server)
+    over_limit_requests(client, 3, RESET_BUDGET + 1)
+    client_events, _ = pump(client, server)
+    assert summary(client_events)[-1][:2] == ("goaway", Errors.ENHANCE_YOUR_CALM)
+
+
+def test_a_padded_stream_over_the_limit_is_h2s_connection_error() -> None:
+    """A HEADERS frame trioserve does not open itself (padded, or continued) goes
+    to h2, which treats the limit as a connection error: allowed too (RFC 9113
+    §5.4.1), and what real clients never send at the limit."""
+    client, server = connect(max_concurrent_streams=1)
+    request(client, 1)
+    pump(client, server)
+    block = hpack.Encoder().encode([(name, value, True) for name, value in GET])
+    padded = b"\x00" + block  # pad length 0
+    client._data_to_send += raw_frame(0x1, 0x5 | 0x8, 3, padded)  # + PADDED
+    client_events, _ = pump(client, server)
+    assert summary(client_events) == [("goaway", Errors.PROTOCOL_ERROR, 1)]

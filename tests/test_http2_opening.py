@@ -10,10 +10,15 @@ same bytes back.
 
 from __future__ import annotations
 
+import collections
 import itertools
 
+import h2.errors
+import h2.exceptions
+import h2.settings
 import hpack
 import pytest
+from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +38,55 @@ CLIENT_HANDSHAKE = (
 
 
 class AllToH2(HTTP2Connection):
-    """The reference: every frame is parsed and handled by h2 itself."""
+    """The reference: every frame is parsed and handled by h2 itself, with one
+    change of trioserve's: a stream over MAX_CONCURRENT_STREAMS whose HEADERS
+    frame is plain (not padded, not continued, not depending on itself, an odd
+    new stream id) is opened by h2 with the limit lifted for it and then reset
+    with REFUSED_STREAM, its events dropped, where h2 alone would end the
+    connection. Any other HEADERS frame over the limit stays h2's connection
+    error."""
+
+    def __init__(self, **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        conn = self._h2
+        continued: set[int] = set()  # ids of HEADERS frames h2 merged with CONTINUATIONs
+        merge = conn.incoming_buffer._update_header_buffer
+
+        def merging(frame: Frame | None) -> Frame | None:
+            out = merge(frame)
+            if isinstance(frame, ContinuationFrame) and out is not None:
+                continued.add(id(out))
+            return out
+
+        conn.incoming_buffer._update_header_buffer = merging  # type: ignore[method-assign]
+        receive_headers = conn._receive_headers_frame
+        limit = h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+
+        def refusing(frame: HeadersFrame):  # type: ignore[no-untyped-def]
+            try:
+                return receive_headers(frame)
+            except h2.exceptions.TooManyStreamsError:
+                plain = (
+                    "PADDED" not in frame.flags
+                    and id(frame) not in continued
+                    and not ("PRIORITY" in frame.flags and frame.depends_on == frame.stream_id)
+                    and frame.stream_id % 2
+                    and frame.stream_id > conn.highest_inbound_stream_id
+                )
+                if not plain:
+                    raise
+            settings = conn.local_settings._settings
+            kept = settings[limit]
+            settings[limit] = collections.deque([2**31 - 1])
+            try:
+                frames, events = receive_headers(frame)
+            finally:
+                settings[limit] = kept
+            self._resets += 1
+            conn.reset_stream(frame.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return frames, [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
+
+        conn._frame_dispatch_table[HeadersFrame] = refusing
 
     def _receive_frames(self, data: bytes | bytearray) -> list:  # type: ignore[type-arg]
         return self._h2.receive_data(data)
@@ -138,7 +191,7 @@ def test_same_events_and_bytes_as_h2(
 ) -> None:
     """Valid, malformed and hostile frames alike, cut across reads anywhere: the
     events and every byte sent back are h2's own (GOAWAY codes, RST_STREAMs,
-    refusals over MAX_CONCURRENT_STREAMS, compression errors)."""
+    compression errors), and refusals over MAX_CONCURRENT_STREAMS the reference's."""
     ours = started(HTTP2Connection(max_concurrent_streams=streams))
     reference = started(AllToH2(max_concurrent_streams=streams))
     assert feed(ours, data, cuts, answer) == feed(reference, data, cuts, answer)
@@ -228,7 +281,7 @@ def test_a_reused_stream_id_is_left_to_h2(h2_headers_calls: list[int]) -> None:
     assert isinstance(events[-1], ConnectionClosed)  # h2: a lower id is a connection error
 
 
-def test_over_max_concurrent_streams_is_left_to_h2(h2_headers_calls: list[int]) -> None:
+def test_over_max_concurrent_streams_is_refused_here(h2_headers_calls: list[int]) -> None:
     server = started(HTTP2Connection(max_concurrent_streams=2))
     encoder = hpack.Encoder()
     server.receive_data(
@@ -236,11 +289,23 @@ def test_over_max_concurrent_streams_is_left_to_h2(h2_headers_calls: list[int]) 
     )
     events = server.next_events()
     assert [e.stream_id for e in events if isinstance(e, RequestReceived)] == [1, 3]
-    assert h2_headers_calls == []
     server.receive_data(raw_frame(HEADERS, END_HEADERS, 5, encoder.encode(POST)))
     events = server.next_events()
-    assert h2_headers_calls == [5]  # and h2 refuses it as it always has
-    assert not any(isinstance(e, RequestReceived) for e in events)
+    assert h2_headers_calls == []  # refused without h2's HEADERS handling
+    assert events == []
+    assert server.data_to_send() == raw_frame(RST_STREAM, 0, 5, (7).to_bytes(4, "big"))
+
+
+def test_over_max_concurrent_streams_unusual_is_left_to_h2(h2_headers_calls: list[int]) -> None:
+    server = started(HTTP2Connection(max_concurrent_streams=1))
+    server.receive_data(raw_frame(HEADERS, END_HEADERS, 1, BLOCKS[3]))
+    server.next_events()
+    padded = b"\x01" + BLOCKS[3] + b"\0"
+    server.receive_data(raw_frame(HEADERS, END_HEADERS | END_STREAM | PADDED, 3, padded))
+    events = server.next_events()
+    assert h2_headers_calls == [3]  # and h2 ends the connection, as it always has
+    assert isinstance(events[-1], ConnectionClosed)
+    assert events[-1].error_code == 1  # PROTOCOL_ERROR
 
 
 def test_frames_split_at_every_byte_give_the_same_requests() -> None:

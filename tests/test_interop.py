@@ -736,6 +736,35 @@ async def test_nghttp_sees_a_streamed_response_end_on_its_last_data_frame(
     assert not any(flags & 0x1 for _, flags in data[:-1]), output
 
 
+@needs("nghttp")
+async def test_nghttp_streams_over_the_limit_are_refused_not_the_connection(
+    serve: Serve,
+) -> None:
+    """With prior knowledge nghttp sends all its requests in its first flight,
+    before our SETTINGS can reach it (the server speaks only once it has seen
+    the preface). With a limit of 4, four /meet requests hold their streams
+    open (each waits in the app until all four are there), and the two requests
+    after them get RST_STREAM(REFUSED_STREAM): the connection and the four go
+    on. (Over TLS the server's SETTINGS follow the handshake at once, and
+    nghttp may or may not have them before it sends: no fixed outcome there.)"""
+    flags, tls = NGHTTP_MODES["h2c-prior-knowledge"]
+    with trio.fail_after(QUICK):
+        server = await serve(validator(Rendezvous(4)), tls=tls, h2_max_concurrent_streams=4)
+        # (Distinct URLs: nghttp fetches a repeated one once.)
+        urls = [f"{server.url}/meet?{i}" for i in range(4)]
+        urls += [f"{server.url}/other?{i}" for i in range(2)]
+        result = await run("nghttp", "--timeout=10", "-nv", *flags, *urls)
+    log = result.stdout.decode(errors="replace")
+    refused = re.findall(
+        r"recv RST_STREAM frame <length=4, flags=0x00, stream_id=(\d+)>\n"
+        r"\s+\(error_code=REFUSED_STREAM\(0x07\)\)",
+        log,
+    )
+    assert len(refused) == 2, log
+    assert len(re.findall(r"recv \(stream_id=\d+\) :status: 200", log)) == 4, log
+    assert "recv GOAWAY" not in log, log
+
+
 # ---- h2load ----------------------------------------------------------------------------
 
 _H2LOAD_REQUESTS = re.compile(

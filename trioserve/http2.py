@@ -249,9 +249,13 @@ class HTTP2Connection:
         self._control_frames = 0
         self._in_header_block = False  # HEADERS seen, END_HEADERS not yet (header deadline)
         # Opening streams ourselves (_receive_frames) needs h2 to hold no partial
-        # frame, so it starts at the first read that ends on a frame boundary
-        # after the client's SETTINGS; from then on h2 is handed whole frames.
+        # frame, so it starts right after the client's first SETTINGS frame when
+        # that ends within a read (the usual case: so the first requests are
+        # opened, and refused over the limit, the same way as later ones), or
+        # else at the first read that ends on a frame boundary after it; from
+        # then on h2 is handed whole frames.
         self._settings_seen = False
+        self._settings_end: int | None = None  # in this read, where that SETTINGS ends
         self._whole_frames = False
         self._partial_frame = b""  # a frame header, or a HEADERS frame, not yet whole
         self._h2_frame_left = 0  # bytes still to come of a frame h2 has the start of
@@ -372,6 +376,11 @@ class HTTP2Connection:
         try:
             if self._whole_frames:
                 h2_events = self._receive_frames(data)
+            elif self._settings_end is not None:
+                split, self._settings_end = self._settings_end, None
+                h2_events = self._h2.receive_data(data[:split])  # the preface and SETTINGS
+                self._whole_frames = True
+                h2_events += self._receive_frames(data[split:])
             else:
                 h2_events = self._h2.receive_data(data)
                 self._whole_frames = self._settings_seen and not (
@@ -423,6 +432,7 @@ class HTTP2Connection:
         limit = self._h2.max_inbound_frame_size
         size = len(data)
         position = 0
+        self._settings_end = None  # (set below for this read only)
         if self._preface_left:
             skipped = min(self._preface_left, size)
             self._preface_left -= skipped
@@ -453,8 +463,10 @@ class HTTP2Connection:
                     self._control_frames += 1  # empty, or for a closed stream
             else:
                 self._control_frames += 1
-                if frame_type == FRAME_SETTINGS:
+                if frame_type == FRAME_SETTINGS and not self._settings_seen:
                     self._settings_seen = True
+                    if position + length <= size:
+                        self._settings_end = position + length
             skipped = min(length, size - position)
             position += skipped
             self._frame_left = length - skipped
@@ -514,7 +526,11 @@ class HTTP2Connection:
                         )
                         block = self._plain_stream_opening(view, position, end, flags, sid)
                         if block is not None:
-                            events += self._open_stream(sid, block, bool(flags & FLAG_END_STREAM))
+                            end_stream = bool(flags & FLAG_END_STREAM)
+                            if self._at_stream_limit():
+                                self._refuse_stream(sid, block, end_stream)
+                            else:
+                                events += self._open_stream(sid, block, end_stream)
                             handed = end
                     in_block = not flags & FLAG_END_HEADERS
                 if end > size:  # h2 gets this frame's start now, the rest as it comes
@@ -550,14 +566,33 @@ class HTTP2Connection:
             depends_on = int.from_bytes(view[start + 9 : start + 13], "big") & MAX_STREAM_ID
             if depends_on == sid:
                 return None
+        return bytes(view[block_start:end])
+
+    def _at_stream_limit(self) -> bool:
+        """As many streams are open as our SETTINGS_MAX_CONCURRENT_STREAMS allows."""
+        conn = self._h2
         # h2 counts the open streams by walking all it holds (about 15 µs at
         # 100). Fewer held than the limit means fewer open, so the walk is
         # needed only at the limit; it also drops the closed ones, as
         # _stream_complete does for the streams it closes.
         limit = conn.local_settings.max_concurrent_streams
-        if len(conn.streams) >= limit and conn.open_inbound_streams >= limit:
-            return None  # h2 refuses it
-        return bytes(view[block_start:end])
+        return len(conn.streams) >= limit and conn.open_inbound_streams >= limit
+
+    def _refuse_stream(self, sid: int, block: bytes, end_stream: bool) -> None:
+        """Refuse a stream over the limit with RST_STREAM(REFUSED_STREAM).
+
+        RFC 9113 §5.1.2 makes it a stream error, PROTOCOL_ERROR or
+        REFUSED_STREAM; the second tells the client that nothing was processed,
+        so it may retry (a client can open a few too many before our SETTINGS
+        reach it). h2 alone would end the whole connection. The stream is
+        opened in h2's books, its header block decoded so that the HPACK
+        state stays in step with the client's, and reset at once: later frames
+        for it get h2's answer for a stream we reset. Its events are dropped.
+        Each refusal spends the reset budget, like the other refusals.
+        """
+        self._open_stream(sid, block, end_stream)
+        self._resets += 1
+        self._send_reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
 
     def _open_stream(self, sid: int, block: bytes, end_stream: bool) -> list[h2.events.Event]:
         """Open stream ``sid`` from its header block: the steps of h2's own HEADERS handling.
