@@ -197,6 +197,27 @@ def test_same_events_and_bytes_as_h2(
     assert feed(ours, data, cuts, answer) == feed(reference, data, cuts, answer)
 
 
+@settings(max_examples=400, deadline=None)
+@given(
+    frame_sequences(),
+    st.lists(st.integers(0, 10_000), max_size=4),
+    st.sampled_from([1, 2, 100]),
+)
+def test_same_events_and_bytes_as_h2_from_the_preface_on(
+    data: bytes, cuts: list[int], streams: int
+) -> None:
+    """The client's preface and SETTINGS in the same reads as its first frames (a
+    client's first flight), cut anywhere: h2 takes the preface and SETTINGS, and the
+    frames after them go the short way from the same read on."""
+    ours = HTTP2Connection(max_concurrent_streams=streams)
+    reference = AllToH2(max_concurrent_streams=streams)
+    for server in (ours, reference):
+        server.initiate()
+        server.data_to_send()
+    first_flight = CLIENT_HANDSHAKE + data
+    assert feed(ours, first_flight, cuts, False) == feed(reference, first_flight, cuts, False)
+
+
 # ---- which frames take the short way ------------------------------------------------
 
 
