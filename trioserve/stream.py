@@ -757,21 +757,21 @@ class RequestStream:
                 owner.end(sid)
             else:
                 # The whole response is here: one call queues it, head to end.
-                body = result.body
                 bodyless = head.status in _NO_BODY_STATUSES
-                if bodyless:
-                    body = []
-                elif (
-                    head.content_length is None or head.content_length == UNCHECKED
-                ) and not field_traits(head.headers, head.traits) & HAS_FRAMING:
+                body = [] if bodyless else result.body
+                size = sum(map(len, body))
+                if (
+                    not bodyless
+                    and (head.content_length is None or head.content_length == UNCHECKED)
+                    and not field_traits(head.headers, head.traits) & HAS_FRAMING
+                ):
                     # The whole body is here: say how long it is.
-                    size = sum(map(len, body))
                     head.headers.append((b"Content-Length", str(size).encode("ascii")))
                     if head.content_length is None:  # (a checked head stays checked)
                         head.content_length = size
                 self._response_started(head)
                 owner.send_whole(sid, head, body)
-                self.bytes_sent += sum(map(len, body))
+                self.bytes_sent += size
         except InvalidResponse as exc:
             self._abort(f"invalid response: {exc}")
             return
