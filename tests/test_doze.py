@@ -182,6 +182,90 @@ async def test_a_dozing_connection_still_closes_after_the_keep_alive_time(
         await all_closed(server)
 
 
+def connection_task() -> trio.lowlevel.Task:
+    """The one connection's own task (the one that dozes)."""
+    tasks = [trio.lowlevel.current_root_task()]
+    found = []
+    while tasks:
+        task = tasks.pop()
+        assert task is not None
+        if task.coro.cr_code.co_name == "_serve_accepted":
+            found.append(task)
+        for nursery in task.child_nurseries:
+            tasks.extend(nursery.child_tasks)
+    [task] = found
+    return task
+
+
+async def test_a_dozing_connection_holds_no_cancel_scope_of_its_own(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Its keep-alive time is kept by the server's one keeper (trioserve.dozing):
+    a scope and its deadline would be about 900 bytes of every idle connection."""
+    async with served() as server:
+        assert server._context is not None
+        dozing = server._context.dozing
+        stream, _ = await dozing_connection(server, mock_clock)
+        assert len(dozing) == 1
+        task = connection_task()
+        assert task.parent_nursery is not None
+        # (trio's own record of which scope the task is in: none between it and its nursery)
+        assert task._cancel_status._scope is task.parent_nursery.cancel_scope
+        assert (await get(stream)).startswith(b"HTTP/1.1 200 ")
+        assert len(dozing) == 0  # woken by its request: off the list
+
+
+async def test_dozing_connections_close_each_at_its_own_keep_alive_time(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with served() as server:
+        first, _ = await dozing_connection(server, mock_clock)
+        await quiet_for(server, mock_clock, 1)
+        second = await trio.open_tcp_stream("127.0.0.1", server.port)
+        assert (await get(second)).startswith(b"HTTP/1.1 200 ")
+        await quiet_for(server, mock_clock, DOZE_AFTER + 0.001)
+        assert server._context is not None
+        assert len(server._context.dozing) == 2
+        # The first's keep-alive time ends 1 + DOZE_AFTER before the second's.
+        await quiet_for(server, mock_clock, KEEP_ALIVE - 1 - 2 * DOZE_AFTER - 0.01)
+        assert server.open_connections == 2
+        await quiet_for(server, mock_clock, 0.02)
+        assert await receive_promptly(first) == b""
+        await first.aclose()
+        for _ in range(1_000):
+            if server.open_connections == 1:
+                break
+            await trio.testing.wait_all_tasks_blocked()
+        assert server.open_connections == 1
+        await quiet_for(server, mock_clock, 1 + DOZE_AFTER - 0.02)
+        assert server.open_connections == 1
+        await quiet_for(server, mock_clock, 0.02)
+        assert await receive_promptly(second) == b""
+        await second.aclose()
+        await all_closed(server)
+
+
+async def test_without_the_keeper_a_connection_keeps_its_tasks_and_its_keep_alive(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Only a server that runs the keeper lets connections doze (one built from
+    parts, serve_connection on a ServerContext, does not): the reader keeps the
+    keep-alive time then, as for any busy connection."""
+    async with served() as server:
+        assert server._context is not None
+        server._context.dozing.running = False
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        assert (await get(stream)).startswith(b"HTTP/1.1 200 ")
+        conn = the_connection(server)
+        await quiet_for(server, mock_clock, DOZE_AFTER * 2)
+        assert not conn.dozing
+        assert sorted(connection_tasks()) == sorted(CONNECTION_TASKS)
+        await quiet_for(server, mock_clock, KEEP_ALIVE - DOZE_AFTER * 2 + 0.01)
+        assert await receive_promptly(stream) == b""
+        await stream.aclose()
+        await all_closed(server)
+
+
 async def test_a_graceful_stop_closes_a_dozing_connection_at_once(
     mock_clock: trio.testing.MockClock,
 ) -> None:

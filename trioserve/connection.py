@@ -45,9 +45,11 @@ it is never matters here: both speak :class:`~trioserve.events.ServerProtocol`.
 An HTTP/1.1 connection on a plain socket that has been idle for
 ``DOZE_AFTER`` dozes: its reader, sender and request tasks end and its
 nursery closes, and ``Connection.run`` itself waits for the socket to become
-readable (or for the keep-alive time, a graceful stop or an abort), then
-starts them again. Idle keep-alive connections are most of a server's
-connections, and their tasks were most of their memory.
+readable (or for the keep-alive time, a graceful stop or an abort: the
+server's one keeper in :mod:`trioserve.dozing` ends that wait, so a dozing
+connection holds no cancel scope of its own), then starts them again. Idle
+keep-alive connections are most of a server's connections, and their tasks
+were most of their memory.
 
 The connection ends when the protocol says it is closing, no stream is live,
 and all output is flushed; or at once when the socket breaks, in which case
@@ -407,7 +409,6 @@ class Connection:
     __slots__ = (
         "_abort_code",
         "_counts",
-        "_doze_scope",
         "_doze_tried",
         "_dropped",
         "_head_started",
@@ -480,7 +481,6 @@ class Connection:
         # deadline is moved only to make it earlier (see _read_loop).
         self._idle_since: float | None = trio.current_time()
         self._doze_tried: float | None = None  # the _idle_since of the last chance to doze
-        self._doze_scope: trio.CancelScope | None = None  # the dozing wait for input
         self._dropped = False  # abort() was called
         self._pipeline_waiting = False  # HTTP/1.1: next request held back until output drains
         # Told of every write: spilling streams (made at the first one).
@@ -545,8 +545,7 @@ class Connection:
         self.proto.start_shutdown()
         self._wake_sender()
         self._wake_reader()
-        if self._doze_scope is not None:
-            self._doze_scope.cancel()  # nothing in flight: close now
+        self._wake_dozer()  # nothing in flight: close now
 
     def abort(self) -> None:
         """Stop now: cancel every stream and drop the connection."""
@@ -555,8 +554,13 @@ class Connection:
         self._dropped = True
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
-        if self._doze_scope is not None:
-            self._doze_scope.cancel()
+        self._wake_dozer()
+
+    def _wake_dozer(self) -> None:
+        """End the doze now, if the connection dozes (see _doze)."""
+        io = self._io
+        if self._phase is _Phase.DOZING and isinstance(io, _SocketIO):
+            self.ctx.dozing.wake(io.fd)
 
     @property
     def dozing(self) -> bool:
@@ -581,6 +585,7 @@ class Connection:
             and not proto.partial_request
             and not proto.closing
             and not self.ctx.shutting_down
+            and self.ctx.dozing.running  # (someone keeps the keep-alive time)
         )
 
     async def _doze(self) -> bool:
@@ -598,16 +603,22 @@ class Connection:
         # the parser, and the streams table a dict keeps after its last key goes.
         self.proto.release_idle()
         self.streams = {}
-        deadline = self._idle_since + self.ctx.config.keep_alive_timeout
-        with trio.CancelScope(deadline=deadline) as scope:
-            self._doze_scope = scope
+        ctx = self.ctx
+        if not self.proto.closing and not ctx.shutting_down:
+            # No cancel scope of its own: the server's one keeper of dozing
+            # connections wakes this wait when the keep-alive time is up, or
+            # for a stop or an abort (see trioserve.dozing).
+            fd = self._io.fd
+            ctx.dozing.add(fd, self._idle_since + ctx.config.keep_alive_timeout)
             try:
-                if not self.proto.closing and not self.ctx.shutting_down:
-                    await trio.lowlevel.wait_readable(self._io.fd)
-                    self._phase = _Phase.OPEN
-                    return True
+                await trio.lowlevel.wait_readable(fd)
+            except trio.ClosedResourceError:
+                pass  # woken by the keeper: the connection closes
+            else:
+                self._phase = _Phase.OPEN
+                return True
             finally:
-                self._doze_scope = None
+                ctx.dozing.remove(fd)
         if self._phase is _Phase.DOZING and not self._dropped:
             self._phase = _Phase.DONE  # closed politely
         return False

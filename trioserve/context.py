@@ -20,6 +20,7 @@ import trio
 
 from .accesslog import FinishedRequest, access_log_for
 from .config import Config
+from .dozing import DozingConnections
 from .http1 import HTTP1Connection
 from .http2 import HTTP2Connection
 from .proxy import AllowList, parse_allow_list
@@ -90,6 +91,9 @@ class ServerContext:
     # their first bytes: a graceful stop shortens these to the first-bytes grace.
     opening: set[trio.CancelScope] = dataclasses.field(default_factory=set)
     _connections_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # Idle HTTP/1.1 connections waiting without tasks, and their keep-alive
+    # time (the server runs its keeper; without it no connection dozes).
+    dozing: DozingConnections = dataclasses.field(default_factory=DozingConnections)
     spill_budget: SpillBudget = dataclasses.field(default_factory=lambda: SpillBudget(0))
     stats: ServerStats = dataclasses.field(default_factory=ServerStats)
 

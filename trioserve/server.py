@@ -4,6 +4,7 @@ Task tree of one server::
 
     serve_wsgi                    task_status.started(server) once listening
     └── nursery
+        ├── DozingConnections.keep        the keep-alive time of dozing connections
         ├── _accept_task x listeners      (in the accept cancel scope)
         └── serve_connection x connections
 
@@ -205,6 +206,7 @@ async def serve_wsgi(
         ctx.on_max_requests = server._max_requests_reached
     try:
         async with trio.open_nursery() as server_nursery:
+            await server_nursery.start(ctx.dozing.keep)
             if metrics_listeners:
                 server._metrics = await _start_metrics(server_nursery, ctx, metrics_listeners)
             for listener in bound:

@@ -1,0 +1,158 @@
+"""The keeper of dozing connections' keep-alive time (trioserve.dozing), on its own.
+
+Socket pairs stand in for dozing connections: a task waits for each to become
+readable, as Connection._doze does, and the keeper must end exactly the waits
+whose time is up, when it is up, with ClosedResourceError.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import trio
+import trio.testing
+
+from trioserve.dozing import DozingConnections
+
+
+@contextmanager
+def socket_pairs(count: int) -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    pairs = [socket.socketpair() for _ in range(count)]
+    try:
+        yield pairs
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+@asynccontextmanager
+async def keeper() -> AsyncIterator[tuple[DozingConnections, trio.Nursery]]:
+    dozing = DozingConnections()
+    assert not dozing.running
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dozing.keep)
+        assert dozing.running
+        yield dozing, nursery
+        nursery.cancel_scope.cancel()
+    assert not dozing.running
+
+
+class Dozer:
+    """Lists a socket and waits for it as a dozing connection does; records how it ended."""
+
+    def __init__(self, dozing: DozingConnections, sock: socket.socket, due: float) -> None:
+        self.dozing = dozing
+        self.fd = sock.fileno()
+        self.due = due
+        self.ended: str | None = None
+        self.ended_at: float | None = None
+
+    async def doze(self) -> None:
+        self.dozing.add(self.fd, self.due)
+        try:
+            await trio.lowlevel.wait_readable(self.fd)
+            self.ended = "readable"
+        except trio.ClosedResourceError:
+            self.ended = "woken"
+        finally:
+            self.dozing.remove(self.fd)
+            self.ended_at = trio.current_time()
+
+
+async def test_each_socket_is_woken_when_its_time_is_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with socket_pairs(3) as pairs:
+        async with keeper() as (dozing, nursery):
+            start = trio.current_time()
+            dozers = [
+                Dozer(dozing, a, start + due) for (a, _), due in zip(pairs, (5, 7, 9), strict=True)
+            ]
+            for dozer in dozers:  # listed in order (trio runs new tasks in any order)
+                nursery.start_soon(dozer.doze)
+                await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(10)
+            assert [d.ended for d in dozers] == ["woken"] * 3
+            assert [d.ended_at for d in dozers] == [d.due for d in dozers]
+            assert len(dozing) == 0
+
+
+async def test_a_socket_that_becomes_readable_leaves_the_list(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Its next request came: the keeper never wakes it, and the later socket
+    is still woken on time."""
+    with socket_pairs(2) as pairs:
+        async with keeper() as (dozing, nursery):
+            start = trio.current_time()
+            first = Dozer(dozing, pairs[0][0], start + 5)
+            second = Dozer(dozing, pairs[1][0], start + 6)
+            nursery.start_soon(first.doze)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(second.doze)
+            await trio.sleep(1)
+            assert len(dozing) == 2
+            pairs[0][1].send(b"GET")
+            await trio.sleep(1)
+            assert (first.ended, first.ended_at) == ("readable", start + 1)
+            assert len(dozing) == 1
+            await trio.sleep(5)
+            assert (second.ended, second.ended_at) == ("woken", start + 6)
+            # The readable one's wait can begin again: it was left alone.
+            with trio.move_on_after(1):
+                await trio.lowlevel.wait_readable(pairs[0][0])
+                assert pairs[0][0].recv(10) == b"GET"
+
+
+async def test_wake_ends_a_doze_at_once_and_only_a_listed_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with socket_pairs(2) as pairs:
+        async with keeper() as (dozing, nursery):
+            start = trio.current_time()
+            dozer = Dozer(dozing, pairs[0][0], start + 100)
+            nursery.start_soon(dozer.doze)
+            await trio.sleep(1)
+            dozing.wake(pairs[1][0].fileno())  # not listed: nothing happens
+            dozing.wake(dozer.fd)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (dozer.ended, dozer.ended_at) == ("woken", start + 1)
+            dozing.wake(dozer.fd)  # no longer listed: no second notify
+            assert len(dozing) == 0
+
+
+async def test_the_keeper_waits_for_the_first_socket_without_spinning(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An empty list: the keeper sleeps until something is listed, then keeps its time."""
+    with socket_pairs(1) as pairs:
+        async with keeper() as (dozing, nursery):
+            await trio.sleep(1000)
+            start = trio.current_time()
+            dozer = Dozer(dozing, pairs[0][0], start + 3)
+            nursery.start_soon(dozer.doze)
+            await trio.sleep(5)
+            assert (dozer.ended, dozer.ended_at) == ("woken", start + 3)
+
+
+async def test_a_socket_listed_out_of_order_is_woken_with_the_one_before_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The documented bound: never early, and late by no more than the earlier
+    listed socket's time."""
+    with socket_pairs(2) as pairs:
+        async with keeper() as (dozing, nursery):
+            start = trio.current_time()
+            first = Dozer(dozing, pairs[0][0], start + 5.0)
+            second = Dozer(dozing, pairs[1][0], start + 4.99)
+            nursery.start_soon(first.doze)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(second.doze)
+            await trio.sleep(10)
+            assert first.ended_at == start + 5.0
+            assert second.ended == "woken"
+            assert second.ended_at is not None
+            assert start + 4.99 <= second.ended_at <= start + 5.0
