@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from tests import apps
-from trioserve.connection import DOZE_AFTER, Connection
+from trioserve.connection import CONNECTION_TASK, DOZE_AFTER, Connection
 from trioserve.http1 import HTTP1Connection
 from trioserve.server import Server, serve_wsgi
 
@@ -182,18 +182,23 @@ async def test_a_dozing_connection_still_closes_after_the_keep_alive_time(
         await all_closed(server)
 
 
-def connection_task() -> trio.lowlevel.Task:
-    """The one connection's own task (the one that dozes)."""
+def connection_tasks_of(function: str) -> list[trio.lowlevel.Task]:
+    """The live tasks that run ``function``."""
     tasks = [trio.lowlevel.current_root_task()]
     found = []
     while tasks:
         task = tasks.pop()
         assert task is not None
-        if task.coro.cr_code.co_name == "_serve_accepted":
+        if task.coro.cr_code.co_name == function:
             found.append(task)
         for nursery in task.child_nurseries:
             tasks.extend(nursery.child_tasks)
-    [task] = found
+    return found
+
+
+def connection_task() -> trio.lowlevel.Task:
+    """The one connection's own task (the one that dozes)."""
+    [task] = connection_tasks_of("serve_connection")
     return task
 
 
@@ -213,6 +218,30 @@ async def test_a_dozing_connection_holds_no_cancel_scope_of_its_own(
         assert task._cancel_status._scope is task.parent_nursery.cancel_scope
         assert (await get(stream)).startswith(b"HTTP/1.1 200 ")
         assert len(dozing) == 0  # woken by its request: off the list
+
+
+async def test_idle_connections_share_what_they_can(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """What every connection would otherwise hold a copy of for its whole life: the
+    task's name (trio formats one per task unless given one), and the address
+    strings of the environ (the server's, and the client host's, are the same for
+    many connections)."""
+    async with served() as server:
+        assert server._context is not None
+        first, _ = await dozing_connection(server, mock_clock)
+        [task] = connection_tasks_of("serve_connection")
+        assert task.name is CONNECTION_TASK
+        second = await trio.open_tcp_stream("127.0.0.1", server.port)
+        assert (await get(second)).startswith(b"HTTP/1.1 200 ")
+        await quiet_for(server, mock_clock, DOZE_AFTER + 0.001)
+        a, b = (conn.info for conn in server._context.connections)
+        assert a.server_name is b.server_name
+        assert a.server_port is b.server_port
+        assert a.client_addr is b.client_addr
+        assert a.client_port != b.client_port
+        for stream in (first, second):
+            await stream.aclose()
 
 
 async def test_dozing_connections_close_each_at_its_own_keep_alive_time(

@@ -152,6 +152,15 @@ DOZE_AFTER = 0.1
 # tasks (a parked task is about 3 KB).
 IDLE_PARKED_RUNNERS = 4
 
+# Names of the tasks that serve connections. Without one, trio formats a name
+# from the function for every task it starts: a string per task, held for its
+# life (and per idle connection, whose own task is all it keeps running).
+CONNECTION_TASK = "trioserve connection"
+_READER_TASK = "trioserve connection reader"
+_SENDER_TASK = "trioserve connection sender"
+_REQUEST_TASK = "trioserve connection requests"
+_STREAM_TASK = "trioserve connection stream"
+
 
 class _DateHeader:
     """The Date header value, formatted at most once per second."""
@@ -528,8 +537,8 @@ class Connection:
                     # runs, so nobody mistakes this connection for an idle one.
                     self._counts[self._received_word] += len(initial)
                     self._receive(initial)
-                nursery.start_soon(self._sender_task)
-                nursery.start_soon(self._reader_task)
+                nursery.start_soon(self._sender_task, name=_SENDER_TASK)
+                nursery.start_soon(self._reader_task, name=_READER_TASK)
         finally:
             # (Also when an outer cancel, a server's hard stop, ends the nursery.)
             self._nursery = None
@@ -863,7 +872,7 @@ class Connection:
             runner.wakeup.set()
         else:
             assert self._nursery is not None
-            self._nursery.start_soon(self._stream_task, stream)
+            self._nursery.start_soon(self._stream_task, stream, name=_STREAM_TASK)
 
     def _run_next(self, stream: RequestStream) -> None:
         """HTTP/1.1: hand ``stream`` to the connection's request task (started once).
@@ -875,7 +884,7 @@ class Connection:
         if self._requests is None:
             self._requests = Wakeup()
             assert self._nursery is not None
-            self._nursery.start_soon(self._request_task, stream)
+            self._nursery.start_soon(self._request_task, stream, name=_REQUEST_TASK)
         else:
             self._next_stream = stream
             self._requests.set()

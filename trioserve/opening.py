@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import socket
 import ssl
+import sys
 from dataclasses import dataclass
 
 import trio
@@ -48,8 +49,16 @@ def connection_info(stream: trio.abc.Stream, ctx: ServerContext) -> ConnectionIn
         peer = sock.getpeername()
     except OSError:  # already disconnected
         peer = ("", 0)
+    # Interned: every connection to one address, or from one host, shares the
+    # strings instead of holding copies of its own for its whole life.
     return ConnectionInfo(
-        scheme, str(local[0]), str(local[1]), str(peer[0]), str(peer[1]), ctx.root_path, forwarding
+        scheme,
+        sys.intern(str(local[0])),
+        sys.intern(str(local[1])),
+        sys.intern(str(peer[0])),
+        str(peer[1]),
+        ctx.root_path,
+        forwarding,
     )
 
 
@@ -96,44 +105,55 @@ class _Opening:
 
 
 async def serve_connection(
-    stream: trio.abc.Stream, ctx: ServerContext, info: ConnectionInfo | None = None
+    stream: trio.abc.Stream,
+    ctx: ServerContext,
+    info: ConnectionInfo | None = None,
+    *,
+    accepted: bool = False,
 ) -> None:
     """Serve one accepted connection until it closes. Never raises for client misbehaviour.
 
     ``info`` overrides the addresses read from the socket (for in-memory streams).
+    ``accepted``: the accept loop counted the connection in ``ctx.open_connections``;
+    it is counted out when this returns (here rather than in a wrapper, whose
+    frame every connection would carry for its whole life).
     """
-    if info is None:
-        info = connection_info(stream, ctx)
-    opening = _Opening(stream, info)
     try:
-        if not await _open(opening, ctx):
-            return
-        proto: ServerProtocol
-        if opening.http2:
-            h2_proto = ctx.new_http2()
-            h2_proto.initiate()
-            proto = h2_proto
-        else:
-            proto = ctx.new_http1(allow_h2c_upgrade=ctx.ssl_context is None)
-        conn = Connection(opening.stream, proto, ctx, opening.info)
-        ctx.connections.add(conn)
+        if info is None:
+            info = connection_info(stream, ctx)
+        opening = _Opening(stream, info)
         try:
-            await conn.run(bytes(opening.initial))
+            if not await _open(opening, ctx):
+                return
+            proto: ServerProtocol
+            if opening.http2:
+                h2_proto = ctx.new_http2()
+                h2_proto.initiate()
+                proto = h2_proto
+            else:
+                proto = ctx.new_http1(allow_h2c_upgrade=ctx.ssl_context is None)
+            conn = Connection(opening.stream, proto, ctx, opening.info)
+            ctx.connections.add(conn)
+            try:
+                await conn.run(bytes(opening.initial))
+            finally:
+                ctx.connections.discard(conn)
+        except ProxyHeaderError as exc:
+            LOGGER.info("Invalid PROXY protocol header from %s: %s", _peer(opening.info), exc)
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+            ssl.SSLError,
+        ) as exc:
+            LOGGER.debug("Connection from %s ended: %r", _peer(opening.info), exc)
+        except Exception:
+            LOGGER.exception("Internal error on the connection from %s", _peer(opening.info))
         finally:
-            ctx.connections.discard(conn)
-    except ProxyHeaderError as exc:
-        LOGGER.info("Invalid PROXY protocol header from %s: %s", _peer(opening.info), exc)
-    except (
-        trio.BrokenResourceError,
-        trio.ClosedResourceError,
-        trio.TooSlowError,
-        ssl.SSLError,
-    ) as exc:
-        LOGGER.debug("Connection from %s ended: %r", _peer(opening.info), exc)
-    except Exception:
-        LOGGER.exception("Internal error on the connection from %s", _peer(opening.info))
+            await trio.aclose_forcefully(opening.stream)
     finally:
-        await trio.aclose_forcefully(opening.stream)
+        if accepted:
+            ctx.connection_closed()
 
 
 def _peer(info: ConnectionInfo) -> str:

@@ -6,7 +6,7 @@ Task tree of one server::
     └── nursery
         ├── DozingConnections.keep        the keep-alive time of dozing connections
         ├── _accept_task x listeners      (in the accept cancel scope)
-        └── serve_connection x connections
+        └── serve_connection x connections   (accepted=True: it counts itself out)
 
 With ``metrics_bind``, a second server in the same nursery serves the
 counters at ``/metrics`` (:mod:`trioserve.metrics`); it stops with this one.
@@ -30,6 +30,7 @@ from typing import Any
 import trio
 
 from .config import Config, ConfigError
+from .connection import CONNECTION_TASK
 from .context import ServerContext, context_from_config
 from .listeners import bind_listeners, format_sockname, remove_socket_files
 from .opening import serve_connection
@@ -306,14 +307,10 @@ async def _accept_loop(
         # Counted here, before the task runs, so a stop that begins now
         # waits for this connection instead of cancelling it unseen.
         ctx.open_connections += 1
-        nursery.start_soon(_serve_accepted, stream, ctx)
-
-
-async def _serve_accepted(stream: trio.abc.Stream, ctx: ServerContext) -> None:
-    try:
-        await serve_connection(stream, ctx)
-    finally:
-        ctx.connection_closed()
+        nursery.start_soon(
+            functools.partial(serve_connection, stream, ctx, accepted=True),
+            name=CONNECTION_TASK,
+        )
 
 
 __all__ = ["ConfigError", "Server", "serve_wsgi"]
