@@ -599,3 +599,55 @@ async def test_a_task_running_streams_in_turn_opens_a_fresh_scope_after_a_cancel
     first, second, third = (scope for scope, _ in seen)
     assert second is not first  # a new scope after the cancel ...
     assert third is second  # ... and reused while nothing cancels it
+
+
+def _bytes_app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes] | list[bytes]:
+    path = environ["PATH_INFO"]
+    if path == "/fails":
+        raise RuntimeError("the app fails: trioserve answers 500 itself")
+    if path == "/empty":
+        start_response("204 No Content", [])
+        return []
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    if path == "/streamed":
+        return iter([b"abc", b"defg"])  # pushed chunk by chunk from the app thread
+    return [b"abc", b"defg"]  # the whole response at once
+
+
+@pytest.mark.parametrize("validated", [True, False], ids=["validator", "bare-list"])
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+async def test_the_access_log_counts_the_body_bytes_the_client_gets(
+    http2: bool, validated: bool
+) -> None:
+    """%b / bytes_sent: the body the client receives, the app's or trioserve's own
+    error page; none for HEAD (however much the app produced) nor for a 204. Bare, a
+    list response takes the whole-response path (the validator's wrapper is no list)."""
+    from trioserve.responses import error_body
+    from trioserve.testing import open_test_server
+
+    logged: list[tuple[bytes, str, int, int]] = []
+    async with open_test_server(validator(_bytes_app) if validated else _bytes_app) as server:
+        server.context.access_log = lambda r: logged.append(
+            (r.request.method, r.request.target.decode(), r.status, r.bytes_sent)
+        )
+        async with server.connect(http2=http2) as client:
+            for method in ("GET", "HEAD"):
+                for path in ("/whole", "/streamed", "/empty", "/fails"):
+                    stream = await client.open_stream(method, path)
+                    response = await stream.read_response()
+                    received = len(response.body)
+                    assert (response.status, received) == (
+                        {"/empty": 204, "/fails": 500}.get(path, 200),
+                        0 if method == "HEAD" or path == "/empty" else received,
+                    )
+    error_page = len(error_body(500))
+    assert logged == [
+        (b"GET", "/whole", 200, 7),
+        (b"GET", "/streamed", 200, 7),
+        (b"GET", "/empty", 204, 0),
+        (b"GET", "/fails", 500, error_page),
+        (b"HEAD", "/whole", 200, 0),
+        (b"HEAD", "/streamed", 200, 0),
+        (b"HEAD", "/empty", 204, 0),
+        (b"HEAD", "/fails", 500, 0),
+    ]

@@ -13,8 +13,8 @@ U      path without query
 q      query string
 H      protocol (``HTTP/1.1``, ``HTTP/2``)
 s      status code (0 if the stream ended before a response)
-b      response body bytes, "-" if none
-B      response body bytes
+b      response body bytes, "-" if none (none for HEAD, 204 and 304)
+B      response body bytes, 0 if none
 f      Referer header
 a      User-Agent header
 T      duration, whole seconds
@@ -115,9 +115,13 @@ class FinishedRequest(Protocol):
     request: RequestReceived
     info: ConnectionInfo
     status: int  # 0 if the stream ended before a response
-    bytes_sent: int
     started_at: float  # time.time() when the request head arrived
     response_head: ResponseHead | None
+
+    @property
+    def bytes_sent(self) -> int:
+        """Response body bytes (none for HEAD)."""
+        ...
 
 
 class AccessLog:

@@ -70,7 +70,7 @@ import trio
 
 from .context import ServerContext
 from .events import UNCHECKED, FileSegment, InvalidResponse, RequestReceived, ResetReason
-from .responses import HAS_FRAMING, field_traits
+from .responses import HAS_FRAMING, error_body, field_traits
 from .spill import Spill
 from .wakeup import Wakeup
 from .wsgi import AppResult, ConnectionInfo, ResponseHead, StreamCancelled, call_app
@@ -240,6 +240,7 @@ class RequestStream:
 
     # Slots: one is made per request, and its attributes are read on every hop.
     __slots__ = (
+        "_body_bytes",
         "_continue_sent",
         "_ctx",
         "_file",
@@ -256,7 +257,6 @@ class RequestStream:
         "admitted",
         "app_done",
         "body",
-        "bytes_sent",
         "can_sendfile",
         "cancel_reason",
         "error_status",
@@ -298,7 +298,7 @@ class RequestStream:
         self.app_done = False  # the app has returned (its response may still be queued)
         self.reading_body = False  # the app has asked for body data (HTTP/1.1 reads ahead)
         self.status = 0
-        self.bytes_sent = 0
+        self._body_bytes = 0  # response body bytes queued for the client, as the app gave them
         self.started_at = time.time()
         self._continue_sent = False
         self.can_sendfile = owner.can_sendfile  # read by the app thread (wsgi.call_app)
@@ -317,6 +317,13 @@ class RequestStream:
         self._trio_token = ctx.trio_token
         if refuse is not None:
             self.cancel(CancelReason.REFUSED, refuse)
+
+    @property
+    def bytes_sent(self) -> int:
+        """The response body's bytes (the access log's ``%b``), the app's or trioserve's
+        own error page: none for a HEAD request, whose head describes a body it never
+        gets (no more than for a 204 or 304, which have none)."""
+        return 0 if self.request.method == b"HEAD" else self._body_bytes
 
     # ---- called by the connection -------------------------------------------
 
@@ -485,7 +492,7 @@ class RequestStream:
                     self._start_response(head)
                 if data:
                     owner.send_body(sid, data)
-                    self.bytes_sent += len(data)
+                    self._body_bytes += len(data)
             if self._spill is not None:
                 self._refill(self._spill)
         except InvalidResponse as exc:
@@ -524,7 +531,7 @@ class RequestStream:
                 return
             data = spill.read(room)
             owner.send_body(sid, data)
-            self.bytes_sent += len(data)
+            self._body_bytes += len(data)
 
     async def wait_writable(self) -> None:
         """Block the app thread until its queued output drains below the high-water mark.
@@ -575,7 +582,7 @@ class RequestStream:
         backlog, self._spill_backlog = self._spill_backlog, []
         for chunk in backlog:  # the app stopped before it wrote these out
             self._owner.send_body(self.stream_id, bytes(chunk))
-            self.bytes_sent += len(chunk)
+            self._body_bytes += len(chunk)
         self._refill(spill)
         await self._wait_for_output(self._spill_drained)
 
@@ -753,7 +760,7 @@ class RequestStream:
                     result.file.sent = True  # nothing of it to send
                 else:
                     owner.send_file(sid, result.file)  # (HEAD: marked sent)
-                    self.bytes_sent += result.file.length
+                    self._body_bytes += result.file.length
                 owner.end(sid)
             else:
                 # The whole response is here: one call queues it, head to end.
@@ -771,7 +778,7 @@ class RequestStream:
                         head.content_length = size
                 self._response_started(head)
                 owner.send_whole(sid, head, body)
-                self.bytes_sent += size
+                self._body_bytes += size
         except InvalidResponse as exc:
             self._abort(f"invalid response: {exc}")
             return
@@ -801,6 +808,7 @@ class RequestStream:
     def _send_error(self, status: int) -> None:
         self.status = status
         self.response = Response.ENDED
+        self._body_bytes = len(error_body(status))  # what send_error queues
         # After a 4xx about the request itself, its body state is unknown:
         # that HTTP/1.1 connection is not reused.
         close = 400 <= status < 500 and not self.body.ended
@@ -837,7 +845,7 @@ class RequestStream:
             return False
         for name, value in head.headers:
             if name.lower() == b"content-length":
-                return value.isdigit() and int(value) == self.bytes_sent
+                return value.isdigit() and int(value) == self._body_bytes
         return False
 
     def _finish(self) -> None:
