@@ -49,13 +49,15 @@ class AllToH2(HTTP2Connection):
     def __init__(self, **kwargs: int) -> None:
         super().__init__(**kwargs)
         conn = self._h2
-        continued: set[int] = set()  # ids of HEADERS frames h2 merged with CONTINUATIONs
+        # HEADERS frames h2 merged with CONTINUATIONs, by id. The frames are kept
+        # too: a freed frame's id can come back as a later frame's.
+        continued: dict[int, Frame] = {}
         merge = conn.incoming_buffer._update_header_buffer
 
         def merging(frame: Frame | None) -> Frame | None:
             out = merge(frame)
             if isinstance(frame, ContinuationFrame) and out is not None:
-                continued.add(id(out))
+                continued[id(out)] = out
             return out
 
         conn.incoming_buffer._update_header_buffer = merging  # type: ignore[method-assign]
@@ -68,7 +70,7 @@ class AllToH2(HTTP2Connection):
             except h2.exceptions.TooManyStreamsError:
                 plain = (
                     "PADDED" not in frame.flags
-                    and id(frame) not in continued
+                    and continued.get(id(frame)) is not frame
                     and not ("PRIORITY" in frame.flags and frame.depends_on == frame.stream_id)
                     and frame.stream_id % 2
                     and frame.stream_id > conn.highest_inbound_stream_id
