@@ -78,5 +78,7 @@ class DozingConnections:
                     continue
                 del due[fd]
                 trio.lowlevel.notify_closing(fd)
+                # Thousands may come due at once: the others run in between.
+                await trio.lowlevel.checkpoint()
         finally:
             self.running = False
