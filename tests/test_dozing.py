@@ -62,6 +62,14 @@ class Dozer:
             self.ended_at = trio.current_time()
 
 
+async def doze_in_order(nursery: trio.Nursery, *dozers: Dozer) -> None:
+    """Start ``dozers`` so that they are listed in this order (trio runs new tasks in
+    any order; in the server, the order comes from when each connection went idle)."""
+    for dozer in dozers:
+        nursery.start_soon(dozer.doze)
+        await trio.testing.wait_all_tasks_blocked()
+
+
 async def test_each_socket_is_woken_when_its_time_is_up(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -71,9 +79,7 @@ async def test_each_socket_is_woken_when_its_time_is_up(
             dozers = [
                 Dozer(dozing, a, start + due) for (a, _), due in zip(pairs, (5, 7, 9), strict=True)
             ]
-            for dozer in dozers:  # listed in order (trio runs new tasks in any order)
-                nursery.start_soon(dozer.doze)
-                await trio.testing.wait_all_tasks_blocked()
+            await doze_in_order(nursery, *dozers)
             await trio.sleep(10)
             assert [d.ended for d in dozers] == ["woken"] * 3
             assert [d.ended_at for d in dozers] == [d.due for d in dozers]
@@ -90,9 +96,7 @@ async def test_a_socket_that_becomes_readable_leaves_the_list(
             start = trio.current_time()
             first = Dozer(dozing, pairs[0][0], start + 5)
             second = Dozer(dozing, pairs[1][0], start + 6)
-            nursery.start_soon(first.doze)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(second.doze)
+            await doze_in_order(nursery, first, second)
             await trio.sleep(1)
             assert len(dozing) == 2
             pairs[0][1].send(b"GET")
@@ -148,9 +152,7 @@ async def test_a_socket_listed_out_of_order_is_woken_with_the_one_before_it(
             start = trio.current_time()
             first = Dozer(dozing, pairs[0][0], start + 5.0)
             second = Dozer(dozing, pairs[1][0], start + 4.99)
-            nursery.start_soon(first.doze)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(second.doze)
+            await doze_in_order(nursery, first, second)
             await trio.sleep(10)
             assert first.ended_at == start + 5.0
             assert second.ended == "woken"
