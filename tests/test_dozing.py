@@ -80,7 +80,7 @@ async def test_each_socket_is_woken_when_its_time_is_up(
                 Dozer(dozing, a, start + due) for (a, _), due in zip(pairs, (5, 7, 9), strict=True)
             ]
             await doze_in_order(nursery, *dozers)
-            await trio.sleep(10)
+            await trio.sleep_until(start + 10)  # (mock time, as in every test here)
             assert [d.ended for d in dozers] == ["woken"] * 3
             assert [d.ended_at for d in dozers] == [d.due for d in dozers]
             assert len(dozing) == 0
@@ -97,13 +97,13 @@ async def test_a_socket_that_becomes_readable_leaves_the_list(
             first = Dozer(dozing, pairs[0][0], start + 5)
             second = Dozer(dozing, pairs[1][0], start + 6)
             await doze_in_order(nursery, first, second)
-            await trio.sleep(1)
+            await trio.sleep_until(start + 1)
             assert len(dozing) == 2
             pairs[0][1].send(b"GET")
-            await trio.sleep(1)
+            await trio.sleep_until(start + 2)
             assert (first.ended, first.ended_at) == ("readable", start + 1)
             assert len(dozing) == 1
-            await trio.sleep(5)
+            await trio.sleep_until(start + 7)
             assert (second.ended, second.ended_at) == ("woken", start + 6)
             # The readable one's wait can begin again: it was left alone.
             with trio.move_on_after(1):
@@ -119,7 +119,7 @@ async def test_wake_ends_a_doze_at_once_and_only_a_listed_one(
             start = trio.current_time()
             dozer = Dozer(dozing, pairs[0][0], start + 100)
             nursery.start_soon(dozer.doze)
-            await trio.sleep(1)
+            await trio.sleep_until(start + 1)
             dozing.wake(pairs[1][0].fileno())  # not listed: nothing happens
             dozing.wake(dozer.fd)
             await trio.testing.wait_all_tasks_blocked()
@@ -134,12 +134,13 @@ async def test_the_keeper_waits_for_the_first_socket_without_spinning(
     """An empty list: the keeper sleeps until something is listed, then keeps its time."""
     with socket_pairs(1) as pairs:
         async with keeper() as (dozing, nursery):
-            await trio.sleep(1000)
             start = trio.current_time()
-            dozer = Dozer(dozing, pairs[0][0], start + 3)
+            # (A keeper that spun would keep the mock clock from ever getting here.)
+            await trio.sleep_until(start + 1000)
+            dozer = Dozer(dozing, pairs[0][0], start + 1003)
             nursery.start_soon(dozer.doze)
-            await trio.sleep(5)
-            assert (dozer.ended, dozer.ended_at) == ("woken", start + 3)
+            await trio.sleep_until(start + 1005)
+            assert (dozer.ended, dozer.ended_at) == ("woken", start + 1003)
 
 
 async def test_a_socket_listed_out_of_order_is_woken_with_the_one_before_it(
@@ -153,7 +154,7 @@ async def test_a_socket_listed_out_of_order_is_woken_with_the_one_before_it(
             first = Dozer(dozing, pairs[0][0], start + 5.0)
             second = Dozer(dozing, pairs[1][0], start + 4.99)
             await doze_in_order(nursery, first, second)
-            await trio.sleep(10)
+            await trio.sleep_until(start + 10)
             assert first.ended_at == start + 5.0
             assert second.ended == "woken"
             assert second.ended_at is not None
