@@ -41,7 +41,7 @@ gives the same certainty:
   (nothing more can be sent for it) while other apps on the connection still
   run. (With no other app running, ``wait_all_threads_completed`` +
   ``wait_all_tasks_blocked`` says the same, and tests use that.)
-- ``thread_outcomes`` wraps ``trioserve.stream.call_app`` to record how each
+- ``thread_outcomes`` wraps ``trioserve.app_threads.call_app`` to record how each
   app thread ended.
 
 Private client access, where ``trioserve.testing`` has no API: the client's
@@ -66,6 +66,7 @@ import trio
 import trio.testing
 from hyperframe.frame import GoAwayFrame
 
+import trioserve.app_threads
 import trioserve.stream
 from tests.helpers import no_threads_left
 from trioserve.connection import Connection
@@ -390,9 +391,12 @@ class Outcomes:
 
 @pytest.fixture
 async def thread_outcomes(monkeypatch: pytest.MonkeyPatch) -> Outcomes:
-    """Observe (never change) how ``trioserve.stream.call_app`` ends in each app thread."""
+    """Observe (never change) how ``call_app`` ends in each app thread.
+
+    Patched where the app threads call it: :mod:`trioserve.app_threads`.
+    """
     outcomes = Outcomes()
-    original = trioserve.stream.call_app
+    original = trioserve.app_threads.call_app
 
     def recording(app: Any, request: Any, *args: Any) -> Any:
         path = request.target.decode("latin-1").partition("?")[0]
@@ -404,7 +408,7 @@ async def thread_outcomes(monkeypatch: pytest.MonkeyPatch) -> Outcomes:
         outcomes.record(path, None)
         return result
 
-    monkeypatch.setattr(trioserve.stream, "call_app", recording)
+    monkeypatch.setattr(trioserve.app_threads, "call_app", recording)
     return outcomes
 
 

@@ -19,6 +19,7 @@ from typing import Protocol
 import trio
 
 from .accesslog import FinishedRequest, access_log_for
+from .app_threads import AppCaller, app_caller
 from .config import Config
 from .dozing import DozingConnections
 from .http1 import HTTP1Connection
@@ -109,6 +110,11 @@ class ServerContext:
     def thread_limiter(self) -> PromptLimiter:
         """What app calls pass to ``to_thread.run_sync``: ``limiter``, without a needless yield."""
         return PromptLimiter(self.limiter)
+
+    @functools.cached_property
+    def call_app(self) -> AppCaller:
+        """What app calls run in their thread: ``wsgi.call_app`` under the thread policy."""
+        return app_caller(self.config.app_thread_scheduling)
 
     @functools.cached_property
     def trio_token(self) -> trio.lowlevel.TrioToken:

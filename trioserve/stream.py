@@ -73,7 +73,7 @@ from .events import UNCHECKED, FileSegment, InvalidResponse, RequestReceived, Re
 from .responses import HAS_FRAMING, error_body, field_traits
 from .spill import Spill
 from .wakeup import Wakeup
-from .wsgi import AppResult, ConnectionInfo, ResponseHead, StreamCancelled, call_app
+from .wsgi import AppResult, ConnectionInfo, ResponseHead, StreamCancelled
 
 LOGGER = logging.getLogger("trioserve.error")
 
@@ -710,7 +710,7 @@ class RequestStream:
                 await share.acquire()
             try:
                 result = await trio.to_thread.run_sync(
-                    call_app,
+                    ctx.call_app,
                     ctx.app,
                     self.request,
                     self.info,

@@ -41,6 +41,7 @@ GROUPS: list[tuple[str, str, list[str]]] = [
         "See {doc}`running` (workers and signals).",
         [
             "threads",
+            "app_thread_scheduling",
             "max_threads_per_connection",
             "workers",
             "max_requests",

@@ -1,0 +1,120 @@
+"""The scheduling policy of app threads (trioserve.app_threads): SCHED_BATCH on Linux."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+from wsgiref.validate import validator
+
+import pytest
+import trio
+
+import trioserve.app_threads
+from trioserve import Config, ConfigError
+from trioserve.testing import open_test_client, open_test_server
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+
+POLICY_NAMES = {os.SCHED_OTHER: "other", getattr(os, "SCHED_BATCH", -1): "batch"}
+
+
+def policy_reporter(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """The app thread's scheduling policy and identity, as ``<policy> <thread id>``."""
+    policy = POLICY_NAMES.get(os.sched_getscheduler(0), "unknown")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [f"{policy} {threading.get_ident()}".encode()]
+
+
+@pytest.fixture
+def fresh_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget which threads earlier tests made batch, and whether a refusal was logged."""
+    monkeypatch.setattr(trioserve.app_threads, "_this_thread", trioserve.app_threads._ThisThread())
+    monkeypatch.setattr(trioserve.app_threads, "_warned", False)
+
+
+async def report(http2: bool, **options: Any) -> tuple[str, str]:
+    async with open_test_client(validator(policy_reporter), http2=http2, **options) as client:
+        response = await client.get("/")
+    assert response.status == 200
+    policy, ident = response.body.decode().split()
+    return policy, ident
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+async def test_apps_run_in_batch_threads_by_default(http2: bool, fresh_threads: None) -> None:
+    assert Config().app_thread_scheduling == "batch"
+    assert (await report(http2))[0] == "batch"
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+async def test_normal_puts_back_the_default_policy_on_a_thread_made_batch(
+    http2: bool, fresh_threads: None
+) -> None:
+    batch_policy, batch_thread = await report(http2)
+    assert batch_policy == "batch"
+    # trio's thread cache hands out the thread that went idle last: the same one.
+    normal_policy, normal_thread = await report(http2, app_thread_scheduling="normal")
+    assert normal_thread == batch_thread
+    assert normal_policy == "other"
+    # ...and batch again for a server that asks for it.
+    assert await report(http2) == ("batch", batch_thread)
+
+
+async def test_normal_leaves_a_thread_it_never_changed_alone(
+    monkeypatch: pytest.MonkeyPatch, fresh_threads: None
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(os, "sched_setscheduler", lambda *args: calls.append(args[1]))
+    await report(False, app_thread_scheduling="normal")
+    assert calls == []
+
+
+async def test_a_refused_policy_is_logged_once_and_the_apps_still_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fresh_threads: None
+) -> None:
+    def refuse(*args: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    token = trio.lowlevel.current_trio_token()
+    both_running = trio.Event()
+    running = 0
+
+    def arrived() -> None:
+        nonlocal running
+        running += 1
+        if running == 2:
+            both_running.set()
+
+    def two_at_once(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        # Both requests hold their threads at once: two threads each try.
+        trio.from_thread.run_sync(arrived, trio_token=token)
+        trio.from_thread.run(both_running.wait, trio_token=token)
+        return policy_reporter(environ, start_response)
+
+    caplog.set_level(logging.WARNING, logger="trioserve.error")
+    results: list[Any] = []
+    with trio.fail_after(5):
+        async with (
+            open_test_server(validator(two_at_once)) as server,
+            server.connect(http2=True) as client,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def get() -> None:
+                results.append(await client.get("/"))
+
+            nursery.start_soon(get)
+            nursery.start_soon(get)
+    assert [r.status for r in results] == [200, 200]
+    assert len({r.body.split()[1] for r in results}) == 2  # two threads
+    refusals = [r for r in caplog.records if "scheduling policy" in r.getMessage()]
+    assert len(refusals) == 1
+    assert "Operation not permitted" in refusals[0].getMessage()
+
+
+def test_an_unknown_policy_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="app-thread-scheduling must be batch or normal"):
+        Config(app_thread_scheduling="idle")
