@@ -57,6 +57,21 @@ def _set_policy(policy: int) -> None:
             LOGGER.warning("App threads keep their scheduling policy: %s", exc)
 
 
+def _enter_batch() -> None:
+    _this_thread.batch = True  # tried once per thread, refused or not
+    if _BATCH is not None:
+        _set_policy(_BATCH)
+
+
+def batch_this_thread() -> None:
+    """Put the calling thread under ``SCHED_BATCH`` as app threads are (once per thread).
+
+    For code that stands in for an app thread: ``bench/canned.py --shaped``.
+    """
+    if not _this_thread.batch:
+        _enter_batch()
+
+
 def call_app_batch(
     app: WSGIApp,
     request: RequestReceived,
@@ -67,9 +82,7 @@ def call_app_batch(
 ) -> AppResult:
     """:func:`~trioserve.wsgi.call_app` in a thread made ``SCHED_BATCH`` first."""
     if not _this_thread.batch:
-        _this_thread.batch = True  # tried once per thread, refused or not
-        if _BATCH is not None:
-            _set_policy(_BATCH)
+        _enter_batch()
     return call_app(app, request, info, port, initial_body, body_complete)
 
 
