@@ -13,8 +13,7 @@ idle-connection scenarios send.
 no parsing and no WSGI: a nursery per connection running a reader task, a
 sender task and a request task that answers the requests in turn, each
 response coming back from a worker thread (``trio.to_thread.run_sync`` under
-a ``CapacityLimiter``, the thread under ``SCHED_BATCH`` as trioserve's app
-threads are by default), on non-blocking socket calls as trioserve's. What that
+a ``CapacityLimiter``), on non-blocking socket calls as trioserve's. What that
 costs is the floor trioserve's design puts under any HTTP/1.1 request, and its
 idle connections (which doze after DOZE_AFTER, as trioserve's do) show the floor
 of its memory per connection.
@@ -29,7 +28,6 @@ import resource
 
 import trio
 
-from trioserve.app_threads import batch_this_thread
 from trioserve.wakeup import Wakeup
 
 TERMINATOR = b"\r\n\r\n"
@@ -73,7 +71,6 @@ READ_SIZE = 64 * 1024  # trioserve.connection.READ_SIZE
 
 
 def _answer() -> bytes:
-    batch_this_thread()  # trioserve's app threads run under SCHED_BATCH (Linux)
     return RESPONSE
 
 

@@ -1,4 +1,4 @@
-"""The scheduling policy of app threads (trioserve.app_threads): SCHED_BATCH on Linux."""
+"""The scheduling policy of app threads (trioserve.app_threads): SCHED_BATCH when asked."""
 
 from __future__ import annotations
 
@@ -42,33 +42,38 @@ async def report(http2: bool, **options: Any) -> tuple[str, str]:
     return policy, ident
 
 
-@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
-async def test_apps_run_in_batch_threads_by_default(http2: bool, fresh_threads: None) -> None:
-    assert Config().app_thread_scheduling == "batch"
-    assert (await report(http2))[0] == "batch"
-
-
-@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
-async def test_normal_puts_back_the_default_policy_on_a_thread_made_batch(
-    http2: bool, fresh_threads: None
+async def test_by_default_app_threads_are_left_as_they_are(
+    monkeypatch: pytest.MonkeyPatch, fresh_threads: None
 ) -> None:
-    batch_policy, batch_thread = await report(http2)
-    assert batch_policy == "batch"
-    # trio's thread cache hands out the thread that went idle last: the same one.
-    normal_policy, normal_thread = await report(http2, app_thread_scheduling="normal")
-    assert normal_thread == batch_thread
-    assert normal_policy == "other"
-    # ...and batch again for a server that asks for it.
-    assert await report(http2) == ("batch", batch_thread)
+    calls: list[Any] = []
+    monkeypatch.setattr(os, "sched_setscheduler", lambda *args: calls.append(args))
+    assert Config().app_thread_scheduling == "normal"
+    await report(False)
+    await report(True)
+    assert calls == []
 
 
-async def test_normal_leaves_a_thread_it_never_changed_alone(
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+async def test_batch_runs_apps_in_batch_threads(http2: bool, fresh_threads: None) -> None:
+    assert (await report(http2, app_thread_scheduling="batch"))[0] == "batch"
+
+
+async def test_batch_sets_the_policy_once_per_thread(
     monkeypatch: pytest.MonkeyPatch, fresh_threads: None
 ) -> None:
     calls: list[int] = []
-    monkeypatch.setattr(os, "sched_setscheduler", lambda *args: calls.append(args[1]))
-    await report(False, app_thread_scheduling="normal")
-    assert calls == []
+    real = os.sched_setscheduler
+
+    def recording(pid: int, policy: int, param: Any) -> None:
+        calls.append(threading.get_ident())
+        real(pid, policy, param)
+
+    monkeypatch.setattr(os, "sched_setscheduler", recording)
+    # trio's thread cache hands out the thread that went idle last: the same one.
+    first = await report(False, app_thread_scheduling="batch")
+    second = await report(False, app_thread_scheduling="batch")
+    assert first == second == ("batch", first[1])
+    assert calls == [int(first[1])]
 
 
 async def test_a_refused_policy_is_logged_once_and_the_apps_still_run(
@@ -98,7 +103,7 @@ async def test_a_refused_policy_is_logged_once_and_the_apps_still_run(
     results: list[Any] = []
     with trio.fail_after(5):
         async with (
-            open_test_server(validator(two_at_once)) as server,
+            open_test_server(validator(two_at_once), app_thread_scheduling="batch") as server,
             server.connect(http2=True) as client,
             trio.open_nursery() as nursery,
         ):

@@ -48,7 +48,7 @@ SPECIAL: dict[str, Any] = {
     "umask": "027",
     "spill_dir": "/var/tmp",
     "http1_parser": "h11",
-    "app_thread_scheduling": "normal",
+    "app_thread_scheduling": "batch",
     "metrics_bind": "127.0.0.1:9100",
 }
 # Fields that cannot be set together with the others: each gets a document of its own.

@@ -58,13 +58,14 @@ class Config:
         "worker threads for running the app (concurrent app calls per process)",
     )
     app_thread_scheduling: str = _option(
-        # Linux: an app thread woken for a request must not preempt the trio
-        # thread that woke it (it would only find the GIL taken and sleep
-        # again): about 8% more HTTP/1.1 requests a second on a busy core.
-        "batch",
-        "how the kernel schedules the threads that run the app: batch (Linux's"
-        " SCHED_BATCH: a thread handed a request does not preempt the running one)"
-        " or normal (the default policy); ignored elsewhere than Linux",
+        # Off by default: batch serves about 9% more small requests on a busy
+        # core, but a burst of connections leaves more memory behind and an
+        # app thread woken by its own I/O waits for the running thread
+        # (trioserve/app_threads.py has the measurements).
+        "normal",
+        "how the kernel schedules the threads that run the app: normal (as they are)"
+        " or batch (Linux's SCHED_BATCH: a thread handed a request does not preempt"
+        " the event loop); ignored elsewhere than Linux",
         metavar="POLICY",
     )
     max_threads_per_connection: int = _option(
