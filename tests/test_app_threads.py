@@ -34,6 +34,24 @@ def fresh_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trioserve.app_threads, "_warned", False)
 
 
+@pytest.fixture
+def policy_calls(monkeypatch: pytest.MonkeyPatch, fresh_threads: None) -> list[tuple[int, int]]:
+    """(thread id, policy) of every sched_setscheduler call, each then made for real.
+
+    A thread of trio's cache may still be batch from an earlier test: the calls,
+    not only the policy the app sees, show that this test's server set it.
+    """
+    calls: list[tuple[int, int]] = []
+    real = os.sched_setscheduler
+
+    def recording(pid: int, policy: int, param: Any) -> None:
+        calls.append((threading.get_ident(), policy))
+        real(pid, policy, param)
+
+    monkeypatch.setattr(os, "sched_setscheduler", recording)
+    return calls
+
+
 async def report(http2: bool, **options: Any) -> tuple[str, str]:
     async with open_test_client(validator(policy_reporter), http2=http2, **options) as client:
         response = await client.get("/")
@@ -54,26 +72,20 @@ async def test_by_default_app_threads_are_left_as_they_are(
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
-async def test_batch_runs_apps_in_batch_threads(http2: bool, fresh_threads: None) -> None:
-    assert (await report(http2, app_thread_scheduling="batch"))[0] == "batch"
-
-
-async def test_batch_sets_the_policy_once_per_thread(
-    monkeypatch: pytest.MonkeyPatch, fresh_threads: None
+async def test_batch_runs_apps_in_batch_threads(
+    http2: bool, policy_calls: list[tuple[int, int]]
 ) -> None:
-    calls: list[int] = []
-    real = os.sched_setscheduler
+    policy, ident = await report(http2, app_thread_scheduling="batch")
+    assert policy == "batch"
+    assert policy_calls == [(int(ident), os.SCHED_BATCH)]
 
-    def recording(pid: int, policy: int, param: Any) -> None:
-        calls.append(threading.get_ident())
-        real(pid, policy, param)
 
-    monkeypatch.setattr(os, "sched_setscheduler", recording)
+async def test_batch_sets_the_policy_once_per_thread(policy_calls: list[tuple[int, int]]) -> None:
     # trio's thread cache hands out the thread that went idle last: the same one.
     first = await report(False, app_thread_scheduling="batch")
     second = await report(False, app_thread_scheduling="batch")
     assert first == second == ("batch", first[1])
-    assert calls == [int(first[1])]
+    assert policy_calls == [(int(first[1]), os.SCHED_BATCH)]
 
 
 async def test_a_refused_policy_is_logged_once_and_the_apps_still_run(
@@ -123,3 +135,35 @@ async def test_a_refused_policy_is_logged_once_and_the_apps_still_run(
 def test_an_unknown_policy_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="app-thread-scheduling must be batch or normal"):
         Config(app_thread_scheduling="idle")
+
+
+async def test_batch_over_a_real_socket_with_an_independent_client(
+    policy_calls: list[tuple[int, int]],
+) -> None:
+    from http.client import HTTPConnection
+
+    from trioserve import serve_wsgi
+
+    def fetch(port: int) -> tuple[int, bytes]:
+        client = HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            client.request("GET", "/")
+            response = client.getresponse()
+            return response.status, response.read()
+        finally:
+            client.close()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await serve_wsgi(
+                validator(policy_reporter),
+                nursery,
+                bind="127.0.0.1:0",
+                app_thread_scheduling="batch",
+            )
+            status, body = await trio.to_thread.run_sync(fetch, server.port)
+            nursery.cancel_scope.cancel()
+    assert status == 200
+    policy, ident = body.split()
+    assert policy == b"batch"
+    assert policy_calls == [(int(ident), os.SCHED_BATCH)]
