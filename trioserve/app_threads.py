@@ -14,7 +14,7 @@ context switches and 6.0 futex calls a request under the default policy, 1.4
 and 2.9 under ``SCHED_BATCH``, and about 9% more requests a second. It is not
 the default because the event loop then runs ahead of the app threads: a burst
 of new connections has more requests in flight at once, and more threads and
-allocator space stay behind afterwards (about 1 KiB more per connection for
+allocator space stay behind afterwards (1 to 1.6 KiB more per connection for
 1,000 idle connections opened 50 at a time). An app thread woken by its own I/O
 (a database's answer) no longer preempts either.
 
