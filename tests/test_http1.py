@@ -221,6 +221,37 @@ def test_pipelined_request_waits_for_the_first_response_to_end() -> None:
     assert not server.closing
 
 
+def wants_sender_as_spelled_out(server: HTTP1Connection) -> bool:
+    return bool(server.output_size) or server.has_queued_streams or server.closing
+
+
+def test_wants_sender_follows_output_and_closing() -> None:
+    """The driver's one look (wants_sender) says what the three properties say."""
+    server = HTTP1Connection()
+    seen = []
+
+    def look() -> bool:
+        assert server.wants_sender == wants_sender_as_spelled_out(server)
+        seen.append(server.wants_sender)
+        return server.wants_sender
+
+    assert not look()  # fresh
+    feed(server, get("/one"))
+    assert not look()  # a request in progress, nothing queued
+    server.send_response(1, 200, [(b"Content-Length", b"3")])
+    assert look()  # a head queued
+    server.send_body(1, b"one")
+    server.end_stream(1)
+    server.data_to_send()
+    assert not look()  # all taken, keep-alive
+    feed(server, client_request(headers=[("Host", "a"), ("Connection", "close")]))
+    server.send_response(2, 200, [(b"Content-Length", b"0")])
+    server.end_stream(2)
+    server.data_to_send()
+    assert look()  # nothing queued, but the connection is to close
+    assert seen == [False, False, True, False, True]
+
+
 def test_chunked_request_body() -> None:
     server = HTTP1Connection()
     request = client_request(

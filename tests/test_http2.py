@@ -1008,6 +1008,36 @@ def test_start_shutdown_sends_goaway() -> None:
     assert ("reset", 7, Errors.REFUSED_STREAM) in summary(client_events)
 
 
+def test_wants_sender_follows_output_and_closing() -> None:
+    """The driver's one look (wants_sender) says what the three properties say."""
+    client, server = connect()
+    seen = []
+
+    def look() -> None:
+        spelled_out = bool(server.output_size) or server.has_queued_streams or server.closing
+        assert server.wants_sender == spelled_out
+        seen.append(server.wants_sender)
+
+    request(client, 1)
+    pump(client, server)
+    look()  # a stream open: its response is yet to be queued and sent
+    server.send_response(1, 200, [])
+    server.send_body(1, b"queued")
+    server.end_stream(1)
+    pump(client, server)
+    look()  # all sent, the stream over: nothing to do
+    client.ping(b"12345678")
+    server.receive_data(client.data_to_send())
+    server.next_events()
+    look()  # a PING ACK (a control frame) queued
+    pump(client, server)
+    look()
+    client.close_connection(Errors.NO_ERROR)
+    pump(client, server)
+    look()  # the client's GOAWAY: nothing queued, but no new streams come
+    assert seen == [True, False, True, False, True]
+
+
 @pytest.mark.parametrize("head_sent", [False, True], ids=["not-started", "mid-body"])
 def test_streams_in_flight_finish_after_start_shutdown(head_sent: bool) -> None:
     # RFC 9113 §6.8: streams up to the GOAWAY's last stream id may still complete.

@@ -73,6 +73,7 @@ from functools import partial
 import trio
 
 from .context import ServerContext
+from .dozing import DOZE_AFTER
 from .events import (
     BadRequest,
     BodyEnded,
@@ -135,13 +136,6 @@ HAVE_SENDFILE = hasattr(os, "sendfile")
 # this long and this much (Apache's lingering close allows 2 s and 512 KiB).
 CLOSE_TIMEOUT = 2.0
 LINGER_BYTES = 512 * 1024
-
-# An HTTP/1.1 keep-alive connection on a plain socket that has been idle this
-# long (seconds) dozes: its reader, sender and request tasks end, and the
-# connection's own task waits for the next bytes (Connection._doze). Those
-# tasks are most of an idle connection's memory; restarting them costs about
-# what one request does, so a connection busy enough to notice never dozes.
-DOZE_AFTER = 0.1
 
 # HTTP/2: a stream's task, once its stream is done, waits (parks) for the
 # connection's next stream instead of ending, so a busy connection neither
@@ -698,7 +692,7 @@ class Connection:
                 self._tighten_deadline()
         elif self._head_started is not None:
             self._head_started = None
-        if proto.output_size or proto.has_queued_streams or proto.closing:
+        if proto.wants_sender:
             self._wake_sender()
 
     def _idle_deadline(self) -> float:
@@ -1140,10 +1134,15 @@ class Connection:
             ctx.access_log(stream)
         self._start_next_request()
         if not self.streams:
-            self._idle_since = trio.current_time()
-            self._tighten_deadline()  # only if no deadline is set (busy since it fired)
+            now = self._idle_since = trio.current_time()
+            scope = self._read_scope
+            # The idle deadline is at least ctx.idle_floor away: a reader's
+            # deadline already due by then stays (the usual case under load:
+            # it fires, finds the connection busy again, and waits on).
+            if scope is not None and scope.deadline > now + ctx.idle_floor:
+                self._tighten_deadline()
         proto = self.proto
-        if proto.output_size or proto.has_queued_streams or proto.closing or self._aborted:
+        if proto.wants_sender or self._aborted:
             # Something to send, or the sender may now close the connection. A
             # keep-alive response already went out with the sender's last wake.
             self._wake_sender()

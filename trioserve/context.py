@@ -21,7 +21,7 @@ import trio
 from .accesslog import FinishedRequest, access_log_for
 from .app_threads import AppCaller, app_caller
 from .config import Config
-from .dozing import DozingConnections
+from .dozing import DOZE_AFTER, DozingConnections
 from .http1 import HTTP1Connection
 from .http2 import HTTP2Connection
 from .proxy import AllowList, parse_allow_list
@@ -115,6 +115,12 @@ class ServerContext:
     def call_app(self) -> AppCaller:
         """What app calls run in their thread: ``wsgi.call_app`` under the thread policy."""
         return app_caller(self.config.app_thread_scheduling)
+
+    @functools.cached_property
+    def idle_floor(self) -> float:
+        """The least time from a connection turning idle to its reader's idle deadline."""
+        config = self.config
+        return min(DOZE_AFTER, config.keep_alive_timeout, config.h2_idle_timeout)
 
     @functools.cached_property
     def trio_token(self) -> trio.lowlevel.TrioToken:

@@ -1,7 +1,7 @@
 """The keep-alive clock of dozing connections: one task keeps it for all of them.
 
-An idle HTTP/1.1 connection on a plain socket dozes (see
-:mod:`trioserve.connection`, ``DOZE_AFTER``): its tasks end, and its own task
+An idle HTTP/1.1 connection on a plain socket dozes after ``DOZE_AFTER`` (see
+:mod:`trioserve.connection`): its tasks end, and its own task
 waits in ``trio.lowlevel.wait_readable`` for the next request. The keep-alive
 time must still end that wait. A cancel scope with a deadline would, but the
 scope, its cancel status and its entries in trio's deadline heap come to about
@@ -24,6 +24,13 @@ from collections import OrderedDict
 import trio
 
 from .wakeup import Wakeup
+
+# An HTTP/1.1 keep-alive connection on a plain socket that has been idle this
+# long (seconds) dozes: its reader, sender and request tasks end, and the
+# connection's own task waits for the next bytes (Connection._doze). Those
+# tasks are most of an idle connection's memory; restarting them costs about
+# what one request does, so a connection busy enough to notice never dozes.
+DOZE_AFTER = 0.1
 
 
 class DozingConnections:

@@ -285,6 +285,11 @@ class HTTP1Connection:
         """HTTP/1.1 queues nothing per stream: all output is in buffers_to_send()."""
         return False
 
+    @property
+    def wants_sender(self) -> bool:
+        """Output queued, or the connection closing (HTTP/1.1 queues no streams)."""
+        return bool(self._outbound_size) or self.closing
+
     def response_ended(self, stream_id: int) -> bool:
         """HTTP/1.1 counts no streams: a response ends when its request's turn does."""
         return False
@@ -317,6 +322,10 @@ class HTTP1Connection:
 
     def next_events(self) -> list[Event]:
         """Parse as far as the state allows and return what happened."""
+        if not self._buffer and not self._peer_eof:
+            # Nothing to parse and nothing to report: the usual case once a
+            # response is out (the driver asks for a pipelined next request).
+            return []
         events: list[Event] = []
         while True:
             state = self._input
@@ -427,7 +436,7 @@ class HTTP1Connection:
         expects_continue = False
         upgrade: bytes | None = None
         settings: bytes | None = None
-        connection_tokens: set[bytes] = set()
+        connection_tokens: set[bytes] | None = None  # made only if a Connection field comes
         hosts = 0
         for name, value in headers:
             if name == b"content-length":
@@ -439,6 +448,8 @@ class HTTP1Connection:
             elif name == b"expect":
                 expects_continue = value.lower() == b"100-continue"
             elif name == b"connection":
+                if connection_tokens is None:
+                    connection_tokens = set()
                 connection_tokens.update(token.strip().lower() for token in value.split(b","))
             elif name == b"upgrade":
                 upgrade = value.lower()
@@ -480,23 +491,29 @@ class HTTP1Connection:
         self._head_request = method == b"HEAD"
         self._http10 = version == b"1.0"
         # HTTP/1.0: one request per connection (as h11, which this module replaced).
-        self._keep_alive = not self._http10 and b"close" not in connection_tokens
+        self._keep_alive = not self._http10 and (
+            connection_tokens is None or b"close" not in connection_tokens
+        )
         self._awaits_continue = self._continue_withheld = expects_continue and has_body
+        # Positional (about half the cost of keywords, once per request), in
+        # the order RequestReceived declares its fields.
         request = RequestReceived(
-            stream_id=self._stream_id,
-            method=method,
-            target=target,
-            headers=headers,
-            http_version=version.decode("ascii"),
-            authority=authority,
-            end_stream=not has_body,
-            expects_continue=expects_continue and has_body,
-            content_length=content_length,
+            self._stream_id,
+            method,
+            target,
+            headers,
+            version.decode("ascii"),  # http_version
+            None,  # scheme: HTTP/1.x sends none
+            authority,
+            not has_body,  # end_stream
+            expects_continue and has_body,  # expects_continue
+            content_length,
         )
         if (
             self._allow_h2c_upgrade
             and upgrade == b"h2c"
             and settings is not None
+            and connection_tokens is not None
             and {b"upgrade", b"http2-settings"} <= connection_tokens  # RFC 9113 §3.2
             and version == b"1.1"  # RFC 9110 §7.8: ignore Upgrade in HTTP/1.0
             and (content_length or 0) <= MAX_UPGRADE_BODY
@@ -926,9 +943,15 @@ def _status_line(status: int, reason: bytes) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status))
 
 
+_join_field = b": ".join
+_join_lines = b"\r\n".join
+
+
 def _fields(headers: Headers) -> bytes:
     """The header block, empty line included: ``name: value`` in the order given."""
-    return b"".join([name + b": " + value + b"\r\n" for name, value in headers]) + b"\r\n"
+    if not headers:
+        return b"\r\n"
+    return _join_lines(map(_join_field, headers)) + b"\r\n\r\n"
 
 
 def _without(headers: Headers, *names: bytes) -> Headers:

@@ -341,6 +341,16 @@ class HTTP2Connection:
         """Is any response still queued here (waiting for flow-control window)?"""
         return bool(self._outbound)
 
+    @property
+    def wants_sender(self) -> bool:
+        """Control frames or responses queued, or no new streams to come."""
+        return (
+            bool(self._control_size)
+            or bool(self._outbound)
+            or self._shutdown is _Shutdown.FINAL
+            or self._peer_closed
+        )
+
     def response_ended(self, stream_id: int) -> bool:
         """Has ``stream_id``'s response ended on the wire before its app ended it?
 
