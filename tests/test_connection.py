@@ -514,8 +514,9 @@ async def test_connection_with_a_live_request_is_not_idle(
 
 
 async def test_gathering_writes_deliver_every_piece_in_order_through_a_slow_reader() -> None:
-    """_SocketIO.send_buffers (os.writev): partial writes cut pieces anywhere, and
-    more pieces than one call may take (IOV_MAX) go out in later calls."""
+    """_SocketIO.write_some then send_rest, as the sender calls them (os.writev):
+    partial writes cut pieces anywhere, and more pieces than one call may take
+    (IOV_MAX) go out in later calls."""
     from trioserve.connection import _IOV_MAX, _SocketIO
 
     left, right = trio.socket.socketpair()
@@ -537,13 +538,16 @@ async def test_gathering_writes_deliver_every_piece_in_order_through_a_slow_read
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_slowly)
             with trio.CancelScope() as scope:
-                await _SocketIO(left.fileno()).send_buffers(list(parts), scope, 30)
+                io = _SocketIO(left.fileno())
+                pending = list(parts)
+                if not io.write_some(pending):
+                    await io.send_rest(pending, scope, 30)
             assert not scope.cancelled_caught
         assert received == expected
 
 
 async def test_writes_to_other_streams_join_pieces_at_most_write_chunk_at_a_time() -> None:
-    """_StreamIO.send_buffers (TLS, in-memory): small pieces are joined, large ones
+    """_StreamIO.send_rest (TLS, in-memory): small pieces are joined, large ones
     cut, so no single write (nor copy) is larger than WRITE_CHUNK; order is kept."""
     from trioserve.connection import WRITE_CHUNK, _StreamIO
 
@@ -560,7 +564,11 @@ async def test_writes_to_other_streams_join_pieces_at_most_write_chunk_at_a_time
     parts: list[bytes | memoryview] = [b"a" * 10] * 100
     parts += [b"b" * (WRITE_CHUNK + 1000), memoryview(b"c" * 5000), b"d" * (WRITE_CHUNK - 1)]
     with trio.CancelScope() as scope:
-        await _StreamIO(stream).send_buffers(list(parts), scope, 30)
+        io = _StreamIO(stream)
+        pending = list(parts)
+        assert not io.write_some(pending)  # a trio stream is only written by awaiting
+        assert pending == parts
+        await io.send_rest(pending, scope, 30)
     assert received == b"".join(parts)
     assert max(writes) <= WRITE_CHUNK
     assert writes[0] == 1000  # the small pieces, joined into one write
@@ -579,12 +587,15 @@ async def test_a_task_running_streams_in_turn_opens_a_fresh_scope_after_a_cancel
     class Stream:
         def __init__(self, cancel_late: bool) -> None:
             self.cancel_late = cancel_late
+            self.cancel_reason: str | None = None
 
         async def run(self, scope: trio.CancelScope) -> None:
             seen.append((scope, scope.cancel_called))
             await trio.lowlevel.checkpoint()
             if self.cancel_late:
-                scope.cancel()  # as RequestStream.cancel would, after the last await
+                # As RequestStream.cancel would, after the last await: a reason, then the scope.
+                self.cancel_reason = "late"
+                scope.cancel()
 
     # The next stream is already there when one returns (a pipelined request):
     # no wait of the task's own would notice the cancelled scope.

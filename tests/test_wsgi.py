@@ -898,3 +898,25 @@ def test_connections_to_one_address_share_their_environ_entries_but_not_the_clie
     assert "REMOTE_ADDR" not in first.environ_base  # a copy was changed, never the shared one
     unix = ConnectionInfo("http", "localhost", "80", None, None)
     assert "REMOTE_ADDR" not in build_environ(request, unix, InputStream(None, eof=True))  # type: ignore[arg-type]
+
+
+def test_environ_keys_of_header_names_are_kept_up_to_a_bound() -> None:
+    """A header name's environ key is worked out once and kept, for at most
+    _ENVIRON_KEYS_KEPT names (a client chooses them); past that each is worked
+    out again, with the same result. Percent-escapes are decoded with or
+    without the shortcut for paths that have none."""
+    from trioserve.events import RequestReceived
+    from trioserve.wsgi import ConnectionInfo, InputStream, build_environ
+
+    kept = trioserve.wsgi._ENVIRON_KEYS
+    info = ConnectionInfo("http", "127.0.0.1", "8000", "10.0.0.1", "1111")
+    names = [f"x-name-{n}".encode() for n in range(trioserve.wsgi._ENVIRON_KEYS_KEPT + 50)]
+    for target in (b"/plain", b"/caf%C3%A9"):
+        headers = [(b"host", b"x"), *((name, b"v") for name in names)]
+        request = RequestReceived(1, b"GET", target, headers, "1.1", end_stream=True)
+        environ = build_environ(request, info, InputStream(None, eof=True))  # type: ignore[arg-type]
+        assert all(environ[f"HTTP_X_NAME_{n}"] == "v" for n in range(len(names)))
+        assert environ["HTTP_HOST"] == "x"
+        assert kept[b"host"] == "HTTP_HOST"
+        assert len(kept) <= trioserve.wsgi._ENVIRON_KEYS_KEPT
+    assert environ["PATH_INFO"] == "/caf\xc3\xa9"  # bytes as latin-1, as PEP 3333 asks

@@ -29,7 +29,8 @@ Who may block on what:
   on HTTP/1.1, the current request's body buffer is full. It never waits on
   one HTTP/2 stream; per-stream body memory is bounded by flow control instead.
 * The sender sleeps until woken, then writes everything the protocol has
-  queued in one ``send_all`` (``data_to_send`` coalesces).
+  queued in one gathering write (``buffers_to_send``), awaiting only when the
+  kernel has no room.
 * Stream tasks block on the app thread; app threads block (through
   ``trio.from_thread``) on body data or on output draining.
 
@@ -274,22 +275,23 @@ class _SocketIO:
                 await trio.lowlevel.checkpoint()
             return data
 
-    async def send_buffers(
-        self, parts: list[bytes | memoryview], scope: trio.CancelScope, timeout: float
-    ) -> None:
-        """Write all of ``parts``, in order, with gathering writes (os.writev): the
-        pieces go to the kernel as they are, never joined into a copy first. A
-        wait for room longer than ``timeout`` cancels ``scope``. Consumes ``parts``.
+    def write_some(self, parts: list[bytes | memoryview]) -> bool:
+        """Write as much of ``parts`` as the kernel takes now, in order, without
+        waiting: True once all of it went, else ``parts`` holds the rest.
+
+        Gathering writes (os.writev): the pieces go to the kernel as they are,
+        never joined into a copy first. A plain synchronous call, so a
+        response that fits the socket buffer costs the sender no await.
         """
-        if len(parts) == 1:
-            await self.send_all(parts[0], scope, timeout)
-            return
         fd = self.fd
         while True:
             try:
-                sent = os.writev(fd, parts if len(parts) <= _IOV_MAX else parts[:_IOV_MAX])
+                if len(parts) == 1:
+                    sent = os.write(fd, parts[0])
+                else:
+                    sent = os.writev(fd, parts if len(parts) <= _IOV_MAX else parts[:_IOV_MAX])
             except BlockingIOError:
-                sent = 0
+                return False
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
             done = 0
@@ -299,37 +301,23 @@ class _SocketIO:
                 sent -= len(part)
                 done += 1
             else:
-                return  # all of it: the usual case
+                return True  # all of it: the usual case
             del parts[:done]
             if sent:
                 parts[0] = memoryview(parts[0])[sent:]
-            if done < _IOV_MAX or sent:  # the kernel took less than offered: wait for room
-                scope.deadline = trio.current_time() + timeout  # progress since the last wait
-                await trio.lowlevel.wait_writable(fd)
+            if done < _IOV_MAX or sent:
+                return False  # the kernel took less than offered: it is full
 
-    async def send_all(
-        self, data: bytes | memoryview, scope: trio.CancelScope, timeout: float
+    async def send_rest(
+        self, parts: list[bytes | memoryview], scope: trio.CancelScope, timeout: float
     ) -> None:
-        """Write all of ``data``; a wait for room longer than ``timeout`` cancels ``scope``."""
-        fd = self.fd
-        try:
-            sent = os.write(fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
-        if sent == len(data):
-            return
-        view = memoryview(data)[sent:]
-        while view:
+        """Write the rest of ``parts`` (``write_some`` found the kernel full) as room
+        comes; a wait for room longer than ``timeout`` cancels ``scope``."""
+        while True:
             scope.deadline = trio.current_time() + timeout  # progress since the last wait
-            await trio.lowlevel.wait_writable(fd)
-            try:
-                view = view[os.write(fd, view) :]
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
+            await trio.lowlevel.wait_writable(self.fd)
+            if self.write_some(parts):
+                return
 
 
 class _StreamIO:
@@ -344,7 +332,11 @@ class _StreamIO:
     async def receive(self) -> bytes | bytearray:
         return await self._stream.receive_some(READ_SIZE)
 
-    async def send_buffers(
+    def write_some(self, parts: list[bytes | memoryview]) -> bool:
+        """Nothing: a trio stream is written by awaiting it (``send_rest``)."""
+        return False
+
+    async def send_rest(
         self, parts: list[bytes | memoryview], scope: trio.CancelScope, timeout: float
     ) -> None:
         """Send ``parts`` in order, small ones joined into writes of up to WRITE_CHUNK
@@ -920,7 +912,11 @@ class Connection:
                 while upcoming is not None:
                     current, upcoming = upcoming, None
                     await current.run(scope)
-                    if scope.cancel_called:
+                    # Only RequestStream.cancel cancels a lent scope (it has no
+                    # deadline), and it sets cancel_reason first: so a stream
+                    # never cancelled costs no look at the scope (whose
+                    # cancel_called reads the clock).
+                    if current.cancel_reason is not None and scope.cancel_called:
                         break  # (a cancel after its last checkpoint raised nothing)
                     upcoming = await next_stream()
             if scope.cancel_called:
@@ -1120,7 +1116,7 @@ class Connection:
             ctx.requests_served += 1
             if ctx.max_requests and ctx.requests_served == ctx.max_requests and ctx.on_max_requests:
                 ctx.on_max_requests()
-        if stream.body_buffered and self.multiplexed:
+        if self.multiplexed and stream.body_buffered:
             # Unread body: give the connection-level credit back.
             self.proto.acknowledge_body(stream.stream_id, stream.body_buffered)
         failure = stream.failure
@@ -1142,11 +1138,11 @@ class Connection:
             if scope is not None and scope.deadline > now + ctx.idle_floor:
                 self._tighten_deadline()
         proto = self.proto
-        if proto.wants_sender or self._aborted:
+        if proto.wants_sender or self._phase is _Phase.ABORTED:
             # Something to send, or the sender may now close the connection. A
             # keep-alive response already went out with the sender's last wake.
-            self._wake_sender()
-        self._wake_reader()
+            self._output_wanted.set()
+        self._reader_wakeup.set()
 
     def _failure_cause(self, stream: RequestStream, failure: Failure) -> Cause:
         """Why ``stream`` ended without the app's complete response (the counters' cause)."""
@@ -1171,10 +1167,6 @@ class Connection:
 
     # ---- sender ---------------------------------------------------------------
 
-    @property
-    def _aborted(self) -> bool:
-        return self._phase is _Phase.ABORTED
-
     def _wake_sender(self) -> None:
         self._output_wanted.set()
 
@@ -1198,53 +1190,57 @@ class Connection:
         self._nursery.cancel_scope.cancel()
 
     async def _send_loop(self, write_scope: trio.CancelScope) -> None:
+        io = self._io
+        timeout = self.ctx.config.write_timeout
         while True:
-            if await self._send_pending(write_scope):
-                self._in_flight = 0
-                if self._watchers:
-                    for stream in list(self._watchers):
-                        stream.output_progressed()
-                drained = self._output_drained
-                if drained is not None:
-                    self._output_drained = None
-                    drained.set()
-                self._wake_reader()
-                if self._pipeline_waiting:
-                    self._start_next_request()
+            # Write what the protocol has queued, bytes or a file.
+            proto = self.proto  # (an h2c upgrade replaces it)
+            parts = proto.buffers_to_send()
+            if parts:
+                size = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
+                self._in_flight = size
+                if not io.write_some(parts):
+                    await io.send_rest(parts, write_scope, timeout)
+                self._counts[self._sent_word] += size
+            elif (segment := proto.file_to_send()) is not None:
+                self._in_flight = segment.length
+                await self._sendfile(segment, write_scope)
+            else:
+                if await self._send_loop_idle(write_scope):
+                    return
                 continue
-            if self._phase is _Phase.DOZING:
-                return  # the reader has ended; _sender_task ends the request task
-            if self._aborted:
-                # Our last words (GOAWAY) are out. Close the socket now rather
-                # than when the cancelled apps' threads return, which can take
-                # until their next read or write.
-                await self._stop_reader()
-                await self._close_politely()
-                return
-            if self.proto.closing and not self.streams and not self.proto.has_queued_streams:
-                # Done: no app still running and no response still waiting
-                # for flow-control window (it goes out once the peer opens it).
-                if self._phase is not _Phase.LOST:
-                    self._phase = _Phase.DONE
-                return
-            if write_scope.deadline != math.inf:
-                write_scope.deadline = math.inf  # idle: no write to time out
-            await self._output_wanted.wait()
+            self._in_flight = 0
+            if self._watchers:
+                for stream in list(self._watchers):
+                    stream.output_progressed()
+            drained = self._output_drained
+            if drained is not None:
+                self._output_drained = None
+                drained.set()
+            self._reader_wakeup.set()  # it may be waiting for output to drain
+            if self._pipeline_waiting:
+                self._start_next_request()
 
-    async def _send_pending(self, write_scope: trio.CancelScope) -> bool:
-        """Write what the protocol has queued, bytes or a file; False if nothing was."""
-        parts = self.proto.buffers_to_send()
-        if parts:
-            size = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
-            self._in_flight = size
-            await self._io.send_buffers(parts, write_scope, self.ctx.config.write_timeout)
-            self._counts[self._sent_word] += size
+    async def _send_loop_idle(self, write_scope: trio.CancelScope) -> bool:
+        """Nothing queued: wait to be woken, or say (True) that the sender is done."""
+        if self._phase is _Phase.DOZING:
+            return True  # the reader has ended; _sender_task ends the request task
+        if self._phase is _Phase.ABORTED:
+            # Our last words (GOAWAY) are out. Close the socket now rather
+            # than when the cancelled apps' threads return, which can take
+            # until their next read or write.
+            await self._stop_reader()
+            await self._close_politely()
             return True
-        segment = self.proto.file_to_send()
-        if segment is not None:
-            self._in_flight = segment.length
-            await self._sendfile(segment, write_scope)
+        if self.proto.closing and not self.streams and not self.proto.has_queued_streams:
+            # Done: no app still running and no response still waiting
+            # for flow-control window (it goes out once the peer opens it).
+            if self._phase is not _Phase.LOST:
+                self._phase = _Phase.DONE
             return True
+        if write_scope.deadline != math.inf:
+            write_scope.deadline = math.inf  # idle: no write to time out
+        await self._output_wanted.wait()
         return False
 
     async def _sendfile(self, segment: FileSegment, scope: trio.CancelScope) -> None:

@@ -40,7 +40,6 @@ PEP 3333 rules enforced here, each with a test in tests/test_wsgi.py:
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import os
 import re
@@ -283,8 +282,15 @@ class InputStream:
         return line
 
 
-class ErrorStream(io.TextIOBase):
-    """``wsgi.errors``: text written here goes to the ``trioserve.app`` logger, a line at a time."""
+class ErrorStream:
+    """``wsgi.errors``: text written here goes to the ``trioserve.app`` logger, a line at a time.
+
+    The file-like object PEP 3333 asks for (``write``, ``writelines``,
+    ``flush``), made per request: a plain slotted class, because an
+    ``io.TextIOBase`` costs several times as much to make and to free.
+    """
+
+    __slots__ = ("_partial",)
 
     def __init__(self) -> None:
         self._partial = ""
@@ -298,7 +304,7 @@ class ErrorStream(io.TextIOBase):
             APP_LOGGER.error("%s", line)
         return len(text)
 
-    def writelines(self, lines: Iterable[str]) -> None:  # type: ignore[override]
+    def writelines(self, lines: Iterable[str]) -> None:
         for line in lines:
             self.write(line)
 
@@ -329,6 +335,13 @@ class FileWrapper:
 _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2"}
 
 
+# Header field names (lower-case, as the protocols give them) and their
+# environ keys: "user-agent" is HTTP_USER_AGENT on every request. The first
+# names seen are kept, up to a bound, since a client chooses them.
+_ENVIRON_KEYS_KEPT = 256
+_ENVIRON_KEYS: dict[bytes, str] = {}
+
+
 def build_environ(
     request: RequestReceived,
     info: ConnectionInfo,
@@ -340,7 +353,7 @@ def build_environ(
     if request.method == b"OPTIONS" and path == b"*":
         path_info = "*"
     else:
-        path_info = unquote_to_bytes(path).decode("latin-1")
+        path_info = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
     script_name = info.root_path
     if script_name and (path_info == script_name or path_info.startswith(script_name + "/")):
         path_info = path_info[len(script_name) :]
@@ -375,7 +388,11 @@ def build_environ(
         if name == b"content-length":
             environ["CONTENT_LENGTH"] = value.decode("latin-1")
             continue
-        key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+        key = _ENVIRON_KEYS.get(name)
+        if key is None:
+            key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+            if len(_ENVIRON_KEYS) < _ENVIRON_KEYS_KEPT:
+                _ENVIRON_KEYS[name] = key
         text = value.decode("latin-1")
         if key in environ:
             if key == "HTTP_HOST" and request.authority is not None:
