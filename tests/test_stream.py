@@ -137,13 +137,19 @@ class Started:
         self.ended = threading.Event()
 
 
+async def run_alone(stream: RequestStream) -> None:
+    """Run ``stream`` in a cancel scope of its own, as a connection's task lends one."""
+    with trio.CancelScope() as scope:
+        await stream.run(scope)
+
+
 async def run_stream(
     app: Any, *, refuse: int | None = None, body: bool = False, **options: Any
 ) -> tuple[RequestStream, RecordingOwner]:
     owner = RecordingOwner()
     stream = RequestStream(owner, context(app, **options), INFO, request(body=body), refuse=refuse)
     with trio.fail_after(TIMEOUT):
-        await stream.run()
+        await run_alone(stream)
     return stream, owner
 
 
@@ -215,7 +221,7 @@ async def test_a_list_response_goes_to_the_owner_in_one_call(
     ctx = context_from_config(app, Config())
     stream = RequestStream(owner, ctx, INFO, request())
     with trio.fail_after(TIMEOUT):
-        await stream.run()
+        await run_alone(stream)
     assert owner.calls == [("whole", 200, sent, [b"hel", b"lo"])]
     assert (stream.response, stream.status, stream.bytes_sent) == (Response.ENDED, 200, 5)
     assert owner.done == [stream]
@@ -275,7 +281,7 @@ async def test_a_stream_cancelled_before_its_response_ends_as_its_reason_says(
     )
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream.run)
+            nursery.start_soon(run_alone, stream)
             await trio.to_thread.run_sync(started.event.wait)
             await trio.testing.wait_all_tasks_blocked()
             stream.cancel(reason, status)
@@ -294,7 +300,7 @@ async def test_the_peer_going_away_overrides_an_earlier_refusal() -> None:
     stream.cancel(CancelReason.ABANDONED)  # later reasons do not replace the peer's
     assert stream.cancel_reason is CancelReason.PEER
     with trio.fail_after(TIMEOUT):
-        await stream.run()
+        await run_alone(stream)
     assert owner.calls == []
     assert owner.done == [stream]
 
@@ -315,7 +321,7 @@ async def test_a_refusal_after_the_response_started_is_a_reset() -> None:
     stream = RequestStream(owner, context(app), INFO, request())
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream.run)
+            nursery.start_soon(run_alone, stream)
             await trio.to_thread.run_sync(started.event.wait)
             stream.take_pushed()  # what the thread pushed so far is queued
             stream.cancel(CancelReason.REFUSED, 413)
@@ -406,7 +412,7 @@ async def test_body_credit_is_returned_only_as_the_app_reads() -> None:
     assert not owner.calls  # no credit before the app reads
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream.run)
+            nursery.start_soon(run_alone, stream)
             await trio.to_thread.run_sync(taken.wait)
             # Everything buffered went to the app's thread in one batch.
             assert [call for call in owner.calls if call[0] == "consumed"] == [("consumed", 18)]

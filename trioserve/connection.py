@@ -384,6 +384,11 @@ class _Phase(enum.Enum):
     DONE = "done"  # everything answered and sent: close politely
 
 
+async def _no_next_stream() -> None:
+    """For ``Connection._run_in_turn``: a task that runs one stream and ends."""
+    return None
+
+
 class _Runner:
     """An HTTP/2 stream task waiting for its next stream (Connection._park)."""
 
@@ -653,7 +658,7 @@ class Connection:
             with trio.CancelScope(deadline=self._idle_deadline()) as idle:
                 self._read_scope = idle
                 try:
-                    while self._reading:
+                    while self._phase is _Phase.OPEN:  # (self._reading, spelled out)
                         if self._reading_paused():
                             await self._reader_wakeup.wait()
                             continue
@@ -990,7 +995,10 @@ class Connection:
         self._idle_since = None
         assert self._nursery is not None
         self._nursery.start_soon(
-            stream.run, name=f"stream 1 (upgraded) from {self.info.client_addr}"
+            self._run_in_turn,
+            stream,
+            _no_next_stream,
+            name=f"stream 1 (upgraded) from {self.info.client_addr}",
         )
         if event.trailing:
             self._receive(event.trailing)
@@ -1297,4 +1305,6 @@ class Connection:
             self._pipeline_waiting = True  # the sender comes back here once output drains
             return
         self._pipeline_waiting = False
-        self._dispatch(self.proto.next_events())
+        events = self.proto.next_events()
+        if events:
+            self._dispatch(events)

@@ -14,7 +14,7 @@ import functools
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import trio
 
@@ -107,9 +107,11 @@ class ServerContext:
         return self.stats.read()
 
     @functools.cached_property
-    def thread_limiter(self) -> PromptLimiter:
+    def thread_limiter(self) -> trio.CapacityLimiter:
         """What app calls pass to ``to_thread.run_sync``: ``limiter``, without a needless yield."""
-        return PromptLimiter(self.limiter)
+        # trio takes any CapacityLimiter-like object there (its docs say so);
+        # its annotation says CapacityLimiter.
+        return cast(trio.CapacityLimiter, PromptLimiter(self.limiter))
 
     @functools.cached_property
     def call_app(self) -> AppCaller:

@@ -25,8 +25,8 @@ Rules:
    connection's tasks (HTTP/1.1's request task, HTTP/2's stream tasks) lend
    each stream in turn the scope they run in, and open a new one only after a
    cancellation: entering and leaving a trio cancel scope costs about a tenth
-   of a hello request's time on the trio thread. Run without a scope (the
-   stream an h2c upgrade carries), a stream opens its own.
+   of a hello request's time on the trio thread. The stream an h2c upgrade
+   carries runs the same way, in a task of its own that ends with it.
 2. Once cancelled, nothing more is sent for the stream: ``take_body_nowait``
    and ``take_pushed`` check for cancellation before queueing anything.
 3. Every stream ends exactly one way: a complete response, an error response
@@ -64,7 +64,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Protocol
 
 import trio
 
@@ -628,25 +628,36 @@ class RequestStream:
 
     # ---- the stream's task --------------------------------------------------
 
-    async def run(self, scope: trio.CancelScope | None = None) -> None:
+    async def run(self, scope: trio.CancelScope) -> None:
         """Run the app for this request and finish the stream, whatever happens.
 
-        ``scope``, if given, is the (uncancelled) cancel scope the caller runs
-        this in, lent to the stream until this returns (rule 1); without it the
-        stream opens its own. A cancellation of a lent scope propagates to the
-        caller, which must also check ``scope.cancel_called`` once this returns
-        (a cancel that came after the last checkpoint raised nothing).
+        ``scope`` is the (uncancelled) cancel scope the caller runs this in,
+        lent to the stream until this returns (rule 1). A cancellation of it
+        propagates to the caller, which must also check ``scope.cancel_called``
+        once this returns if the stream was cancelled (a cancel that came after
+        the last checkpoint raised nothing).
         """
         try:
             if self.cancel_reason is not None:  # refused before it started (503)
                 return
-            if scope is None:
-                with trio.CancelScope() as own:
-                    self._scope = own
-                    await self._serve()
-            else:
-                self._scope = scope
-                await self._serve()
+            self._scope = scope
+            if not self.body.ended:  # (its own first check: spares bodiless requests a call)
+                await self._wait_for_body_start()
+            result = await self._run_app()
+            self.app_done = True
+            if result is not None:
+                if self._spill is not None:
+                    await self._drain_spill(self._spill)
+                self._complete(result)
+            if self._file is not None and not self._file.sent:
+                await self._wait_file_sent(self._file)
+            owner = self._owner
+            if owner.multiplexed and owner.output_blocked(self.stream_id):
+                # HTTP/2: hold the stream open until its finished response has
+                # gone out, under the same stall rule as wait_writable, so a
+                # client that never opens its window cannot pin the queued bytes
+                # forever.
+                await self._wait_for_output(self._all_sent)
         finally:
             self._scope = None  # a late cancel() must not reach a lent scope's next stream
             self._end()
@@ -669,25 +680,6 @@ class RequestStream:
         """
         self.cancel(CancelReason.PEER)
         self._end()
-
-    async def _serve(self) -> None:
-        if not self.body.ended:  # (its own first check: spares bodiless requests a call)
-            await self._wait_for_body_start()
-        result = await self._run_app()
-        self.app_done = True
-        if result is not None:
-            if self._spill is not None:
-                await self._drain_spill(self._spill)
-            self._complete(result)
-        if self._file is not None and not self._file.sent:
-            await self._wait_file_sent(self._file)
-        owner = self._owner
-        if owner.multiplexed and owner.output_blocked(self.stream_id):
-            # HTTP/2: hold the stream open until its finished response has
-            # gone out, under the same stall rule as wait_writable, so a
-            # client that never opens its window cannot pin the queued bytes
-            # forever.
-            await self._wait_for_output(self._all_sent)
 
     async def _wait_file_sent(self, segment: FileSegment) -> None:
         """Hold the stream (and its file open) until the sender has sent the file.
@@ -717,9 +709,7 @@ class RequestStream:
                     self,
                     initial,
                     self.body.ended,
-                    # trio takes any CapacityLimiter-like object here (its docs say
-                    # so); its annotation says CapacityLimiter.
-                    limiter=cast(trio.CapacityLimiter, ctx.thread_limiter),
+                    limiter=ctx.thread_limiter,
                     thread_name=APP_THREAD_NAME,
                 )
             finally:
