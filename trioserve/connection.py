@@ -76,6 +76,7 @@ import trio
 from .context import ServerContext
 from .dozing import DOZE_AFTER
 from .events import (
+    UNCHECKED,
     BadRequest,
     BodyEnded,
     BodyReceived,
@@ -773,7 +774,7 @@ class Connection:
                 return True
             for stream in self.streams.values():
                 limit = BODY_READ_AHEAD if stream.reading_body else BODY_HIGH_WATER
-                if stream.body_buffered >= limit:
+                if stream.body.size >= limit:  # (stream.body_buffered, spelled out)
                     return True
         return False
 
@@ -1035,12 +1036,14 @@ class Connection:
             content_length=head.content_length,
             traits=traits,
         )
-        self._wake_sender()
+        self._output_wanted.set()
 
     def _add_server_fields(self, head: ResponseHead) -> int:
         """Append Date and Server to ``head`` unless the app set them; the app's traits."""
-        traits = field_traits(head.headers, head.traits)
+        traits = head.traits
         headers = head.headers
+        if traits == UNCHECKED:  # (trioserve.wsgi checked it: the usual case)
+            traits = field_traits(headers)
         if not traits & HAS_DATE:
             headers.append((b"Date", date_header()))
         server_header = self.ctx.server_header
@@ -1124,7 +1127,7 @@ class Connection:
             ctx.requests_served += 1
             if ctx.max_requests and ctx.requests_served == ctx.max_requests and ctx.on_max_requests:
                 ctx.on_max_requests()
-        if self.multiplexed and stream.body_buffered:
+        if self.multiplexed and stream.body.size:
             # Unread body: give the connection-level credit back.
             self.proto.acknowledge_body(stream.stream_id, stream.body_buffered)
         failure = stream.failure
@@ -1214,8 +1217,25 @@ class Connection:
                 self._in_flight = segment.length
                 await self._sendfile(segment, write_scope)
             else:
-                if await self._send_loop_idle(write_scope):
+                # Nothing queued: end, or wait to be woken.
+                if self._phase is _Phase.DOZING:
+                    return  # the reader has ended; _sender_task ends the request task
+                if self._phase is _Phase.ABORTED:
+                    # Our last words (GOAWAY) are out. Close the socket now rather
+                    # than when the cancelled apps' threads return, which can take
+                    # until their next read or write.
+                    await self._stop_reader()
+                    await self._close_politely()
                     return
+                if proto.closing and not self.streams and not proto.has_queued_streams:
+                    # Done: no app still running and no response still waiting
+                    # for flow-control window (it goes out once the peer opens it).
+                    if self._phase is not _Phase.LOST:
+                        self._phase = _Phase.DONE
+                    return
+                if write_scope.deadline != math.inf:
+                    write_scope.deadline = math.inf  # idle: no write to time out
+                await self._output_wanted.wait()
                 continue
             self._in_flight = 0
             if self._watchers:
@@ -1228,28 +1248,6 @@ class Connection:
             self._reader_wakeup.set()  # it may be waiting for output to drain
             if self._pipeline_waiting:
                 self._start_next_request()
-
-    async def _send_loop_idle(self, write_scope: trio.CancelScope) -> bool:
-        """Nothing queued: wait to be woken, or say (True) that the sender is done."""
-        if self._phase is _Phase.DOZING:
-            return True  # the reader has ended; _sender_task ends the request task
-        if self._phase is _Phase.ABORTED:
-            # Our last words (GOAWAY) are out. Close the socket now rather
-            # than when the cancelled apps' threads return, which can take
-            # until their next read or write.
-            await self._stop_reader()
-            await self._close_politely()
-            return True
-        if self.proto.closing and not self.streams and not self.proto.has_queued_streams:
-            # Done: no app still running and no response still waiting
-            # for flow-control window (it goes out once the peer opens it).
-            if self._phase is not _Phase.LOST:
-                self._phase = _Phase.DONE
-            return True
-        if write_scope.deadline != math.inf:
-            write_scope.deadline = math.inf  # idle: no write to time out
-        await self._output_wanted.wait()
-        return False
 
     async def _sendfile(self, segment: FileSegment, scope: trio.CancelScope) -> None:
         """Send ``segment`` from its file with ``os.sendfile`` (plain-TCP HTTP/1.1 only)."""

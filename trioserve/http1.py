@@ -691,7 +691,9 @@ class HTTP1Connection:
             size = sum(map(len, body))
             if size == self._declared and size <= COALESCE_LIMIT:
                 self._body_sent = size
-                self._queue(head + b"".join(body))
+                whole = head + b"".join(body)
+                self._outbound.append(whole)  # (self._queue, spelled out)
+                self._outbound_size += len(whole)
                 self._finish_request()
                 return
         self._queue(head)
@@ -724,7 +726,9 @@ class HTTP1Connection:
             self._closed = True
         close = self._closed or self._no_keep_alive or not self._keep_alive
         # The app asked for it: no reuse, but its fields stay as given.
-        asked = bool(field_traits(headers, traits) & ASKS_CLOSE)
+        if traits == UNCHECKED:
+            traits = field_traits(headers)
+        asked = bool(traits & ASKS_CLOSE)
         fields = headers
         if status in NO_BODY_STATUSES:
             framing = _Framing.NONE
