@@ -920,3 +920,15 @@ def test_environ_keys_of_header_names_are_kept_up_to_a_bound() -> None:
         assert kept[b"host"] == "HTTP_HOST"
         assert len(kept) <= trioserve.wsgi._ENVIRON_KEYS_KEPT
     assert environ["PATH_INFO"] == "/caf\xc3\xa9"  # bytes as latin-1, as PEP 3333 asks
+
+
+def test_options_asterisk_reaches_the_app_with_path_info_asterisk() -> None:
+    """``OPTIONS *`` asks about the server, not a path: PATH_INFO is "*" (as gunicorn
+    and waitress give it), and REQUEST_URI keeps the target as sent."""
+    from trioserve.events import RequestReceived
+    from trioserve.wsgi import ConnectionInfo, InputStream, build_environ
+
+    info = ConnectionInfo("http", "127.0.0.1", "8000", "10.0.0.1", "1111")
+    request = RequestReceived(1, b"OPTIONS", b"*", [(b"host", b"x")], "1.1", end_stream=True)
+    environ = build_environ(request, info, InputStream(None, eof=True))  # type: ignore[arg-type]
+    assert (environ["PATH_INFO"], environ["REQUEST_URI"], environ["QUERY_STRING"]) == ("*", "*", "")

@@ -439,6 +439,8 @@ class HTTP1Connection:
         connection_tokens: set[bytes] | None = None  # made only if a Connection field comes
         hosts = 0
         for name, value in headers:
+            if name not in _ADMISSION_FIELDS:
+                continue  # (most of a browser's fields: one look, not seven)
             if name == b"content-length":
                 content_length = int(value)  # one, of digits only (head_problem)
             elif name == b"transfer-encoding":
@@ -941,6 +943,20 @@ class HTTP1Connection:
         self._declared = None
         self._close_after = False
         self._head_request = False
+
+
+# The request fields _admit acts on.
+_ADMISSION_FIELDS = frozenset(
+    (
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"expect",
+        b"connection",
+        b"upgrade",
+        b"http2-settings",
+    )
+)
 
 
 def _status_line(status: int, reason: bytes) -> bytes:
