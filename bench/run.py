@@ -1109,6 +1109,15 @@ def summarize(variant: Variant, runs: dict[str, list[dict[str, Any]]]) -> dict[s
     return summary
 
 
+def rotated(servers: list[str], repeat: int) -> list[str]:
+    """``servers`` in the order repeat number ``repeat`` measures them: each repeat starts
+    one server later, so no server is always first after another scenario (on this VM the
+    first transfers after a change of work have come out slow: a 1 GiB upload measured
+    first got 375-500 MiB/s in every repeat, the one after it 950-1,280)."""
+    shift = repeat % len(servers) if servers else 0
+    return servers[shift:] + servers[:shift]
+
+
 def cell(text: str) -> str:
     return text.replace("|", "/").replace("\n", " ")
 
@@ -1387,7 +1396,7 @@ def main() -> int:
         for rep in range(args.repeat):
             for scenario in chosen:
                 for variant in scenario.variants:
-                    for server in variant.servers:
+                    for server in rotated(variant.servers, rep):
                         done += 1
                         print(
                             f"[{done}/{total}] repeat {rep + 1}: {scenario.number} "
