@@ -662,3 +662,35 @@ async def test_the_access_log_counts_the_body_bytes_the_client_gets(
         (b"HEAD", "/empty", 204, 0),
         (b"HEAD", "/fails", 500, 0),
     ]
+
+
+@pytest.mark.parametrize(
+    ("declared", "sent"),
+    [(7, 5), (12, 10)],  # too long: the chunk past 7 is refused; too short: all 10 went
+    ids=["too-long", "too-short"],
+)
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+async def test_a_whole_response_breaking_its_content_length_logs_what_went_out(
+    http2: bool, declared: int, sent: int
+) -> None:
+    """A list response (the whole-response path) whose body breaks its
+    Content-Length is cut short, and %b says how much of its body the client
+    got. Bare: wsgiref's validator would stop the app before trioserve does."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Length", str(declared))])
+        return [b"abcde", b"fghij"]
+
+    from trioserve.testing import open_test_server
+
+    logged: list[tuple[int, int]] = []
+    async with open_test_server(app) as server:
+        server.context.access_log = lambda r: logged.append((r.status, r.bytes_sent))
+        async with server.connect(http2=http2) as client:
+            stream = await client.open_stream("GET", "/")
+            response = await stream.read_response()
+    assert (response.status != 0, response.complete) == (not http2, False)
+    # HTTP/1.1 sends what was queued, then closes; an HTTP/2 RST_STREAM drops
+    # the stream's output that was not framed yet (here: all of it).
+    assert response.body == (b"" if http2 else b"abcdefghij"[:sent])
+    assert logged == [(200, len(response.body))]

@@ -168,11 +168,14 @@ async def test_a_stalled_client_no_longer_holds_the_only_thread(
 ) -> None:
     """One thread; a client asks for 10 MiB and reads none of it. After --spill-after
     its app finishes into a file, a second client is served, and when the first one
-    reads at last it gets exactly the app's 10 MiB."""
+    reads at last it gets exactly the app's 10 MiB (and the access log says so:
+    HTTP/2's bytes taken back from the queue into the file count once)."""
     size = 10 * MiB
     probe = AppProbe(validator(streamer))
+    logged: dict[str, int] = {}
     async with open_test_server(probe, threads=1, spill_dir=str(tmp_path)) as server:
         ctx = server.context
+        ctx.access_log = lambda r: logged.update({r.request.target.decode(): r.bytes_sent})
         with trio.fail_after(TIMEOUT):
             async with server.connect(http2=http2) as slow, server.connect(http2=http2) as good:
                 stream = await stalled(slow, f"/stream/{size}")
@@ -192,6 +195,7 @@ async def test_a_stalled_client_no_longer_holds_the_only_thread(
                 assert await drain(stream) == (size, digest_of(size))
                 assert stream.response.complete
         assert ctx.spill_budget.used == 0  # given back when the response ended
+    assert logged == {f"/stream/{size}": size, "/hello": 2}
     await no_threads_left()
 
 

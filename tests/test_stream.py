@@ -73,8 +73,9 @@ class RecordingOwner:
     def send_error(self, stream_id: int, status: int, *, close: bool) -> None:
         self.calls.append(("error", status))
 
-    def reset(self, stream_id: int, reason: ResetReason) -> None:
+    def reset(self, stream_id: int, reason: ResetReason) -> int:
         self.calls.append(("reset", reason))
+        return 0
 
     def output_queued(self, stream_id: int) -> int:
         return self.queued

@@ -13,7 +13,8 @@ U      path without query
 q      query string
 H      protocol (``HTTP/1.1``, ``HTTP/2``)
 s      status code (0 if the stream ended before a response)
-b      response body bytes, "-" if none (none for HEAD, 204 and 304)
+b      response body bytes, "-" if none (none for HEAD, 204 and 304; for a
+       response trioserve cut short, what went out before the cut)
 B      response body bytes, 0 if none
 f      Referer header
 a      User-Agent header

@@ -1071,10 +1071,12 @@ class Connection:
         self.proto.send_error_response(stream_id, status, close=close)
         self._wake_sender()
 
-    def reset(self, stream_id: int, reason: ResetReason) -> None:
-        """Abandon a response mid-way (HTTP/2: RST_STREAM; HTTP/1.1: close)."""
-        self.proto.reset_stream(stream_id, reason)
+    def reset(self, stream_id: int, reason: ResetReason) -> int:
+        """Abandon a response mid-way (HTTP/2: RST_STREAM; HTTP/1.1: close);
+        the body bytes queued for it that were dropped."""
+        dropped = self.proto.reset_stream(stream_id, reason)
         self._wake_sender()
+        return dropped
 
     def output_queued(self, stream_id: int) -> int:
         return self.proto.stream_output_size(stream_id)

@@ -804,11 +804,13 @@ class HTTP1Connection:
         self._write_error_response(status, detail)
         self._finish_request()
 
-    def reset_stream(self, stream_id: int, reason: ResetReason = ResetReason.CANCEL) -> None:
-        """Abandon the current response. HTTP/1.1 can only do that by closing."""
+    def reset_stream(self, stream_id: int, reason: ResetReason = ResetReason.CANCEL) -> int:
+        """Abandon the current response. HTTP/1.1 can only do that by closing,
+        after what is queued: so nothing is dropped."""
         self._closed = True
         self._active = False
         self._input = _Input.CLOSED
+        return 0
 
     def take_stream_output(self, stream_id: int) -> list[bytes | memoryview]:
         """Nothing: what is queued here is already framed for the wire (chunked coding)."""

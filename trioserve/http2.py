@@ -903,12 +903,18 @@ class HTTP2Connection:
         self.send_body(stream_id, body)
         self.end_stream(stream_id)
 
-    def reset_stream(self, stream_id: int, reason: ResetReason = ResetReason.CANCEL) -> None:
-        """Abandon ``stream_id``: drop its queued output and send RST_STREAM."""
+    def reset_stream(self, stream_id: int, reason: ResetReason = ResetReason.CANCEL) -> int:
+        """Abandon ``stream_id``: drop its queued output and send RST_STREAM.
+
+        Returns how many body bytes were dropped: not framed yet, they never go.
+        """
         if reason is ResetReason.REFUSED:
             self._resets += 1  # refusals spend the reset budget too (Rapid Reset)
+        out = self._outbound.get(stream_id)
+        dropped = 0 if out is None else out.size
         self._send_reset(stream_id, _RESET_CODES[reason])
         self._pull_control()
+        return dropped
 
     def _send_reset(self, stream_id: int, code: int) -> None:
         """Drop ``stream_id``'s queued output and have h2 send RST_STREAM with ``code``."""

@@ -132,7 +132,10 @@ class StreamOwner(Protocol):
     def end(self, stream_id: int) -> None: ...
     def send_continue(self, stream_id: int) -> None: ...
     def send_error(self, stream_id: int, status: int, *, close: bool) -> None: ...
-    def reset(self, stream_id: int, reason: ResetReason) -> None: ...
+    def reset(self, stream_id: int, reason: ResetReason) -> int:
+        """Abandon the response; the body bytes queued for it that were dropped."""
+        ...
+
     def output_queued(self, stream_id: int) -> int:
         """Response bytes of this stream queued and not yet handed to the socket."""
         ...
@@ -298,7 +301,9 @@ class RequestStream:
         self.app_done = False  # the app has returned (its response may still be queued)
         self.reading_body = False  # the app has asked for body data (HTTP/1.1 reads ahead)
         self.status = 0
-        self._body_bytes = 0  # response body bytes queued for the client, as the app gave them
+        # Response body bytes queued for the client and not dropped since (a
+        # reset's unframed output, HTTP/2 output taken back to spill to disk).
+        self._body_bytes = 0
         self.started_at = time.time()
         self._continue_sent = False
         self.can_sendfile = owner.can_sendfile  # read by the app thread (wsgi.call_app)
@@ -322,7 +327,9 @@ class RequestStream:
     def bytes_sent(self) -> int:
         """The response body's bytes (the access log's ``%b``), the app's or trioserve's
         own error page: none for a HEAD request, whose head describes a body it never
-        gets (no more than for a 204 or 304, which have none)."""
+        gets (no more than for a 204 or 304, which have none). A response reset
+        counts what went out before the reset: HTTP/1.1 sends what was queued, then
+        closes; HTTP/2 drops what was not framed yet."""
         return 0 if self.request.method == b"HEAD" else self._body_bytes
 
     # ---- called by the connection -------------------------------------------
@@ -568,7 +575,8 @@ class RequestStream:
         self._spill = Spill(self._ctx.spill_budget, config.max_spill_per_response, config.spill_dir)
         # Data queued but not yet framed goes to the file too (HTTP/2), so that
         # a spilling stream holds about SPILL_REFILL of memory, not its high water.
-        self._spill_backlog = self._owner.take_output(self.stream_id)
+        backlog = self._spill_backlog = self._owner.take_output(self.stream_id)
+        self._body_bytes -= sum(map(len, backlog))  # counted again when they go out
         self._owner.watch_output(self, True)
         LOGGER.debug(
             "%s %s: the client takes more than %.2gs; spilling the response",
@@ -757,15 +765,26 @@ class RequestStream:
                 bodyless = head.status in _NO_BODY_STATUSES
                 body = [] if bodyless else result.body
                 size = sum(map(len, body))
-                if (
-                    not bodyless
-                    and (head.content_length is None or head.content_length == UNCHECKED)
-                    and not field_traits(head.headers, head.traits) & HAS_FRAMING
-                ):
-                    # The whole body is here: say how long it is.
-                    head.headers.append((b"Content-Length", str(size).encode("ascii")))
-                    if head.content_length is None:  # (a checked head stays checked)
-                        head.content_length = size
+                declared = head.content_length
+                if bodyless or declared == size:
+                    pass
+                elif declared is None or declared == UNCHECKED:
+                    if not field_traits(head.headers, head.traits) & HAS_FRAMING:
+                        # The whole body is here: say how long it is.
+                        head.headers.append((b"Content-Length", str(size).encode("ascii")))
+                        if declared is None:  # (a checked head stays checked)
+                            head.content_length = size
+                else:
+                    # The body breaks its Content-Length: queued piece by piece,
+                    # so what went out before the protocol refused the rest is
+                    # counted (the access log's bytes), then the response aborts.
+                    self._start_response(head)
+                    for chunk in body:
+                        owner.send_body(sid, chunk)
+                        self._body_bytes += len(chunk)
+                    owner.end(sid)  # raises if too short (for HEAD, nothing was checked)
+                    self.response = Response.ENDED
+                    return
                 self._response_started(head)
                 owner.send_whole(sid, head, body)
                 self._body_bytes += size
@@ -808,7 +827,8 @@ class RequestStream:
         """End the response with a reset (HTTP/1.1: close), unless the peer reset first."""
         self.response = Response.ENDED
         if self.cancel_reason is not CancelReason.PEER:
-            self._owner.reset(self.stream_id, reason)
+            # (the access log counts only the body bytes that still go out)
+            self._body_bytes -= self._owner.reset(self.stream_id, reason)
 
     def _abort(self, why: str) -> None:
         """Give up on this response mid-way because the app broke it."""
