@@ -49,6 +49,17 @@ def _gc_settings(environ: Environ, start_response: Any) -> Iterable[bytes]:
     return [body]
 
 
+def _thread_policy(environ: Environ, start_response: Any) -> Iterable[bytes]:
+    """The scheduling policy of the thread the app runs in: "batch", "other" or a number."""
+    import os
+
+    policy = os.sched_getscheduler(0)
+    names = {os.SCHED_OTHER: "other", getattr(os, "SCHED_BATCH", -1): "batch"}
+    body = names.get(policy, str(policy)).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
 def _tls_echo(environ: Environ, start_response: Any) -> Iterable[bytes]:
     """Echo mod_ssl's SSL_* variables, the protocol and the scheme as JSON."""
     echoed = {key: value for key, value in environ.items() if key.startswith("SSL_")}
@@ -113,6 +124,7 @@ application = _text_app("default attribute\n")
 
 environ_echo = validator(_environ)
 gc_settings = validator(_gc_settings)
+thread_policy = validator(_thread_policy)
 tls_echo = validator(_tls_echo)
 raises = validator(_raises)
 slow_upload = validator(_slow_upload)

@@ -1,4 +1,5 @@
-"""The scheduling policy of app threads (trioserve.app_threads): SCHED_BATCH when asked."""
+"""The scheduling policy of app threads (trioserve.app_threads): SCHED_BATCH when asked
+(the command asks by default: tests/test_cli.py), and batch's bound on running ahead."""
 
 from __future__ import annotations
 
@@ -60,14 +61,17 @@ async def report(http2: bool, **options: Any) -> tuple[str, str]:
     return policy, ident
 
 
-async def test_by_default_app_threads_are_left_as_they_are(
-    monkeypatch: pytest.MonkeyPatch, fresh_threads: None
+@pytest.mark.parametrize("scheduling", ["auto", "normal"])
+async def test_embedded_app_threads_are_left_as_they_are(
+    monkeypatch: pytest.MonkeyPatch, fresh_threads: None, scheduling: str
 ) -> None:
+    """Under serve_wsgi (the test server), auto, the default, is normal: the threads
+    are the embedding program's."""
     calls: list[Any] = []
     monkeypatch.setattr(os, "sched_setscheduler", lambda *args: calls.append(args))
-    assert Config().app_thread_scheduling == "normal"
-    await report(False)
-    await report(True)
+    assert Config().app_thread_scheduling == "auto"
+    await report(False, app_thread_scheduling=scheduling)
+    await report(True, app_thread_scheduling=scheduling)
     assert calls == []
 
 
@@ -133,7 +137,7 @@ async def test_a_refused_policy_is_logged_once_and_the_apps_still_run(
 
 
 def test_an_unknown_policy_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="app-thread-scheduling must be batch or normal"):
+    with pytest.raises(ConfigError, match="app-thread-scheduling must be auto, batch or normal"):
         Config(app_thread_scheduling="idle")
 
 
@@ -167,3 +171,84 @@ async def test_batch_over_a_real_socket_with_an_independent_client(
     policy, ident = body.split()
     assert policy == b"batch"
     assert policy_calls == [(int(ident), os.SCHED_BATCH)]
+
+
+# ---- batch's bound on running ahead ----------------------------------------------------
+
+
+@pytest.fixture
+def yields(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry (the calling thread) per os.sched_yield, each then made for real."""
+    seen: list[int] = []
+    real = os.sched_yield
+
+    def recording() -> None:
+        seen.append(threading.get_ident())
+        real()
+
+    monkeypatch.setattr(os, "sched_yield", recording)
+    return seen
+
+
+async def test_the_limiter_gives_way_beyond_the_run_ahead(yields: list[int]) -> None:
+    """Each token taken with more than ``run_ahead`` out (itself included) yields the
+    core once; without a run-ahead nothing does."""
+    from trioserve.app_threads import PromptLimiter
+
+    limiter = trio.CapacityLimiter(10)
+    bounded = PromptLimiter(limiter, run_ahead=2)
+    out = []
+    for borrower in range(5):
+        await bounded.acquire_on_behalf_of(borrower)
+        out.append(len(yields))
+    assert out == [0, 0, 1, 2, 3]  # the third, fourth and fifth token
+    for borrower in range(5):
+        bounded.release_on_behalf_of(borrower)
+    assert limiter.borrowed_tokens == 0
+    unbounded = PromptLimiter(limiter)
+    for borrower in range(5):
+        await unbounded.acquire_on_behalf_of(borrower)
+    assert len(yields) == 3
+
+
+@pytest.mark.parametrize("scheduling", ["batch", "normal", "auto"])
+async def test_batch_app_calls_give_way_beyond_the_run_ahead(
+    scheduling: str, yields: list[int], fresh_threads: None
+) -> None:
+    """Under batch, with RUN_AHEAD + 3 requests held in their apps at once, the
+    three taken past the bound each yield the core first; under normal (and auto,
+    embedded) none does."""
+    from trioserve.app_threads import RUN_AHEAD
+
+    count = RUN_AHEAD + 3
+    token = trio.lowlevel.current_trio_token()
+    all_in = trio.Event()
+    arrived = 0
+
+    def arrive() -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == count:
+            all_in.set()
+
+    def held(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        trio.from_thread.run_sync(arrive, trio_token=token)
+        trio.from_thread.run(all_in.wait, trio_token=token)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    statuses: list[int] = []
+    with trio.fail_after(10):
+        async with (
+            open_test_server(validator(held), app_thread_scheduling=scheduling) as server,
+            server.connect(http2=True) as client,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def get() -> None:
+                statuses.append((await client.get("/")).status)
+
+            for _ in range(count):
+                nursery.start_soon(get)
+    assert statuses == [200] * count
+    assert yields == ([threading.get_ident()] * 3 if scheduling == "batch" else [])  # trio's

@@ -666,6 +666,40 @@ async def test_serving_processes_tune_the_garbage_collector_unless_told_not_to(
     assert seen["--gc-threshold 5000"]["threshold"] == 5000
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_the_command_runs_apps_in_batch_threads_unless_told_not_to(workers: str) -> None:
+    """--app-thread-scheduling auto (the default) is batch when the command serves,
+    one process or a worker; normal leaves the threads as the process had them. The
+    process starts under the default policy here: a child inherits its parent's, and
+    this test's may have been spawned from a thread an earlier test made batch."""
+    command = [
+        sys.executable,
+        "-c",
+        "import os, runpy; os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0));"
+        " runpy.run_module('trioserve', run_name='__main__', alter_sys=True)",
+    ]
+    seen = {}
+    for given in ([], ["--app-thread-scheduling", "normal"], ["--app-thread-scheduling", "batch"]):
+        async with serving(
+            "tests.cli_targets:thread_policy",
+            "-b",
+            "127.0.0.1:0",
+            "-w",
+            workers,
+            *given,
+            command=command,
+        ) as cli:
+            response = await request(cli.url)
+        assert response.status == 200
+        seen[" ".join(given) or "default"] = response.body.decode()
+    assert seen == {
+        "default": "batch",
+        "--app-thread-scheduling normal": "other",
+        "--app-thread-scheduling batch": "batch",
+    }
+
+
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
 async def test_help_from_each_launcher(launcher: str) -> None:
     text = await _help_text(LAUNCHERS[launcher]())

@@ -1,27 +1,36 @@
-"""How the threads that run apps are scheduled by the kernel (Linux), when asked.
+"""How the threads that run apps are scheduled by the kernel (Linux).
 
 Handing a request to an app thread wakes that thread. Under Linux's default
 policy the kernel may switch to it at once, ahead of the trio thread that woke
 it. On a busy core that round trip buys nothing: the app thread's first need is
 the GIL, which the trio thread still holds, so it sleeps again and the trio
 thread runs on. Under ``SCHED_BATCH`` (sched(7)) a thread that wakes does not
-preempt the one running: it runs once the trio thread waits for I/O, or when
-the trio thread's time slice ends. The trio thread keeps its policy, so network
+preempt the one running: it runs once the trio thread waits for I/O, gives way
+(below), or its time slice ends. The trio thread keeps its policy, so network
 events still preempt whatever is running.
 
 Measured with HTTP/1.1 hello on one busy core (``docs/running.md``): 3.8
 context switches and 6.0 futex calls a request under the default policy, 1.4
-and 2.9 under ``SCHED_BATCH``, and about 9% more requests a second. It is not
-the default because the event loop then runs ahead of the app threads: a burst
-of new connections has more requests in flight at once, and more threads and
-allocator space stay behind afterwards (1 to 1.6 KiB more per connection for
-1,000 idle connections opened 50 at a time). An app thread woken by its own I/O
-(a database's answer) no longer preempts either.
+and 2.9 under ``SCHED_BATCH``, and about 9% more requests a second.
+
+Left alone, the event loop then runs ahead of the app threads: in a burst of
+new connections it hands out a call to every thread of the pool before any of
+them has run, and the memory of those many requests in flight at once stays
+behind as allocator space (1,000 idle connections opened 50 at a time cost
+8.6-8.9 KiB each against 7.0-7.3). So with more than ``RUN_AHEAD`` calls out,
+the trio thread gives the core to the app threads already woken
+(``os.sched_yield``) before it hands out another: they run, the pool stays at
+a handful of threads, and idle connections cost what they do under the
+default policy (7.3-7.4 KiB) while the requests a second stay those of batch.
+A thread blocked on I/O is not runnable, and the yield returns at once.
 
 The policy is set from inside the app thread, the first time it runs an app,
 and stays with the thread: trio's thread cache reuses it for other work until
-it exits after idling. ``"normal"`` leaves threads as they are. Elsewhere than
-Linux both leave threads alone.
+it exits after idling. That is the process's business: ``"auto"``, the
+default, is batch when the trioserve command serves (trioserve.cli) and
+normal under ``serve_wsgi``, where the threads are the embedding program's.
+``"normal"`` leaves threads as they are. Elsewhere than Linux every policy
+leaves threads alone.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from typing import cast
+
+import trio
 
 from .events import RequestReceived
 from .wsgi import AppResult, ConnectionInfo, StreamPort, WSGIApp, call_app
@@ -39,6 +51,12 @@ LOGGER = logging.getLogger("trioserve.error")
 AppCaller = Callable[[WSGIApp, RequestReceived, ConnectionInfo, StreamPort, bytes, bool], AppResult]
 
 _BATCH: int | None = getattr(os, "SCHED_BATCH", None)
+
+# App calls in flight beyond which, under batch, the trio thread lets the app
+# threads it woke run before it hands out the next call (see above). Chosen by
+# measurement: 4 and 8 keep batch's requests a second; with 8 the pool grows
+# to 9 threads in the idle scenario and idle connections cost 0.2-0.3 KiB more.
+RUN_AHEAD = 4
 
 
 class _ThisThread(threading.local):
@@ -78,9 +96,54 @@ def call_app_batch(
     return call_app(app, request, info, port, initial_body, body_complete)
 
 
+def _batch(scheduling: str) -> bool:
+    return scheduling == "batch" and _BATCH is not None
+
+
 def app_caller(scheduling: str) -> AppCaller:
-    """The function a stream runs its app with, in a worker thread, for ``scheduling``.
+    """The function a stream runs its app with, in a worker thread, for ``scheduling``
+    (``"auto"`` is resolved by the command; here it means normal).
 
     ``"normal"``: :func:`~trioserve.wsgi.call_app` itself, nothing added per call.
     """
-    return call_app_batch if scheduling == "batch" else call_app
+    return call_app_batch if _batch(scheduling) else call_app
+
+
+class PromptLimiter:
+    """The app-thread limiter as ``trio.to_thread.run_sync`` takes it, minus a checkpoint.
+
+    A free token is taken without the yield ``CapacityLimiter`` makes even
+    then: ``to_thread.run_sync`` waits for its thread right after anyway, so
+    that yield is a whole extra pass through the scheduler per request for
+    nothing. With no token free it waits, first come first served, as before.
+    With ``run_ahead``, once more than that many tokens are out, the calling
+    (trio) thread gives up the core to runnable threads first (see the module's
+    docstring).
+    """
+
+    __slots__ = ("_limiter", "_run_ahead")
+
+    def __init__(self, limiter: trio.CapacityLimiter, run_ahead: int = 0) -> None:
+        self._limiter = limiter
+        self._run_ahead = run_ahead
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        limiter = self._limiter
+        try:
+            limiter.acquire_on_behalf_of_nowait(borrower)
+        except trio.WouldBlock:
+            await limiter.acquire_on_behalf_of(borrower)
+        if self._run_ahead and limiter.borrowed_tokens > self._run_ahead:
+            os.sched_yield()
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self._limiter.release_on_behalf_of(borrower)
+
+
+def app_thread_limiter(limiter: trio.CapacityLimiter, scheduling: str) -> trio.CapacityLimiter:
+    """What app calls pass to ``to_thread.run_sync`` as their limiter: ``limiter``
+    without a needless checkpoint, and under batch with the run-ahead bound."""
+    prompt = PromptLimiter(limiter, RUN_AHEAD if _batch(scheduling) else 0)
+    # trio takes any CapacityLimiter-like object there (its docs say so); its
+    # annotation says CapacityLimiter.
+    return cast(trio.CapacityLimiter, prompt)

@@ -148,7 +148,12 @@ async def run_until_signalled(
     parent handles SIGINT and SIGHUP), serves the sockets it was given rather
     than systemd's, counts into the block its parent reads for ``/metrics``, and
     reports to its parent once it serves.
+
+    ``--app-thread-scheduling auto`` is batch here: the command's process and
+    its threads are its own (:mod:`trioserve.app_threads`).
     """
+    if config.app_thread_scheduling == "auto":
+        config = dataclasses.replace(config, app_thread_scheduling="batch")
     worker = in_worker()
     watched: tuple[signal.Signals, ...] = (signal.SIGTERM,)
     if not worker:

@@ -58,14 +58,16 @@ class Config:
         "worker threads for running the app (concurrent app calls per process)",
     )
     app_thread_scheduling: str = _option(
-        # Off by default: batch serves about 9% more small requests on a busy
-        # core, but a burst of connections leaves more memory behind and an
-        # app thread woken by its own I/O waits for the running thread
+        # batch serves 5-14% more small requests on a busy core (every
+        # protocol); an app thread woken by its own I/O then waits for the
+        # running thread too. The command's threads are its own; an embedding
+        # program's are not, so serve_wsgi leaves them alone unless asked
         # (trioserve/app_threads.py has the measurements).
-        "normal",
-        "how the kernel schedules the threads that run the app: normal (as they are)"
-        " or batch (Linux's SCHED_BATCH: a thread handed a request does not preempt"
-        " the event loop); ignored elsewhere than Linux",
+        "auto",
+        "how the kernel schedules the threads that run the app: batch (Linux's"
+        " SCHED_BATCH: a thread handed a request does not preempt the event loop),"
+        " normal (as they are), or auto: batch when the trioserve command serves,"
+        " normal under serve_wsgi; ignored elsewhere than Linux",
         metavar="POLICY",
     )
     max_threads_per_connection: int = _option(
@@ -456,8 +458,9 @@ class Config:
         _check(self.max_connections >= 0, "max-connections cannot be negative")
         _check(self.max_requests_in_flight >= 0, "max-requests-in-flight cannot be negative")
         _check(
-            self.app_thread_scheduling in ("batch", "normal"),
-            f"app-thread-scheduling must be batch or normal, not {self.app_thread_scheduling!r}",
+            self.app_thread_scheduling in ("auto", "batch", "normal"),
+            "app-thread-scheduling must be auto, batch or normal,"
+            f" not {self.app_thread_scheduling!r}",
         )
         _check(
             self.http1_parser in ("auto", "h11", "httptools"),

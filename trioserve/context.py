@@ -14,12 +14,12 @@ import functools
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol
 
 import trio
 
 from .accesslog import FinishedRequest, access_log_for
-from .app_threads import AppCaller, app_caller
+from .app_threads import AppCaller, app_caller, app_thread_limiter
 from .config import Config
 from .dozing import DOZE_AFTER, DozingConnections
 from .http1 import HTTP1Connection
@@ -40,30 +40,6 @@ class Stoppable(Protocol):
     """A connection as the server sees it: something a graceful stop must reach."""
 
     def start_shutdown(self) -> None: ...
-
-
-class PromptLimiter:
-    """The app-thread limiter as ``trio.to_thread.run_sync`` takes it, minus a checkpoint.
-
-    A free token is taken without the yield ``CapacityLimiter`` makes even
-    then: ``to_thread.run_sync`` waits for its thread right after anyway, so
-    that yield is a whole extra pass through the scheduler per request for
-    nothing. With no token free it waits, first come first served, as before.
-    """
-
-    __slots__ = ("_limiter",)
-
-    def __init__(self, limiter: trio.CapacityLimiter) -> None:
-        self._limiter = limiter
-
-    async def acquire_on_behalf_of(self, borrower: object) -> None:
-        try:
-            self._limiter.acquire_on_behalf_of_nowait(borrower)
-        except trio.WouldBlock:
-            await self._limiter.acquire_on_behalf_of(borrower)
-
-    def release_on_behalf_of(self, borrower: object) -> None:
-        self._limiter.release_on_behalf_of(borrower)
 
 
 @dataclass(eq=False)
@@ -108,10 +84,8 @@ class ServerContext:
 
     @functools.cached_property
     def thread_limiter(self) -> trio.CapacityLimiter:
-        """What app calls pass to ``to_thread.run_sync``: ``limiter``, without a needless yield."""
-        # trio takes any CapacityLimiter-like object there (its docs say so);
-        # its annotation says CapacityLimiter.
-        return cast(trio.CapacityLimiter, PromptLimiter(self.limiter))
+        """What app calls pass to ``to_thread.run_sync``: ``limiter``, as the policy wants it."""
+        return app_thread_limiter(self.limiter, self.config.app_thread_scheduling)
 
     @functools.cached_property
     def call_app(self) -> AppCaller:
