@@ -17,12 +17,13 @@ Left alone, the event loop then runs ahead of the app threads: in a burst of
 new connections it hands out a call to every thread of the pool before any of
 them has run, and the memory of those many requests in flight at once stays
 behind as allocator space (1,000 idle connections opened 50 at a time cost
-8.6-8.9 KiB each against 7.0-7.3). So with more than ``RUN_AHEAD`` calls out,
-the trio thread gives the core to the app threads already woken
-(``os.sched_yield``) before it hands out another: they run, the pool stays at
-a handful of threads, and idle connections cost what they do under the
-default policy (7.3-7.4 KiB) while the requests a second stay those of batch.
-A thread blocked on I/O is not runnable, and the yield returns at once.
+8.6-8.9 KiB each against 7.0-7.3). So with more than ``RUN_AHEAD`` calls out
+(another one, that is), the trio thread gives the core to the app threads
+already woken (``os.sched_yield``) before it hands out the next: they run, the
+pool stays at two threads in that burst, and idle connections cost about what
+they do under the default policy (7.3-7.5 KiB against 7.2-7.4) while the
+requests a second stay those of batch. A thread blocked on I/O is not
+runnable, and the yield returns at once.
 
 The policy is set from inside the app thread, the first time it runs an app,
 and stays with the thread: trio's thread cache reuses it for other work until
@@ -54,9 +55,11 @@ _BATCH: int | None = getattr(os, "SCHED_BATCH", None)
 
 # App calls in flight beyond which, under batch, the trio thread lets the app
 # threads it woke run before it hands out the next call (see above). Chosen by
-# measurement: 4 and 8 keep batch's requests a second; with 8 the pool grows
-# to 9 threads in the idle scenario and idle connections cost 0.2-0.3 KiB more.
-RUN_AHEAD = 4
+# measurement: 1, 2, 4 and 8 all keep batch's requests a second (HTTP/1.1 and
+# h2c hello); in the idle scenario the pool then stays at 2, 3, 5 and 9
+# threads, and an idle connection costs 7.3-7.5 KiB with 1 (7.2-7.4 under the
+# default policy), 7.1-7.7 with 2, 7.2-8.1 with 4.
+RUN_AHEAD = 1
 
 
 class _ThisThread(threading.local):
