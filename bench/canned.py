@@ -13,7 +13,10 @@ idle-connection scenarios send.
 no parsing and no WSGI: a nursery per connection running a reader task, a
 sender task and a request task that answers the requests in turn, each
 response coming back from a worker thread (``trio.to_thread.run_sync`` under
-a ``CapacityLimiter``), on non-blocking socket calls as trioserve's. What that
+a ``CapacityLimiter``, the thread under ``SCHED_BATCH`` and the limiter
+bounding how far the event loop runs ahead, as the trioserve command's
+defaults have it: trioserve.app_threads), on non-blocking socket calls as
+trioserve's. What that
 costs is the floor trioserve's design puts under any HTTP/1.1 request, and its
 idle connections (which doze after DOZE_AFTER, as trioserve's do) show the floor
 of its memory per connection.
@@ -28,6 +31,7 @@ import resource
 
 import trio
 
+from trioserve.app_threads import app_thread_limiter, batch_this_thread
 from trioserve.wakeup import Wakeup
 
 TERMINATOR = b"\r\n\r\n"
@@ -71,6 +75,7 @@ READ_SIZE = 64 * 1024  # trioserve.connection.READ_SIZE
 
 
 def _answer() -> bytes:
+    batch_this_thread()  # as the command's app threads are (Linux)
     return RESPONSE
 
 
@@ -191,7 +196,7 @@ async def main(host: str, port: int, shaped: bool = False) -> None:
     if not shaped:
         await trio.serve_listeners(handle, listeners)
         return
-    limiter = trio.CapacityLimiter(LIMITER_TOKENS)
+    limiter = app_thread_limiter(trio.CapacityLimiter(LIMITER_TOKENS), "batch")
 
     async def handle_shaped(stream: trio.SocketStream) -> None:
         await ShapedConnection(stream, limiter).run()

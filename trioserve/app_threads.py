@@ -85,6 +85,13 @@ def _enter_batch() -> None:
             LOGGER.warning("App threads keep their scheduling policy: %s", exc)
 
 
+def batch_this_thread() -> None:
+    """Put the calling thread under ``SCHED_BATCH``, the first time a thread asks
+    (what a batch app call does first; ``bench/canned.py --shaped`` does the same)."""
+    if not _this_thread.batch:
+        _enter_batch()
+
+
 def call_app_batch(
     app: WSGIApp,
     request: RequestReceived,
