@@ -61,6 +61,40 @@ async def report(http2: bool, **options: Any) -> tuple[str, str]:
     return policy, ident
 
 
+async def held_together(count: int, answer: Any, **options: Any) -> list[Any]:
+    """``count`` GETs over one HTTP/2 connection, each app call held until all of them
+    have arrived (``count`` threads run apps at once), then answered by ``answer``."""
+    token = trio.lowlevel.current_trio_token()
+    all_in = trio.Event()
+    arrived = 0
+
+    def arrive() -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == count:
+            all_in.set()
+
+    def held(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        trio.from_thread.run_sync(arrive, trio_token=token)
+        trio.from_thread.run(all_in.wait, trio_token=token)
+        return list(answer(environ, start_response))
+
+    results: list[Any] = []
+    with trio.fail_after(10):
+        async with (
+            open_test_server(validator(held), **options) as server,
+            server.connect(http2=True) as client,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def get() -> None:
+                results.append(await client.get("/"))
+
+            for _ in range(count):
+                nursery.start_soon(get)
+    return results
+
+
 @pytest.mark.parametrize("scheduling", ["auto", "normal"])
 async def test_embedded_app_threads_are_left_as_they_are(
     monkeypatch: pytest.MonkeyPatch, fresh_threads: None, scheduling: str
@@ -99,36 +133,9 @@ async def test_a_refused_policy_is_logged_once_and_the_apps_still_run(
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
-    token = trio.lowlevel.current_trio_token()
-    both_running = trio.Event()
-    running = 0
-
-    def arrived() -> None:
-        nonlocal running
-        running += 1
-        if running == 2:
-            both_running.set()
-
-    def two_at_once(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        # Both requests hold their threads at once: two threads each try.
-        trio.from_thread.run_sync(arrived, trio_token=token)
-        trio.from_thread.run(both_running.wait, trio_token=token)
-        return policy_reporter(environ, start_response)
-
     caplog.set_level(logging.WARNING, logger="trioserve.error")
-    results: list[Any] = []
-    with trio.fail_after(5):
-        async with (
-            open_test_server(validator(two_at_once), app_thread_scheduling="batch") as server,
-            server.connect(http2=True) as client,
-            trio.open_nursery() as nursery,
-        ):
-
-            async def get() -> None:
-                results.append(await client.get("/"))
-
-            nursery.start_soon(get)
-            nursery.start_soon(get)
+    # Both requests hold their threads at once: two threads each try.
+    results = await held_together(2, policy_reporter, app_thread_scheduling="batch")
     assert [r.status for r in results] == [200, 200]
     assert len({r.body.split()[1] for r in results}) == 2  # two threads
     refusals = [r for r in caplog.records if "scheduling policy" in r.getMessage()]
@@ -221,34 +228,7 @@ async def test_batch_app_calls_give_way_beyond_the_run_ahead(
     from trioserve.app_threads import RUN_AHEAD
 
     count = RUN_AHEAD + 3
-    token = trio.lowlevel.current_trio_token()
-    all_in = trio.Event()
-    arrived = 0
-
-    def arrive() -> None:
-        nonlocal arrived
-        arrived += 1
-        if arrived == count:
-            all_in.set()
-
-    def held(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        trio.from_thread.run_sync(arrive, trio_token=token)
-        trio.from_thread.run(all_in.wait, trio_token=token)
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [b"ok"]
-
-    statuses: list[int] = []
-    with trio.fail_after(10):
-        async with (
-            open_test_server(validator(held), app_thread_scheduling=scheduling) as server,
-            server.connect(http2=True) as client,
-            trio.open_nursery() as nursery,
-        ):
-
-            async def get() -> None:
-                statuses.append((await client.get("/")).status)
-
-            for _ in range(count):
-                nursery.start_soon(get)
+    results = await held_together(count, policy_reporter, app_thread_scheduling=scheduling)
+    statuses = [response.status for response in results]
     assert statuses == [200] * count
     assert yields == ([threading.get_ident()] * 3 if scheduling == "batch" else [])  # trio's
