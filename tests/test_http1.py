@@ -161,7 +161,6 @@ def test_simple_get() -> None:
             expects_continue=False,
             content_length=None,
         ),
-        BodyEnded(1),
     ]
     assert server.data_to_send() == b""
     assert respond(server, 1, b"hello") == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
@@ -188,7 +187,7 @@ def test_post_with_content_length() -> None:
 
 def test_keep_alive_serves_requests_in_sequence() -> None:
     server = HTTP1Connection()
-    assert feed(server, get("/one")) == [request_event(1, target=b"/one"), BodyEnded(1)]
+    assert feed(server, get("/one")) == [request_event(1, target=b"/one")]
     # The next request arrives before the first response has ended: it waits.
     assert feed(server, get("/two")) == []
     assert server.buffered_input == len(get("/two"))
@@ -198,16 +197,15 @@ def test_keep_alive_serves_requests_in_sequence() -> None:
     server.end_stream(1)
     assert server.data_to_send() == b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none"
     assert not server.closing
-    assert feed(server) == [request_event(2, target=b"/two"), BodyEnded(2)]
+    assert feed(server) == [request_event(2, target=b"/two")]
     assert respond(server, 2, b"two") == b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo"
-    assert feed(server, get("/three")) == [request_event(3, target=b"/three"), BodyEnded(3)]
+    assert feed(server, get("/three")) == [request_event(3, target=b"/three")]
 
 
 def test_pipelined_request_waits_for_the_first_response_to_end() -> None:
     server = HTTP1Connection()
     assert feed(server, get("/one") + get("/two")) == [
         request_event(1, target=b"/one"),
-        BodyEnded(1),
     ]
     assert server.buffered_input == len(get("/two"))
     assert feed(server) == []
@@ -215,7 +213,7 @@ def test_pipelined_request_waits_for_the_first_response_to_end() -> None:
     assert feed(server) == []  # response started but not ended: still nothing
     server.end_stream(1)
     assert server.data_to_send() == OK_EMPTY
-    assert feed(server) == [request_event(2, target=b"/two"), BodyEnded(2)]
+    assert feed(server) == [request_event(2, target=b"/two")]
     assert server.buffered_input == 0
     assert respond(server, 2) == OK_EMPTY
     assert not server.closing
@@ -317,16 +315,15 @@ def test_head_response_drops_body_bytes() -> None:
     server = HTTP1Connection()
     assert feed(server, client_request("HEAD", "/")) == [
         request_event(method=b"HEAD"),
-        BodyEnded(1),
     ]
     assert respond(server, 1, b"hello") == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
     assert not server.closing
-    assert feed(server, get("/next")) == [request_event(2, target=b"/next"), BodyEnded(2)]
+    assert feed(server, get("/next")) == [request_event(2, target=b"/next")]
 
 
 def test_http10_request_closes_after_the_response() -> None:
     server = HTTP1Connection()
-    assert feed(server, HTTP10_GET) == [request_event(headers=[], http_version="1.0"), BodyEnded(1)]
+    assert feed(server, HTTP10_GET) == [request_event(headers=[], http_version="1.0")]
     assert not server.closing
     assert respond(server, 1, b"bye") == (
         b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbye"
@@ -340,7 +337,6 @@ def test_connection_close_request() -> None:
     request = client_request("GET", "/", [("Host", "example.com"), ("Connection", "close")])
     assert feed(server, request) == [
         request_event(headers=[(b"host", b"example.com"), (b"connection", b"close")]),
-        BodyEnded(1),
     ]
     assert not server.closing
     assert (
@@ -361,7 +357,7 @@ def test_request_after_connection_close_is_ignored(first: bytes) -> None:
     # RFC 9112 §9.6: answer the request carrying "close", process nothing after it.
     server = HTTP1Connection()
     events = feed(server, first + get("/ignored"))
-    assert [type(e) for e in events] == [RequestReceived, BodyEnded]
+    assert [type(e) for e in events] == [RequestReceived]
     server.send_response(1, 200, [(b"Content-Length", b"0")])
     server.end_stream(1)
     assert server.data_to_send() == (
@@ -375,7 +371,6 @@ def test_peer_half_close_after_request_still_gets_the_response() -> None:
     server = HTTP1Connection()
     assert feed(server, get("/"), eof=True) == [
         request_event(),
-        BodyEnded(1),
         ConnectionClosed(abort=False),
     ]
     assert not server.closing  # the response has yet to go out
@@ -428,7 +423,7 @@ def test_expect_100_continue() -> None:
     server.send_continue(1)  # too late: the body is here
     assert respond(server, 1) == OK_EMPTY
     assert not server.closing
-    assert feed(server, get("/next")) == [request_event(2, target=b"/next"), BodyEnded(2)]
+    assert feed(server, get("/next")) == [request_event(2, target=b"/next")]
 
 
 def test_expect_100_continue_without_a_body_is_not_waited_on() -> None:
@@ -438,7 +433,7 @@ def test_expect_100_continue_without_a_body_is_not_waited_on() -> None:
     assert isinstance(events[0], RequestReceived)
     assert events[0].expects_continue is False
     assert events[0].end_stream is True
-    assert events[1:] == [BodyEnded(1)]
+    assert events[1:] == []  # (no BodyEnded: end_stream said it)
 
 
 def test_send_continue_after_response_started_sends_nothing() -> None:
@@ -484,7 +479,6 @@ def test_small_unread_body_is_drained_and_the_next_request_served() -> None:
     assert feed(server, body[:4]) == []
     assert feed(server, body[4:] + get("/next")) == [
         request_event(2, target=b"/next"),
-        BodyEnded(2),
     ]
     assert not server.closing
 
@@ -781,7 +775,7 @@ def test_chunked_body_with_trailers_then_a_pipelined_request() -> None:
         BodyEnded(1),
     ]
     assert respond(server, 1) == OK_EMPTY
-    assert feed(server) == [request_event(2, target=b"/next"), BodyEnded(2)]
+    assert feed(server) == [request_event(2, target=b"/next")]
 
 
 def test_bad_chunk_size_in_a_body_being_drained_closes_the_connection() -> None:
@@ -816,7 +810,7 @@ def test_request_pipelined_after_a_bad_request_is_never_parsed(bad: bytes) -> No
 
 def test_bad_request_after_a_good_one_is_answered_after_it() -> None:
     server = HTTP1Connection()
-    assert feed(server, get("/") + b"GARBAGE\r\n\r\n") == [request_event(), BodyEnded(1)]
+    assert feed(server, get("/") + b"GARBAGE\r\n\r\n") == [request_event()]
     assert respond(server, 1) == OK_EMPTY
     events = feed(server)
     assert [(type(e), e.status, e.stream_id) for e in events] == [(BadRequest, 400, None)]  # type: ignore[attr-defined]
@@ -948,11 +942,11 @@ def assert_served_as_http11(
     server: HTTP1Connection, events: list[object], headers: list[tuple[str, str]]
 ) -> None:
     """The upgrade was ignored: an ordinary request, answerable over HTTP/1.1."""
-    assert events == [request_event(headers=lower(headers)), BodyEnded(1)]
+    assert events == [request_event(headers=lower(headers))]
     assert server.data_to_send() == b""
     assert respond(server, 1, b"ok") == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     assert not server.closing
-    assert feed(server, get("/next")) == [request_event(2, target=b"/next"), BodyEnded(2)]
+    assert feed(server, get("/next")) == [request_event(2, target=b"/next")]
 
 
 def test_h2c_upgrade_ignored_when_not_allowed() -> None:
@@ -992,7 +986,7 @@ def test_h2c_upgrade_ignored_on_http10() -> None:
     headers = [(b"upgrade", b"h2c"), (b"http2-settings", SETTINGS)]
     headers.append((b"connection", b"Upgrade, HTTP2-Settings"))
     events = feed(server, request)
-    assert events == [request_event(headers=headers, http_version="1.0"), BodyEnded(1)]
+    assert events == [request_event(headers=headers, http_version="1.0")]
     assert server.data_to_send() == b""
 
 
@@ -1129,7 +1123,7 @@ def test_no_body_statuses_drop_body_bytes_and_keep_the_connection(
     server.end_stream(1)
     assert server.data_to_send() == head
     assert not server.closing
-    assert feed(server, get("/next")) == [request_event(2, target=b"/next"), BodyEnded(2)]
+    assert feed(server, get("/next")) == [request_event(2, target=b"/next")]
 
 
 def test_head_response_may_declare_the_length_a_get_would_have_had() -> None:
@@ -1166,7 +1160,7 @@ def test_send_error_response_keeps_a_healthy_connection(
         b"Content-Length: %d\r\n\r\n" % length + body
     )
     assert not server.closing
-    assert feed(server) == [request_event(2, target=b"/next"), BodyEnded(2)]
+    assert feed(server) == [request_event(2, target=b"/next")]
 
 
 def test_send_error_response_after_a_protocol_error_closes() -> None:

@@ -335,7 +335,6 @@ def test_get_request() -> None:
             expects_continue=False,
             content_length=None,
         ),
-        BodyEnded(1),
     ]
     assert client_events == []
 
@@ -1150,7 +1149,7 @@ def test_malformed_request_is_a_stream_error_and_the_connection_goes_on() -> Non
     ]
     request(client, 3)
     _, server_events = pump(client, server)
-    assert [type(e) for e in server_events] == [RequestReceived, BodyEnded]
+    assert [type(e) for e in server_events] == [RequestReceived]  # (end_stream: no BodyEnded)
     assert server_events[0].stream_id == 3
 
 
@@ -1216,7 +1215,7 @@ def test_malformed_trailers_reset_the_stream_the_app_already_has(
     assert not server.closing
     request(client, 3)
     _, later = pump(client, server)
-    assert [type(e) for e in later] == [RequestReceived, BodyEnded]
+    assert [type(e) for e in later] == [RequestReceived]
 
 
 # ---- h2c upgrade ------------------------------------------------------------------------
@@ -1268,7 +1267,6 @@ def test_upgraded_stream_1_is_answerable() -> None:
     _, server_events = pump(client, server)
     assert [(type(e), e.stream_id) for e in server_events] == [  # type: ignore[attr-defined]
         (RequestReceived, 3),
-        (BodyEnded, 3),
     ]
 
 
@@ -1363,7 +1361,7 @@ def test_a_stream_closed_by_its_response_leaves_h2s_books_at_once(request_open: 
     assert server.data_to_send() == b""
     request(client, 3)
     _, server_events = pump(client, server)
-    assert [type(e).__name__ for e in server_events] == ["RequestReceived", "BodyEnded"]
+    assert [type(e).__name__ for e in server_events] == ["RequestReceived"]
 
 
 def test_new_streams_are_counted_only_at_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1150,11 +1150,12 @@ class Connection:
             # it fires, finds the connection busy again, and waits on).
             if scope is not None and scope.deadline > now + ctx.idle_floor:
                 self._tighten_deadline()
-        proto = self.proto
-        if proto.wants_sender or self._phase is _Phase.ABORTED:
-            # Something to send, or the sender may now close the connection. A
-            # keep-alive response already went out with the sender's last wake.
-            self._output_wanted.set()
+        wanted = self._output_wanted
+        if not wanted.armed and (self.proto.wants_sender or self._phase is _Phase.ABORTED):
+            # Something to send, or the sender may now close the connection. (A
+            # whole response woke the sender already: it looks at all of this
+            # when it runs.)
+            wanted.set()
         self._reader_wakeup.set()
 
     def _failure_cause(self, stream: RequestStream, failure: Failure) -> Cause:
@@ -1205,6 +1206,7 @@ class Connection:
     async def _send_loop(self, write_scope: trio.CancelScope) -> None:
         io = self._io
         timeout = self.ctx.config.write_timeout
+        timed = False  # a write set write_scope's deadline (cheaper than asking the scope)
         while True:
             # Write what the protocol has queued, bytes or a file.
             proto = self.proto  # (an h2c upgrade replaces it)
@@ -1213,10 +1215,12 @@ class Connection:
                 size = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
                 self._in_flight = size
                 if not io.write_some(parts):
+                    timed = True
                     await io.send_rest(parts, write_scope, timeout)
                 self._counts[self._sent_word] += size
             elif (segment := proto.file_to_send()) is not None:
                 self._in_flight = segment.length
+                timed = True
                 await self._sendfile(segment, write_scope)
             else:
                 # Nothing queued: end, or wait to be woken.
@@ -1235,7 +1239,8 @@ class Connection:
                     if self._phase is not _Phase.LOST:
                         self._phase = _Phase.DONE
                     return
-                if write_scope.deadline != math.inf:
+                if timed:
+                    timed = False
                     write_scope.deadline = math.inf  # idle: no write to time out
                 await self._output_wanted.wait()
                 continue

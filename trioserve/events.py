@@ -71,7 +71,7 @@ class RequestReceived:
     http_version: str  # "1.0", "1.1" or "2"
     scheme: str | None = None  # HTTP/2 :scheme; None over HTTP/1.x
     authority: bytes | None = None  # HTTP/2 :authority; None over HTTP/1.x
-    end_stream: bool = False  # True when no body follows
+    end_stream: bool = False  # True when no body follows (and no BodyEnded either)
     expects_continue: bool = False  # client waits for "100 Continue" before sending the body
     content_length: int | None = None
 
@@ -87,7 +87,11 @@ class BodyReceived:
 
 @dataclass(slots=True)
 class BodyEnded:
-    """The request body is complete (the application reads EOF after the buffered data)."""
+    """The request body is complete (the application reads EOF after the buffered data).
+
+    Not sent for a request whose :class:`RequestReceived` has ``end_stream``:
+    that one said so already (one event less for every bodiless request).
+    """
 
     stream_id: int
 

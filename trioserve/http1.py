@@ -376,7 +376,7 @@ class HTTP1Connection:
         if self._upgrade is None:
             events.append(request)
         if self._input is _Input.DONE:
-            self._request_complete(events)
+            self._request_complete(events, announced=True)
         return True
 
     def _check_partial_head(self, buffer: bytearray, start: int, events: list[Event]) -> None:
@@ -464,7 +464,10 @@ class HTTP1Connection:
         if not hosts and version == b"1.1":
             events.append(self._reject(400, "missing Host header"))
             return None
-        target, authority, problem = split_target(method, raw_target)
+        if raw_target[:1] == b"/" and method != b"CONNECT":
+            target, authority, problem = raw_target, None, None  # (origin-form: the usual)
+        else:
+            target, authority, problem = split_target(method, raw_target)
         if problem is not None:
             events.append(self._reject(501 if method == b"CONNECT" else 400, problem))
             return None
@@ -594,12 +597,14 @@ class HTTP1Connection:
         events.append(BodyReceived(self._stream_id, data))
         return True
 
-    def _request_complete(self, events: list[Event]) -> None:
-        """The request's body has ended (or it had none)."""
+    def _request_complete(self, events: list[Event], announced: bool = False) -> None:
+        """The request's body has ended, or it had none (``announced``: its
+        RequestReceived said so with ``end_stream``, and no BodyEnded follows)."""
         if self._upgrade is not None:
             events.append(self._accept_upgrade())
             return
-        events.append(BodyEnded(self._stream_id))
+        if not announced:
+            events.append(BodyEnded(self._stream_id))
         if not self._keep_alive:
             # Connection: close / HTTP/1.0: that request was the last one; whatever
             # follows is ignored (RFC 9112 §9.6), not an error.
@@ -748,7 +753,7 @@ class HTTP1Connection:
             fields = _with_close(fields)
         self._close_after = close or asked
         self._framing = _Framing.NONE if self._head_request else framing
-        return _status_line(status, reason) + _fields(fields)
+        return _head_bytes(status, reason, fields)
 
     def send_body(self, stream_id: int, data: bytes) -> None:
         """Queue body bytes (none for HEAD, 204 and 304).
@@ -915,7 +920,7 @@ class HTTP1Connection:
         if self._closed or self._no_keep_alive or not self._keep_alive:
             headers.append((b"Connection", b"close"))  # no reuse: an error, or a stop
             self._close_after = True
-        self._queue(_status_line(status, b"") + _fields(headers))
+        self._queue(_head_bytes(status, b"", headers))
         if not self._head_request:
             self._queue(body)
         self._framing = _Framing.NONE
@@ -961,19 +966,17 @@ _ADMISSION_FIELDS = frozenset(
 )
 
 
-def _status_line(status: int, reason: bytes) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status))
-
-
 _join_field = b": ".join
 _join_lines = b"\r\n".join
 
 
-def _fields(headers: Headers) -> bytes:
-    """The header block, empty line included: ``name: value`` in the order given."""
+def _head_bytes(status: int, reason: bytes, headers: Headers) -> bytes:
+    """The status line and header block, empty line included: ``name: value`` in
+    the order given (one function for both: it runs once per response)."""
+    line = b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status))
     if not headers:
-        return b"\r\n"
-    return _join_lines(map(_join_field, headers)) + b"\r\n\r\n"
+        return line + b"\r\n"
+    return line + _join_lines(map(_join_field, headers)) + b"\r\n\r\n"
 
 
 def _without(headers: Headers, *names: bytes) -> Headers:

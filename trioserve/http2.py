@@ -676,12 +676,14 @@ class HTTP2Connection:
             if problem is not None and event.stream_id not in self._rejected:
                 self._malformed(event.stream_id, f"malformed trailers: {problem}", started=True)
         elif isinstance(event, h2.events.StreamEnded):
-            self._remote_open.discard(event.stream_id)
-            self._body_received.pop(event.stream_id, None)
-            if event.stream_id in self._rejected:
-                self._rejected.discard(event.stream_id)
-            else:
-                emit(BodyEnded(event.stream_id))
+            sid = event.stream_id
+            body_came = sid in self._remote_open
+            self._remote_open.discard(sid)
+            self._body_received.pop(sid, None)
+            if sid in self._rejected:
+                self._rejected.discard(sid)
+            elif body_came:  # (a request without one was announced with end_stream)
+                emit(BodyEnded(sid))
         elif isinstance(event, h2.events.StreamReset):
             # remote_reset False: h2 reset the stream itself for a peer error
             # (MadeYouReset); both kinds spend the reset budget.

@@ -36,7 +36,7 @@ Rules:
 4. The body buffer is fed by the reader without ever blocking it; flow-control
    credit goes back to the peer only when the app takes the data.
 
-Why a deque and a wake-up rather than trio memory channels. The design
+Why a list and a wake-up rather than trio memory channels. The design
 sketch carries body and output on memory channels; measured here (CPython
 3.11, this project's machines) they would cost without buying anything:
 
@@ -62,7 +62,6 @@ import logging
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -209,7 +208,7 @@ class _BodyBuffer:
     __slots__ = ("_changed", "chunks", "ended", "size")
 
     def __init__(self, ended: bool) -> None:
-        self.chunks: deque[bytes] = deque()
+        self.chunks: list[bytes] = []  # (appended, joined and cleared: a list is cheaper to make)
         self.size = 0
         self.ended = ended
         self._changed: Wakeup | None = None  # made only if someone ever waits
@@ -678,7 +677,8 @@ class RequestStream:
         if self._spill is not None:
             self._owner.watch_output(self, False)
             self._spill.close()
-        self._finish()
+        if self.response is not Response.ENDED:  # (_finish's own first check, spelled out)
+            self._finish()
         self._owner.stream_done(self)
 
     def abandon(self) -> None:
@@ -704,7 +704,8 @@ class RequestStream:
         if initial:
             self._owner.body_consumed(self.stream_id, len(initial))
         ctx = self._ctx
-        share = self._owner.thread_share()
+        owner = self._owner
+        share = owner.thread_share() if owner.multiplexed else None  # (HTTP/1.1: none)
         try:
             if share is not None:
                 await share.acquire()

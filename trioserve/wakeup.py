@@ -26,6 +26,12 @@ class Wakeup:
         self._woken = False
         self._abort_fn = self._abort  # bound once: no allocation per wait
 
+    @property
+    def armed(self) -> bool:
+        """A wake-up is on its way: the next wait returns at once, or the waiter
+        was rescheduled and has not run yet (either way it will look again)."""
+        return self._pending or self._woken
+
     def set(self) -> None:
         waiter = self._waiter
         if waiter is not None:
