@@ -198,6 +198,8 @@ class InputStream:
     ``read()`` returns b"" exactly at the end of the body.
     """
 
+    __slots__ = ("_buffer", "_eof", "_port", "_pos")  # made per request
+
     def __init__(self, port: StreamPort, initial: bytes = b"", eof: bool = False) -> None:
         self._port = port
         self._buffer = initial
