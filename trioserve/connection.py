@@ -857,7 +857,16 @@ class Connection:
         self.streams[event.stream_id] = stream
         self._idle_since = None  # busy (the reader's deadline catches up lazily)
         if not self.multiplexed:
-            self._run_next(stream)
+            # HTTP/1.1 answers one request at a time, so one long-lived task
+            # runs them all in turn (_run_in_turn), rather than a task being
+            # started and torn down for every request.
+            if self._requests is None:
+                self._requests = Wakeup()
+                assert self._nursery is not None
+                self._nursery.start_soon(self._request_task, stream, name=_REQUEST_TASK)
+            else:
+                self._next_stream = stream
+                self._requests.set()
         elif self._parked:
             runner = self._parked.pop()
             runner.stream = stream
@@ -865,21 +874,6 @@ class Connection:
         else:
             assert self._nursery is not None
             self._nursery.start_soon(self._stream_task, stream, name=_STREAM_TASK)
-
-    def _run_next(self, stream: RequestStream) -> None:
-        """HTTP/1.1: hand ``stream`` to the connection's request task (started once).
-
-        HTTP/1.1 answers one request at a time, so one long-lived task runs them
-        all in turn (``_run_in_turn``), rather than a task being started and
-        torn down for every request.
-        """
-        if self._requests is None:
-            self._requests = Wakeup()
-            assert self._nursery is not None
-            self._nursery.start_soon(self._request_task, stream, name=_REQUEST_TASK)
-        else:
-            self._next_stream = stream
-            self._requests.set()
 
     async def _request_task(self, stream: RequestStream) -> None:
         await self._run_in_turn(stream, self._next_request)

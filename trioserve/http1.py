@@ -375,8 +375,8 @@ class HTTP1Connection:
             return False
         if self._upgrade is None:
             events.append(request)
-        if self._input is _Input.DONE:
-            self._request_complete(events, announced=True)
+        if self._input is _Input.DONE and (self._upgrade is not None or not self._keep_alive):
+            self._request_complete(events, announced=True)  # (else it has nothing to do)
         return True
 
     def _check_partial_head(self, buffer: bytearray, start: int, events: list[Event]) -> None:

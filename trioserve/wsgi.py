@@ -601,8 +601,14 @@ def _run_app(
         if type(iterable) in (list, tuple) and not responder.headers_sent:
             # Fast path: the whole response is in memory; hand it back in the
             # return value instead of one hop per chunk.
-            body = [chunk for chunk in iterable if chunk]
-            _check_chunks(body)
+            body = []
+            for chunk in iterable:
+                if chunk:
+                    if type(chunk) is not bytes:
+                        raise TypeError(
+                            f"the application returned {type(chunk).__name__}, not bytes"
+                        )
+                    body.append(chunk)
             return AppResult(responder.final_head(), body)
         send = responder.send
         for chunk in iterable:
@@ -645,9 +651,3 @@ def _file_segment(filelike: Any, head: ResponseHead) -> FileSegment | None:
     if info.st_size - offset < length:
         return None
     return FileSegment(fd, offset, length)
-
-
-def _check_chunks(body: list[bytes]) -> None:
-    for chunk in body:
-        if type(chunk) is not bytes:
-            raise TypeError(f"the application returned {type(chunk).__name__}, not bytes")
