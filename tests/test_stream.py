@@ -28,6 +28,7 @@ from tests.helpers import no_threads_left
 from trioserve.config import Config
 from trioserve.context import ServerContext, context_from_config
 from trioserve.events import FileSegment, RequestReceived, ResetReason
+from trioserve.responses import error_body
 from trioserve.stream import CancelReason, RequestStream, Response
 from trioserve.wsgi import ConnectionInfo, ResponseHead
 
@@ -70,8 +71,9 @@ class RecordingOwner:
     def send_continue(self, stream_id: int) -> None:
         self.calls.append(("continue",))
 
-    def send_error(self, stream_id: int, status: int, *, close: bool) -> None:
+    def send_error(self, stream_id: int, status: int, *, close: bool) -> int:
         self.calls.append(("error", status))
+        return len(error_body(status))
 
     def reset(self, stream_id: int, reason: ResetReason) -> int:
         self.calls.append(("reset", reason))

@@ -1061,9 +1061,10 @@ class Connection:
         self.proto.send_continue(stream_id)
         self._wake_sender()
 
-    def send_error(self, stream_id: int, status: int, *, close: bool) -> None:
-        self.proto.send_error_response(stream_id, status, close=close)
+    def send_error(self, stream_id: int, status: int, *, close: bool) -> int:
+        queued = self.proto.send_error_response(stream_id, status, close=close)
         self._wake_sender()
+        return queued
 
     def reset(self, stream_id: int, reason: ResetReason) -> int:
         """Abandon a response mid-way (HTTP/2: RST_STREAM; HTTP/1.1: close);

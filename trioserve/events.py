@@ -284,7 +284,10 @@ class ServerProtocol(Protocol):
     def end_stream(self, stream_id: int) -> None: ...
     def send_error_response(
         self, stream_id: int, status: int, detail: str = "", *, close: bool = False
-    ) -> None: ...
+    ) -> int:
+        """Answer the stream with trioserve's own plain-text error; its body bytes queued."""
+        ...
+
     def reset_stream(self, stream_id: int, reason: ResetReason = ResetReason.CANCEL) -> int:
         """Abandon the stream's response; how many of its queued body bytes were
         dropped rather than sent (they never reach the peer)."""

@@ -798,16 +798,18 @@ class HTTP1Connection:
 
     def send_error_response(
         self, stream_id: int, status: int, detail: str = "", *, close: bool = False
-    ) -> None:
-        """Answer the current request with a short plain-text error and end it.
+    ) -> int:
+        """Answer the current request with a short plain-text error and end it;
+        the body bytes queued (none for HEAD).
 
         ``close``: the connection cannot be reused afterwards (for example the
         request body was abandoned half-way), so the response says so.
         """
         if close:
             self._closed = True
-        self._write_error_response(status, detail)
+        queued = self._write_error_response(status, detail)
         self._finish_request()
+        return queued
 
     def reset_stream(self, stream_id: int, reason: ResetReason = ResetReason.CANCEL) -> int:
         """Abandon the current response. HTTP/1.1 can only do that by closing,
@@ -907,10 +909,11 @@ class HTTP1Connection:
             raise body_too_long(self._declared)
         self._body_sent = sent
 
-    def _write_error_response(self, status: int, detail: str) -> None:
+    def _write_error_response(self, status: int, detail: str) -> int:
+        """Queue an error response, if none has started; the body bytes queued."""
         if self._response_started:
             self._closed = True
-            return
+            return 0
         body = error_body(status, detail)
         self._response_started = True
         headers: Headers = [
@@ -921,9 +924,11 @@ class HTTP1Connection:
             headers.append((b"Connection", b"close"))  # no reuse: an error, or a stop
             self._close_after = True
         self._queue(_head_bytes(status, b"", headers))
-        if not self._head_request:
-            self._queue(body)
         self._framing = _Framing.NONE
+        if self._head_request:
+            return 0
+        self._queue(body)
+        return len(body)
 
     def _finish_request(self) -> None:
         self._active = False

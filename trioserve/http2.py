@@ -887,8 +887,9 @@ class HTTP2Connection:
 
     def send_error_response(
         self, stream_id: int, status: int, detail: str = "", *, close: bool = False
-    ) -> None:
-        """Answer ``stream_id`` with a short plain-text error and end it.
+    ) -> int:
+        """Answer ``stream_id`` with a short plain-text error and end it; the body
+        bytes queued (the page's length: a HEAD request's are dropped unsent).
 
         ``close`` is for HTTP/1.1; here an unfinished request body is stopped
         with RST_STREAM(NO_ERROR) once the response has gone out.
@@ -904,6 +905,7 @@ class HTTP2Connection:
         )
         self.send_body(stream_id, body)
         self.end_stream(stream_id)
+        return len(body)
 
     def reset_stream(self, stream_id: int, reason: ResetReason = ResetReason.CANCEL) -> int:
         """Abandon ``stream_id``: drop its queued output and send RST_STREAM.

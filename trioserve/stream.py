@@ -69,7 +69,7 @@ import trio
 
 from .context import ServerContext
 from .events import UNCHECKED, FileSegment, InvalidResponse, RequestReceived, ResetReason
-from .responses import HAS_FRAMING, error_body, field_traits
+from .responses import HAS_FRAMING, field_traits
 from .spill import Spill
 from .wakeup import Wakeup
 from .wsgi import AppResult, ConnectionInfo, ResponseHead, StreamCancelled
@@ -130,7 +130,10 @@ class StreamOwner(Protocol):
     def send_file(self, stream_id: int, segment: FileSegment) -> None: ...
     def end(self, stream_id: int) -> None: ...
     def send_continue(self, stream_id: int) -> None: ...
-    def send_error(self, stream_id: int, status: int, *, close: bool) -> None: ...
+    def send_error(self, stream_id: int, status: int, *, close: bool) -> int:
+        """Answer with trioserve's own error page; the body bytes it queued."""
+        ...
+
     def reset(self, stream_id: int, reason: ResetReason) -> int:
         """Abandon the response; the body bytes queued for it that were dropped."""
         ...
@@ -818,11 +821,10 @@ class RequestStream:
     def _send_error(self, status: int) -> None:
         self.status = status
         self.response = Response.ENDED
-        self._body_bytes = len(error_body(status))  # what send_error queues
         # After a 4xx about the request itself, its body state is unknown:
         # that HTTP/1.1 connection is not reused.
         close = 400 <= status < 500 and not self.body.ended
-        self._owner.send_error(self.stream_id, status, close=close)
+        self._body_bytes = self._owner.send_error(self.stream_id, status, close=close)
 
     def _reset(self, reason: ResetReason) -> None:
         """End the response with a reset (HTTP/1.1: close), unless the peer reset first."""
