@@ -85,3 +85,28 @@ async def test_sets_before_the_woken_task_runs_are_one_wake_up(
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
     assert wakes == [0, 1]
+
+
+async def test_armed_while_a_wake_up_is_on_its_way() -> None:
+    """``armed``: a set kept for the next wait, or a waiter rescheduled that has not
+    run yet; either way the woken task will look again (Connection.stream_done
+    skips a second wake of the sender on it)."""
+    wakeup = Wakeup()
+    assert not wakeup.armed
+    wakeup.set()
+    assert wakeup.armed  # kept for the next wait
+    await wakeup.wait()
+    assert not wakeup.armed
+    seen: list[bool] = []
+
+    async def sleeper() -> None:
+        await wakeup.wait()
+        seen.append(wakeup.armed)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sleeper)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not wakeup.armed  # waiting, nothing on its way
+        wakeup.set()
+        assert wakeup.armed  # rescheduled, not run yet
+    assert seen == [False]  # once it runs, the wake-up is spent
