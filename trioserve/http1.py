@@ -41,6 +41,7 @@ length to an HTTP/1.1 client, none and a close for an HTTP/1.0 one) and
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 from .chunked import ChunkedScan
 from .events import (
@@ -134,6 +135,18 @@ class _Input(enum.Enum):
     CLOSED = "closed"  # nothing more is parsed: an error, an upgrade, or the end
 
 
+# The members as module constants, which the code below reads instead: on Python
+# 3.11 reading an attribute of an Enum class (``_Input.DONE``) goes through EnumType's
+# ``__getattr__`` hook, about 70 ns against about 10 for a global, and a request
+# reads some twenty of these states.
+_INPUT_HEAD: Final = _Input.HEAD
+_INPUT_BODY: Final = _Input.BODY
+_INPUT_DRAIN: Final = _Input.DRAIN
+_INPUT_DONE: Final = _Input.DONE
+_INPUT_IGNORE: Final = _Input.IGNORE
+_INPUT_CLOSED: Final = _Input.CLOSED
+
+
 class _Framing(enum.Enum):
     """How the current response's body is delimited on the wire."""
 
@@ -141,6 +154,13 @@ class _Framing(enum.Enum):
     LENGTH = "length"  # Content-Length
     CHUNKED = "chunked"  # Transfer-Encoding: chunked (HTTP/1.1 clients)
     CLOSE = "close"  # ended by closing the connection (HTTP/1.0 clients)
+
+
+# (Module constants, as _Input's.)
+_FRAMING_NONE: Final = _Framing.NONE
+_FRAMING_LENGTH: Final = _Framing.LENGTH
+_FRAMING_CHUNKED: Final = _Framing.CHUNKED
+_FRAMING_CLOSE: Final = _Framing.CLOSE
 
 
 class HTTP1Connection:
@@ -212,11 +232,11 @@ class HTTP1Connection:
         self._allow_h2c_upgrade = allow_h2c_upgrade
         # Input.
         self._buffer = bytearray()  # received, not yet parsed or handed out
-        self._input = _Input.HEAD
+        self._input = _INPUT_HEAD
         self._peer_eof = False
         self._eof_reported = False
-        self._length_left = 0  # _Input.BODY/DRAIN with a Content-Length: bytes to come
-        self._chunks: ChunkedScan | None = None  # _Input.BODY/DRAIN of a chunked body
+        self._length_left = 0  # _INPUT_BODY/DRAIN with a Content-Length: bytes to come
+        self._chunks: ChunkedScan | None = None  # _INPUT_BODY/DRAIN of a chunked body
         self._body_received = 0
         self._drained = 0
         self._upgrade: tuple[RequestReceived, bytes] | None = None
@@ -234,7 +254,7 @@ class HTTP1Connection:
         self._outbound_size = 0
         self._files_queued = 0  # FileSegments in _outbound
         self._response_started = False
-        self._framing = _Framing.NONE
+        self._framing = _FRAMING_NONE
         self._declared: int | None = None  # the response's Content-Length, if it counts
         self._body_sent = 0  # response body bytes queued, counted against _declared
         self._close_after = False  # this response is the connection's last
@@ -255,11 +275,11 @@ class HTTP1Connection:
             return True
         if self._active:
             return False
-        if self._no_keep_alive and (self._input is not _Input.HEAD or not self._buffer):
+        if self._no_keep_alive and (self._input is not _INPUT_HEAD or not self._buffer):
             return True  # idle (not even part of a request buffered): close now
-        if self._input is _Input.IGNORE:
+        if self._input is _INPUT_IGNORE:
             return True  # the last request has been answered
-        return self._peer_eof and self._input in (_Input.HEAD, _Input.DONE)
+        return self._peer_eof and self._input in (_INPUT_HEAD, _INPUT_DONE)
 
     @property
     def partial_request(self) -> bool:
@@ -267,7 +287,7 @@ class HTTP1Connection:
         return (
             not self._active
             and not self._closed
-            and self._input is _Input.HEAD
+            and self._input is _INPUT_HEAD
             and bool(self._buffer)
         )
 
@@ -278,7 +298,7 @@ class HTTP1Connection:
     @property
     def buffered_input(self) -> int:
         """Bytes received but not yet parsed (pipelined requests waiting their turn)."""
-        return len(self._buffer) if self._input is _Input.DONE else 0
+        return len(self._buffer) if self._input is _INPUT_DONE else 0
 
     @property
     def has_queued_streams(self) -> bool:
@@ -317,7 +337,7 @@ class HTTP1Connection:
         """Feed bytes from the socket; ``b""`` means the peer closed its side."""
         if not data:
             self._peer_eof = True
-        elif self._input is not _Input.CLOSED and self._input is not _Input.IGNORE:
+        elif self._input is not _INPUT_CLOSED and self._input is not _INPUT_IGNORE:
             self._buffer += data
 
     def next_events(self) -> list[Event]:
@@ -329,14 +349,14 @@ class HTTP1Connection:
         events: list[Event] = []
         while True:
             state = self._input
-            if state is _Input.HEAD:
+            if state is _INPUT_HEAD:
                 if self._active or not self._head(events):
                     break
-            elif state is _Input.BODY or state is _Input.DRAIN:
+            elif state is _INPUT_BODY or state is _INPUT_DRAIN:
                 if not self._body(events):
                     break
             else:
-                if state is _Input.DONE and self._peer_eof and not self._eof_reported:
+                if state is _INPUT_DONE and self._peer_eof and not self._eof_reported:
                     # The client half-closed after its request: it may still read.
                     self._eof_reported = True
                     events.append(ConnectionClosed(abort=False))
@@ -348,7 +368,7 @@ class HTTP1Connection:
         buffer = self._buffer
         if not buffer:
             if self._peer_eof:
-                self._input = _Input.CLOSED
+                self._input = _INPUT_CLOSED
                 self._closed = True
                 if not self._eof_reported:
                     self._eof_reported = True
@@ -375,7 +395,7 @@ class HTTP1Connection:
             return False
         if self._upgrade is None:
             events.append(request)
-        if self._input is _Input.DONE and (self._upgrade is not None or not self._keep_alive):
+        if self._input is _INPUT_DONE and (self._upgrade is not None or not self._keep_alive):
             self._request_complete(events, announced=True)  # (else it has nothing to do)
         return True
 
@@ -492,7 +512,7 @@ class HTTP1Connection:
         self._response_started = False
         self._body_received = 0
         self._length_left = content_length or 0
-        self._input = _Input.BODY if has_body else _Input.DONE
+        self._input = _INPUT_BODY if has_body else _INPUT_DONE
         self._head_request = method == b"HEAD"
         self._http10 = version == b"1.0"
         # HTTP/1.0: one request per connection (as h11, which this module replaced).
@@ -533,7 +553,7 @@ class HTTP1Connection:
     def _body(self, events: list[Event]) -> bool:
         """Take request body bytes from the buffer; False to stop for now."""
         buffer = self._buffer
-        draining = self._input is _Input.DRAIN
+        draining = self._input is _INPUT_DRAIN
         if self._chunks is not None:
             if not buffer:
                 return self._body_eof(events)
@@ -555,7 +575,7 @@ class HTTP1Connection:
             if draining:
                 self._drained += len(data)
                 if self._drained > MAX_DRAIN:
-                    self._input = _Input.CLOSED
+                    self._input = _INPUT_CLOSED
                     self._closed = True
                     return False
             elif data and not self._body_data(data, events):
@@ -566,19 +586,19 @@ class HTTP1Connection:
             return False
         self._chunks = None
         if draining:
-            self._input = _Input.HEAD
+            self._input = _INPUT_HEAD
             self._start_next()
             return True
-        self._input = _Input.DONE
+        self._input = _INPUT_DONE
         self._request_complete(events)
         return True
 
     def _body_eof(self, events: list[Event]) -> bool:
         if self._peer_eof:
             # EOF in the middle of a request body: the client went away.
-            if self._active and self._input is _Input.BODY:
+            if self._active and self._input is _INPUT_BODY:
                 events.append(StreamReset(self._stream_id))
-            self._input = _Input.CLOSED
+            self._input = _INPUT_CLOSED
             self._closed = True
         return False
 
@@ -620,7 +640,7 @@ class HTTP1Connection:
         self._upgrade = None
         self._upgrade_body = []
         self._active = False
-        self._input = _Input.CLOSED
+        self._input = _INPUT_CLOSED
         self._closed = True  # this HTTP/1.1 connection is over; HTTP/2 takes the socket
         return UpgradeToH2(request=request, settings=settings, body=body, trailing=trailing)
 
@@ -636,9 +656,9 @@ class HTTP1Connection:
     def _reject(self, status: int, reason: str) -> BadRequest:
         """Answer a bad request ourselves if no response is under way, then close."""
         stream_id = self._stream_id if self._active else None
-        draining = self._input is _Input.DRAIN
+        draining = self._input is _INPUT_DRAIN
         self._closed = True
-        self._input = _Input.CLOSED
+        self._input = _INPUT_CLOSED
         self._upgrade = None
         # Not while the body of a request already answered is drained: that
         # exchange has had its response, and the connection just closes.
@@ -694,7 +714,7 @@ class HTTP1Connection:
         a client that reads the head gets its body in the same segment.
         """
         head = self._response_head(status, headers, reason, content_length, traits)
-        if self._framing is _Framing.LENGTH:
+        if self._framing is _FRAMING_LENGTH:
             size = sum(map(len, body))
             if size == self._declared and size <= COALESCE_LIMIT:
                 self._body_sent = size
@@ -727,7 +747,7 @@ class HTTP1Connection:
         self._body_sent = 0
         self._response_started = True
         self._awaits_continue = False
-        if self._continue_withheld and self._input is _Input.BODY:
+        if self._continue_withheld and self._input is _INPUT_BODY:
             # Answering without having asked for the body: it may never come,
             # so this connection cannot carry another request.
             self._closed = True
@@ -738,21 +758,21 @@ class HTTP1Connection:
         asked = bool(traits & ASKS_CLOSE)
         fields = headers
         if status in NO_BODY_STATUSES:
-            framing = _Framing.NONE
+            framing = _FRAMING_NONE
         elif declared is not None:
-            framing = _Framing.LENGTH
+            framing = _FRAMING_LENGTH
         elif self._http10:
             # A body of unknown length to an HTTP/1.0 client: ended by the close.
-            framing = _Framing.CLOSE
+            framing = _FRAMING_CLOSE
             fields = _without(headers, b"content-length", b"transfer-encoding")
             close = close or not self._head_request
         else:
-            framing = _Framing.CHUNKED
+            framing = _FRAMING_CHUNKED
             fields = [*_without(headers, b"transfer-encoding"), (b"Transfer-Encoding", b"chunked")]
         if close:
             fields = _with_close(fields)
         self._close_after = close or asked
-        self._framing = _Framing.NONE if self._head_request else framing
+        self._framing = _FRAMING_NONE if self._head_request else framing
         return _head_bytes(status, reason, fields)
 
     def send_body(self, stream_id: int, data: bytes) -> None:
@@ -761,10 +781,10 @@ class HTTP1Connection:
         Raises InvalidResponse, queuing nothing of ``data``, if they would go
         past the declared Content-Length.
         """
-        if not data or self._framing is _Framing.NONE:
+        if not data or self._framing is _FRAMING_NONE:
             return
         self._count_body(len(data))
-        if self._framing is _Framing.CHUNKED:
+        if self._framing is _FRAMING_CHUNKED:
             self._queue(b"%x\r\n" % len(data))
             self._queue(data)
             self._queue(b"\r\n")
@@ -773,11 +793,11 @@ class HTTP1Connection:
 
     def send_file(self, stream_id: int, segment: FileSegment) -> None:
         """Queue a file's bytes for ``os.sendfile``, counted like ``send_body``'s."""
-        if self._framing is _Framing.NONE:
+        if self._framing is _FRAMING_NONE:
             segment.sent = True  # nothing to send for HEAD, 204 or 304
             return
         self._count_body(segment.length)
-        chunked = self._framing is _Framing.CHUNKED
+        chunked = self._framing is _FRAMING_CHUNKED
         if chunked:
             self._queue(b"%x\r\n" % segment.length)
         self._files_queued += 1
@@ -790,9 +810,9 @@ class HTTP1Connection:
         """End the response. Raises InvalidResponse if it is shorter than declared."""
         if self._declared is not None and self._body_sent < self._declared:
             raise body_too_short(self._declared, self._body_sent)
-        if self._framing is _Framing.CHUNKED:
+        if self._framing is _FRAMING_CHUNKED:
             self._queue(_LAST_CHUNK)
-        elif self._framing is _Framing.CLOSE:
+        elif self._framing is _FRAMING_CLOSE:
             self._closed = True
         self._finish_request()
 
@@ -816,7 +836,7 @@ class HTTP1Connection:
         after what is queued: so nothing is dropped."""
         self._closed = True
         self._active = False
-        self._input = _Input.CLOSED
+        self._input = _INPUT_CLOSED
         return 0
 
     def take_stream_output(self, stream_id: int) -> list[bytes | memoryview]:
@@ -895,7 +915,7 @@ class HTTP1Connection:
     def send_failed(self) -> None:
         """The socket write failed: nothing more can be sent."""
         self._closed = True
-        self._input = _Input.CLOSED
+        self._input = _INPUT_CLOSED
 
     # ---- internals ---------------------------------------------------------
 
@@ -924,7 +944,7 @@ class HTTP1Connection:
             headers.append((b"Connection", b"close"))  # no reuse: an error, or a stop
             self._close_after = True
         self._queue(_head_bytes(status, b"", headers))
-        self._framing = _Framing.NONE
+        self._framing = _FRAMING_NONE
         if self._head_request:
             return 0
         self._queue(body)
@@ -935,23 +955,23 @@ class HTTP1Connection:
         self._response_started = False
         if self._close_after or self._closed:
             self._closed = True
-            self._input = _Input.CLOSED
+            self._input = _INPUT_CLOSED
             return
-        if self._input is _Input.BODY:
+        if self._input is _INPUT_BODY:
             if self._continue_withheld:
                 # They never got 100 Continue, so they may never send the body.
                 self._closed = True
-                self._input = _Input.CLOSED
+                self._input = _INPUT_CLOSED
                 return
-            self._input = _Input.DRAIN
+            self._input = _INPUT_DRAIN
             self._drained = 0
             return
-        if self._input is _Input.DONE:
-            self._input = _Input.HEAD if self._keep_alive else _Input.IGNORE
+        if self._input is _INPUT_DONE:
+            self._input = _INPUT_HEAD if self._keep_alive else _INPUT_IGNORE
         self._start_next()
 
     def _start_next(self) -> None:
-        self._framing = _Framing.NONE
+        self._framing = _FRAMING_NONE
         self._declared = None
         self._close_after = False
         self._head_request = False
