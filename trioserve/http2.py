@@ -35,6 +35,7 @@ import enum
 import struct
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Final
 
 import h2.config
 import h2.connection
@@ -118,6 +119,12 @@ _OPENING_FRAME_MAX = 16384
 _EMPTY = memoryview(b"")
 _SENDING_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 _OPEN_CONNECTION_STATES = frozenset({ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN})
+# h2's state-machine inputs the request path gives, as module constants: on Python
+# 3.11 an Enum class attribute costs a hook call each read (see trioserve.http1's _Input).
+_RECV_HEADERS: Final = ConnectionInputs.RECV_HEADERS
+_ODD_STREAM_IDS: Final = AllowedStreamIDs.ODD
+_SEND_HEADERS: Final = StreamInputs.SEND_HEADERS
+_SEND_END_STREAM: Final = StreamInputs.SEND_END_STREAM
 
 # RST_STREAM codes for the reasons the trio side gives (events.ResetReason).
 _RESET_CODES = {
@@ -139,6 +146,14 @@ class _Shutdown(enum.Enum):
     RUNNING = "running"  # no GOAWAY sent: new streams welcome
     PINGING = "pinging"  # GOAWAY(2^31-1) and a PING sent; waiting for the PING's ACK
     FINAL = "final"  # GOAWAY(last stream id) sent: no new streams, close when idle
+
+
+# The members as module constants, which the code below reads instead: on Python
+# 3.11 reading an attribute of an Enum class goes through EnumType's ``__getattr__``
+# hook (see trioserve.http1's _Input), and every read of the connection asks.
+_SHUTDOWN_RUNNING: Final = _Shutdown.RUNNING
+_SHUTDOWN_PINGING: Final = _Shutdown.PINGING
+_SHUTDOWN_FINAL: Final = _Shutdown.FINAL
 
 
 @dataclass(slots=True)
@@ -238,7 +253,7 @@ class HTTP2Connection:
         # content-length, before the app ended them: sid -> that length, kept
         # until end_stream() or a reset so that a byte too many is still refused.
         self._ended_early: dict[int, int] = {}
-        self._shutdown = _Shutdown.RUNNING
+        self._shutdown = _SHUTDOWN_RUNNING
         self._max_header_count = max_header_count
         self._max_path_length = max_path_length
         self._preface_left = len(PREFACE)  # the client preface precedes the first frame
@@ -303,7 +318,7 @@ class HTTP2Connection:
     @property
     def closing(self) -> bool:
         """True once no new streams can come: close when the live ones end."""
-        return self._shutdown is _Shutdown.FINAL or self._peer_closed
+        return self._shutdown is _SHUTDOWN_FINAL or self._peer_closed
 
     @property
     def output_size(self) -> int:
@@ -347,7 +362,7 @@ class HTTP2Connection:
         return (
             bool(self._control_size)
             or bool(self._outbound)
-            or self._shutdown is _Shutdown.FINAL
+            or self._shutdown is _SHUTDOWN_FINAL
             or self._peer_closed
         )
 
@@ -616,8 +631,8 @@ class HTTP2Connection:
         conn = self._h2
         try:
             headers = h2.connection._decode_headers(conn.decoder, block)
-            events = conn.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
-            stream = conn._begin_new_stream(sid, AllowedStreamIDs.ODD)
+            events = conn.state_machine.process_input(_RECV_HEADERS)
+            stream = conn._begin_new_stream(sid, _ODD_STREAM_IDS)
             frames, stream_events = stream.receive_headers(
                 headers, end_stream, conn.config.header_encoding
             )
@@ -695,10 +710,10 @@ class HTTP2Connection:
             if self._ready:
                 emit(WindowOpened())  # a new initial window may let queued data go
         elif isinstance(event, h2.events.PingAckReceived):
-            if event.ping_data == SHUTDOWN_PING and self._shutdown is _Shutdown.PINGING:
+            if event.ping_data == SHUTDOWN_PING and self._shutdown is _SHUTDOWN_PINGING:
                 # One round trip after GOAWAY(2^31-1): every stream the client
                 # opened before seeing it has reached us. Now name the last one.
-                self._shutdown = _Shutdown.FINAL
+                self._shutdown = _SHUTDOWN_FINAL
                 self._last_stream_id = self._h2.highest_inbound_stream_id
                 self._send_goaway(self._last_stream_id)
         elif isinstance(event, h2.events.WindowUpdated):
@@ -981,9 +996,9 @@ class HTTP2Connection:
         back, GOAWAY(last stream id) follows and streams above it are refused.
         Streams already started run to completion either way.
         """
-        if self._shutdown is not _Shutdown.RUNNING or self._peer_closed:
+        if self._shutdown is not _SHUTDOWN_RUNNING or self._peer_closed:
             return
-        self._shutdown = _Shutdown.PINGING
+        self._shutdown = _SHUTDOWN_PINGING
         self._send_goaway(MAX_STREAM_ID)
         self._h2.ping(SHUTDOWN_PING)
         self._pull_control()
@@ -1141,11 +1156,11 @@ class HTTP2Connection:
             self._pull_control()
             return
         machine = stream.state_machine
-        machine.process_input(StreamInputs.SEND_HEADERS)
+        machine.process_input(_SEND_HEADERS)
         block = self._encoder.encode_fields(fields)
         flags = FLAG_END_STREAM if end_stream else 0
         if end_stream:
-            machine.process_input(StreamInputs.SEND_END_STREAM)
+            machine.process_input(_SEND_END_STREAM)
         # What h2 records from the block it sends (a response has no :method).
         stream.request_method = None
         max_frame = conn.max_outbound_frame_size
@@ -1189,7 +1204,7 @@ class HTTP2Connection:
             return
         size = len(data)
         if end_stream:
-            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+            stream.state_machine.process_input(_SEND_END_STREAM)
             header = _FRAME_HEADER.pack(size >> 8, size & 0xFF, FRAME_DATA, FLAG_END_STREAM, sid)
         else:
             header = _FRAME_HEADER.pack(size >> 8, size & 0xFF, FRAME_DATA, 0, sid)
