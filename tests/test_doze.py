@@ -20,6 +20,7 @@ import trio.testing
 
 from tests import apps
 from trioserve.connection import CONNECTION_TASK, DOZE_AFTER, Connection
+from trioserve.dozing import BUSY_RECHECK
 from trioserve.http1 import HTTP1Connection
 from trioserve.server import Server, serve_wsgi
 
@@ -46,9 +47,8 @@ def connection_tasks() -> list[str]:
 @asynccontextmanager
 async def served(app: Any = apps.hello, **options: Any) -> AsyncIterator[Server]:
     async with trio.open_nursery() as nursery:
-        server = await serve_wsgi(
-            app, nursery, bind="127.0.0.1:0", keep_alive_timeout=KEEP_ALIVE, **options
-        )
+        options.setdefault("keep_alive_timeout", KEEP_ALIVE)
+        server = await serve_wsgi(app, nursery, bind="127.0.0.1:0", **options)
         try:
             yield server
         finally:
@@ -179,6 +179,59 @@ async def test_a_dozing_connection_still_closes_after_the_keep_alive_time(
         await quiet_for(server, mock_clock, 0.02)
         assert await receive_promptly(stream) == b""  # a clean close (FIN), not a reset
         await stream.aclose()  # the end of the server's lingering close
+        await all_closed(server)
+
+
+async def busy_for(
+    server: Server, clock: trio.testing.MockClock, stream: trio.SocketStream, seconds: float
+) -> list[trio.CancelScope]:
+    """A request every DOZE_AFTER / 2 for ``seconds``: the reader's cancel scopes seen."""
+    scopes: list[trio.CancelScope] = []  # (held: an id could be reused)
+    for _ in range(round(seconds / (DOZE_AFTER / 2))):
+        assert (await get(stream)).startswith(b"HTTP/1.1 200 ")
+        await quiet_for(server, clock, DOZE_AFTER / 2)
+        conn = the_connection(server)
+        assert not conn.dozing
+        scope = conn._read_scope
+        assert scope is not None
+        if not any(scope is seen for seen in scopes):
+            scopes.append(scope)
+    return scopes
+
+
+async def test_a_busy_connections_reader_is_woken_once_a_busy_recheck(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A reader's deadline that finds the connection busy (requests came since it was
+    set) costs a cancelled wait and a new cancel scope: after one, the doze deadline
+    stays at least BUSY_RECHECK away, instead of one DOZE_AFTER after each request."""
+    async with served() as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        scopes = await busy_for(server, mock_clock, stream, 3 * BUSY_RECHECK)
+        # (Before BUSY_RECHECK: 47 scopes in these 60 requests.)
+        assert len(scopes) <= 4
+        # Idle now: it dozes all the same, once BUSY_RECHECK is up at the latest.
+        conn = the_connection(server)
+        await quiet_for(server, mock_clock, BUSY_RECHECK + 0.001)
+        assert conn.dozing
+        assert (await get(stream)).startswith(b"HTTP/1.1 200 ")
+        await stream.aclose()
+
+
+async def test_a_connection_idle_after_being_busy_still_closes_at_its_keep_alive_time(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A keep-alive time shorter than BUSY_RECHECK is kept to the letter after a busy
+    spell (the connection could not doze before then anyway: closing comes first)."""
+    keep_alive = BUSY_RECHECK / 2
+    async with served(keep_alive_timeout=keep_alive) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await busy_for(server, mock_clock, stream, 3 * BUSY_RECHECK)
+        await quiet_for(server, mock_clock, keep_alive - DOZE_AFTER / 2 - 0.01)
+        assert server.open_connections == 1
+        await quiet_for(server, mock_clock, 0.02)
+        assert await receive_promptly(stream) == b""
+        await stream.aclose()
         await all_closed(server)
 
 

@@ -75,7 +75,7 @@ from typing import Final
 import trio
 
 from .context import ServerContext
-from .dozing import DOZE_AFTER
+from .dozing import BUSY_RECHECK, DOZE_AFTER
 from .events import (
     UNCHECKED,
     BadRequest,
@@ -148,6 +148,8 @@ LINGER_BYTES = 512 * 1024
 # DOZE_AFTER, all but this many end, so an idle connection keeps no crowd of
 # tasks (a parked task is about 3 KB).
 IDLE_PARKED_RUNNERS = 4
+
+_LONG_AGO = -math.inf  # one float for every connection's "never"
 
 # Names of the tasks that serve connections. Without one, trio formats a name
 # from the function for every task it starts: a string per task, held for its
@@ -422,6 +424,7 @@ class Connection:
     # Slots: an idle keep-alive connection is mostly this object and its tasks.
     __slots__ = (
         "_abort_code",
+        "_busy_until",
         "_counts",
         "_doze_tried",
         "_dropped",
@@ -495,6 +498,10 @@ class Connection:
         # deadline is moved only to make it earlier (see _read_loop).
         self._idle_since: float | None = trio.current_time()
         self._doze_tried: float | None = None  # the _idle_since of the last chance to doze
+        # The reader's deadline last found the connection busy: no doze deadline
+        # before this (BUSY_RECHECK), so a busy connection's reader is not woken
+        # every DOZE_AFTER.
+        self._busy_until = _LONG_AGO
         self._dropped = False  # abort() was called
         self._pipeline_waiting = False  # HTTP/1.1: next request held back until output drains
         # Told of every write: spilling streams (made at the first one).
@@ -686,8 +693,14 @@ class Connection:
                     self._read_scope = None
             if not self._reading:
                 return  # cancelled by _stop_reader, or the input ended meanwhile
-            if not idle.cancelled_caught or trio.current_time() < self._idle_deadline():
-                continue  # the deadline was stale: wait on with the real one
+            if not idle.cancelled_caught:
+                continue
+            now = trio.current_time()
+            if now < self._idle_deadline():
+                # The deadline was stale (the connection was busy meanwhile): wait
+                # on with the real one, and no doze deadline for BUSY_RECHECK.
+                self._busy_until = now + BUSY_RECHECK
+                continue
             if self._idle_expired():
                 return
 
@@ -727,11 +740,11 @@ class Connection:
             deadline = self._idle_since + config.h2_idle_timeout
             parked = self._parked
             if parked is not None and len(parked) > IDLE_PARKED_RUNNERS:  # time to shed some
-                return min(deadline, self._idle_since + DOZE_AFTER)
+                return min(deadline, max(self._idle_since + DOZE_AFTER, self._busy_until))
             return deadline
         deadline = self._idle_since + config.keep_alive_timeout
         if self._doze_tried != self._idle_since and type(self._io) is _SocketIO:
-            return min(deadline, self._idle_since + DOZE_AFTER)
+            return min(deadline, max(self._idle_since + DOZE_AFTER, self._busy_until))
         return deadline
 
     def _idle_expired(self) -> bool:
@@ -1153,10 +1166,16 @@ class Connection:
         if not self.streams:
             now = self._idle_since = trio.current_time()
             scope = self._read_scope
-            # The idle deadline is at least ctx.idle_floor away: a reader's
-            # deadline already due by then stays (the usual case under load:
-            # it fires, finds the connection busy again, and waits on).
-            if scope is not None and scope.deadline > now + ctx.idle_floor:
+            # The idle deadline is at least ctx.idle_floor away, and not before
+            # _busy_until: a reader's deadline due by then stays (the usual case
+            # under load: it fires, finds the connection busy again, and waits
+            # on). It was worked out as an earlier idle spell's, and those only
+            # come later (so do the idle timeouts and _busy_until): never late.
+            if (
+                scope is not None
+                and scope.deadline > now + ctx.idle_floor
+                and scope.deadline > self._busy_until
+            ):
                 self._tighten_deadline()
         wanted = self._output_wanted
         if not wanted.armed and (self.proto.wants_sender or self._phase is _PHASE_ABORTED):
