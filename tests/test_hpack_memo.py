@@ -1,7 +1,8 @@
 """trioserve.hpack_memo: remembered HPACK blocks are byte for byte what hpack produces.
 
 The reference is a plain hpack coder fed the same operations in the same
-order; any stale replay (a block reused after the table moved) shows as a
+order (the encoder as trioserve's base class fixes it: a size update it made due
+is never dropped); any stale replay (a block reused after the table moved) shows as a
 difference in bytes or in decoded headers.
 """
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioserve.hpack_memo import MEMO_ENTRIES, MemoDecoder, MemoEncoder
+from trioserve.hpack_memo import MEMO_ENTRIES, MemoDecoder, MemoEncoder, SizeUpdatingEncoder
 
 # Few distinct names and values, so lists repeat, fields get indexed, and the
 # table fills, evicts and shifts indexes under a small table size.
@@ -31,7 +32,7 @@ OPERATION = st.one_of(
 
 
 def run_encoders(operations: list[tuple[str, object]]) -> tuple[list[bytes], list[bytes]]:
-    memo, plain = MemoEncoder(), hpack.Encoder()
+    memo, plain = MemoEncoder(), SizeUpdatingEncoder()
     got, want = [], []
     for kind, arg in operations:
         if kind == "size":
@@ -85,20 +86,32 @@ def test_a_pending_size_update_is_not_skipped_by_a_replay() -> None:
     assert reference.header_table_size == 256
 
 
+@pytest.mark.parametrize("first", [0, 256])
+def test_the_same_size_set_again_keeps_its_size_update_due(first: int) -> None:
+    """h2 sets the size for every SETTINGS frame that names it, changed or not: an
+    equal second one must not cancel the update the first made due (hpack 4.2's
+    own encoder drops it, and the peer keeps entries this side evicted)."""
+    encoder, decoder = SizeUpdatingEncoder(), hpack.Decoder()
+    decoder.decode(encoder.encode([(b"x-a", b"1"), (b"x-b", b"v" * 300)]))
+    encoder.header_table_size = first
+    encoder.header_table_size = first
+    block = encoder.encode([(b"x-a", b"1")])
+    assert block[0] & 0xE0 == 0x20  # starts with a dynamic table size update
+    assert list(decoder.decode(block, raw=True)) == [(b"x-a", b"1")]
+    assert decoder.header_table_size == first
+    assert list(decoder.header_table.dynamic_entries) == list(encoder.header_table.dynamic_entries)
+
+
 def blocks_from(operations: list[tuple[str, object]]) -> list[bytes]:
     """The header blocks a client's encoder sends for these operations: each
     header list twice in a row (a client repeating a request), so the second
     block is often all indexes and may be replayed; size changes go out at the
     start of the next block."""
-    encoder = hpack.Encoder()
+    encoder = SizeUpdatingEncoder()  # (hpack's own can drop a size update: see below)
     out: list[bytes] = []
     for kind, arg in operations:
         if kind == "size":
-            # Only a real change: hpack's encoder drops a pending size update
-            # when told the size it already has (its resized flag is reset),
-            # which would desynchronise any decoder, memo or not.
-            if arg != encoder.header_table_size:
-                encoder.header_table_size = arg
+            encoder.header_table_size = arg
         else:
             for _ in range(2):
                 out.append(encoder.encode(list(arg), huffman=kind == "head"))  # type: ignore[call-overload]

@@ -436,6 +436,27 @@ def test_response_arrives_intact() -> None:
     assert server.stream_output_size(1) == 0
 
 
+def test_a_table_size_sent_twice_still_gets_its_size_update() -> None:
+    """A client that sends SETTINGS_HEADER_TABLE_SIZE 0 twice before the next response
+    gets a dynamic table size update at the start of that response's header block
+    (RFC 7541 §4.2): h2 tells the encoder the size once per frame, and hpack's own
+    encoder forgets the update when told the same size again."""
+    table_size = h2.settings.SettingCodes.HEADER_TABLE_SIZE
+    client, server = connect()
+    request(client, 1)
+    pump(client, server)
+    respond(server, 1, b"first")  # fills the table with the response's fields
+    pump(client, server)
+    for _ in range(2):
+        client.update_settings({table_size: 0})
+        pump(client, server)
+    request(client, 3)
+    pump(client, server)
+    respond(server, 3, b"second")
+    [head] = [frame for frame in frames(server.data_to_send()) if isinstance(frame, HeadersFrame)]
+    assert head.data[0] == 0x20  # a size update to 0 first
+
+
 @pytest.mark.parametrize("size", [100, 16_384 - 40, 40_000], ids=["small", "frame", "continued"])
 def test_response_heads_framed_by_hand_decode_on_a_real_client(size: int) -> None:
     """trioserve frames response HEADERS itself (h2's HPACK encoder, our frame headers).

@@ -13,8 +13,9 @@ request's time on the trio thread (cProfile).
 
 So each connection's coders keep a few such blocks, and forget them all the
 moment anything changes the table: an insertion or eviction (seen as a new
-first entry, or a new length), a size update, or a change of the limits a
-decode is checked against. A remembered block is therefore only ever replayed
+first entry, or a new length), a size update (which
+:class:`SizeUpdatingEncoder` never drops, unlike hpack's own encoder), or a
+change of the limits a decode is checked against. A remembered block is therefore only ever replayed
 against the very table it was computed with, and what goes on the wire, and
 what h2 sees, is byte for byte what hpack itself would have produced
 (``tests/test_hpack_memo.py`` checks both against plain hpack coders).
@@ -27,7 +28,7 @@ from typing import Any
 
 import hpack
 
-__all__ = ["MemoDecoder", "MemoEncoder"]
+__all__ = ["MemoDecoder", "MemoEncoder", "SizeUpdatingEncoder"]
 
 # Blocks remembered per connection: enough for a handful of response shapes or
 # request shapes at once, and a bound on what an idle HTTP/2 connection holds.
@@ -71,7 +72,33 @@ def _remember(memo: dict[Any, Any], key: Any, value: Any) -> None:
     memo[key] = value
 
 
-class MemoEncoder(hpack.Encoder):
+class SizeUpdatingEncoder(hpack.Encoder):
+    """hpack's encoder, except that a table size update still to be sent stays so.
+
+    hpack 4 works out whether one is due from the last size set alone, so
+    setting the size it already has drops an update still pending. h2 sets it
+    for every SETTINGS frame that names SETTINGS_HEADER_TABLE_SIZE, changed or
+    not: a peer that sends the same smaller size twice before our next header
+    block would then get no size update at its start, which RFC 7541 §4.2
+    requires, and would keep entries this side has evicted.
+    """
+
+    @property
+    def header_table_size(self) -> int:
+        return self.header_table.maxsize
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        table = self.header_table
+        pending = table.resized
+        table.maxsize = value
+        if table.resized:
+            self.table_size_changes.append(value)
+        elif pending:
+            table.resized = True  # (the change before this one still goes out)
+
+
+class MemoEncoder(SizeUpdatingEncoder):
     """h2's HPACK encoder, with :meth:`encode_fields` for trioserve's response heads.
 
     h2's own calls (trailers, anything sent through ``send_headers``) go
