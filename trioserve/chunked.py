@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 # The most hex digits a chunk size may have: 16 fill 64 bits.
 MAX_SIZE_DIGITS = 16
@@ -74,6 +74,17 @@ class _Stage(enum.Enum):
     REFUSED = enum.auto()
 
 
+# The stages as module constants, which the code below reads instead: on Python
+# 3.11 reading an attribute of an Enum class goes through EnumType's ``__getattr__``
+# hook (see trioserve.http1's _Input), and every chunk reads a few.
+_STAGE_SIZE_LINE: Final = _Stage.SIZE_LINE
+_STAGE_DATA: Final = _Stage.DATA
+_STAGE_DATA_END: Final = _Stage.DATA_END
+_STAGE_TRAILERS: Final = _Stage.TRAILERS
+_STAGE_DONE: Final = _Stage.DONE
+_STAGE_REFUSED: Final = _Stage.REFUSED
+
+
 class ChunkedScan:
     """Follows one chunked request body through its framing (see module docstring).
 
@@ -87,7 +98,7 @@ class ChunkedScan:
     def __init__(self, *, max_body_size: int = 0, max_trailer_size: int = 64 * 1024) -> None:
         self._max_body = max_body_size
         self._max_trailers = max_trailer_size
-        self._stage = _Stage.SIZE_LINE
+        self._stage = _STAGE_SIZE_LINE
         self._line = b""  # the part of the current line received so far
         self._left = 0  # DATA, DATA_END: bytes still to come; TRAILERS: bytes so far
         self._announced = 0  # chunk data announced by the sizes read so far
@@ -95,7 +106,7 @@ class ChunkedScan:
     @property
     def done(self) -> bool:
         """Has the body ended (last chunk and trailer section read)?"""
-        return self._stage is _Stage.DONE
+        return self._stage is _STAGE_DONE
 
     def feed(self, data: bytes | bytearray) -> Refusal | None:
         """Scan the next bytes of the body; the refusal, the first time one is due.
@@ -118,7 +129,7 @@ class ChunkedScan:
     def _scan(
         self, data: bytes | bytearray, pieces: list[bytes] | None
     ) -> tuple[Refusal | None, int]:
-        if self._stage is _Stage.DONE or self._stage is _Stage.REFUSED:
+        if self._stage is _STAGE_DONE or self._stage is _STAGE_REFUSED:
             return None, 0
         if type(data) is not bytes:
             data = bytes(data)  # one copy, so lines are found without copying the rest
@@ -127,23 +138,23 @@ class ChunkedScan:
         refusal = None
         while position < size and refusal is None:
             stage = self._stage
-            if stage is _Stage.DATA:
+            if stage is _STAGE_DATA:
                 step = min(self._left, size - position)
                 if pieces is not None:
                     pieces.append(data[position : position + step])
                 position += step
                 self._left -= step
                 if not self._left:
-                    self._stage = _Stage.DATA_END
+                    self._stage = _STAGE_DATA_END
                     self._left = 2
-            elif stage is _Stage.DATA_END:
+            elif stage is _STAGE_DATA_END:
                 if data[position] != b"\r\n"[2 - self._left]:
                     refusal = Refusal(400, "chunk data not followed by CRLF")
                 position += 1
                 self._left -= 1
                 if not self._left:
-                    self._stage = _Stage.SIZE_LINE
-            elif stage is _Stage.DONE:
+                    self._stage = _STAGE_SIZE_LINE
+            elif stage is _STAGE_DONE:
                 break
             else:
                 end = data.find(b"\n", position)
@@ -157,7 +168,7 @@ class ChunkedScan:
                     position = end + 1
                     refusal = self._end_of_line(line)
         if refusal is not None:
-            self._stage = _Stage.REFUSED
+            self._stage = _STAGE_REFUSED
             self._line = b""
         return refusal, position
 
@@ -171,7 +182,7 @@ class ChunkedScan:
         """What an unfinished line already shows. More bytes can only make these worse:
         a size of too many digits or too large, a line or trailer section too long."""
         line = self._line
-        if self._stage is _Stage.TRAILERS:
+        if self._stage is _STAGE_TRAILERS:
             return self._check_trailer_size(line)
         return self._check_size(line, ended=False) or self._check_line_length(line)
 
@@ -202,7 +213,7 @@ class ChunkedScan:
         """A whole line, LF included."""
         ended = line[-2:] == b"\r\n"
         text = line[:-2] if ended else line[:-1]
-        if self._stage is _Stage.TRAILERS:
+        if self._stage is _STAGE_TRAILERS:
             refusal = self._check_trailer_size(line)
         else:
             refusal = self._check_size(text) or self._check_line_length(text)
@@ -210,7 +221,7 @@ class ChunkedScan:
             return refusal
         if not ended or b"\r" in text:
             return Refusal(400, "bare CR or LF in the chunked body framing")
-        if self._stage is _Stage.TRAILERS:
+        if self._stage is _STAGE_TRAILERS:
             return self._trailer_line(text)
         digits = _hex_digits(text)
         if not digits:
@@ -220,16 +231,16 @@ class ChunkedScan:
         chunk = int(text[:digits], 16)
         self._announced += chunk
         if chunk:
-            self._stage = _Stage.DATA
+            self._stage = _STAGE_DATA
             self._left = chunk
         else:
-            self._stage = _Stage.TRAILERS
+            self._stage = _STAGE_TRAILERS
             self._left = 0
         return None
 
     def _trailer_line(self, line: bytes) -> Refusal | None:
         if not line:
-            self._stage = _Stage.DONE
+            self._stage = _STAGE_DONE
             return None
         self._left += len(line) + 2
         if line[:1] in (b" ", b"\t"):
