@@ -13,12 +13,12 @@ request's time on the trio thread (cProfile).
 
 So each connection's coders keep a few such blocks, and forget them all the
 moment anything changes the table: an insertion or eviction (seen as a new
-first entry, or a new length), a size update (which
-:class:`SizeUpdatingEncoder` never drops, unlike hpack's own encoder), or a
-change of the limits a decode is checked against. A remembered block is therefore only ever replayed
-against the very table it was computed with, and what goes on the wire, and
-what h2 sees, is byte for byte what hpack itself would have produced
-(``tests/test_hpack_memo.py`` checks both against plain hpack coders).
+first entry, or a new length), a size update (which :class:`SizeUpdatingEncoder`
+never drops, unlike hpack's own encoder), or a change of the limits a decode is
+checked against. A remembered block is therefore only ever replayed against the
+very table it was computed with, and what goes on the wire, and what h2 sees, is
+byte for byte what hpack itself would have produced (``tests/test_hpack_memo.py``
+checks both against plain hpack coders, the encoder with that fix).
 """
 
 from __future__ import annotations
