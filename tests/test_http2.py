@@ -457,6 +457,33 @@ def test_a_table_size_sent_twice_still_gets_its_size_update() -> None:
     assert head.data[0] == 0x20  # a size update to 0 first
 
 
+@pytest.mark.parametrize("split", [None, 3, 9, 15], ids=["whole", "head", "entry", "value"])
+def test_a_table_size_lowered_and_raised_in_one_settings_frame_signals_both(
+    split: int | None,
+) -> None:
+    """SETTINGS_HEADER_TABLE_SIZE 0 then 4096 in one frame (nghttp -c 0 -c 4096):
+    the settings apply in order (RFC 9113 §6.5.3), so the next header block starts
+    with size updates to 0, then 4096 (RFC 7541 §4.2), though h2 reads the frame
+    into a dict and sees 4096 alone. The frame may come in pieces."""
+    client, server = connect()
+    entries = b"\x00\x01" + (0).to_bytes(4, "big") + b"\x00\x01" + (4096).to_bytes(4, "big")
+    settings = raw_frame(0x4, 0, 0, entries)
+    for piece in [settings] if split is None else [settings[:split], settings[split:]]:
+        server.receive_data(piece)
+    assert server.next_events() == []
+    acks = [frame for frame in frames(server.data_to_send()) if isinstance(frame, SettingsFrame)]
+    assert [frame.flags for frame in acks] == [{"ACK"}]
+    request(client, 1)
+    server.receive_data(client.data_to_send())
+    server.next_events()
+    respond(server, 1, b"body")
+    [head] = [frame for frame in frames(server.data_to_send()) if isinstance(frame, HeadersFrame)]
+    assert head.data.startswith(b"\x20\x3f\xe1\x1f")  # size updates: 0, then 4096
+    decoder = hpack.Decoder()
+    assert (b":status", b"200") in decoder.decode(head.data, raw=True)
+    assert decoder.header_table_size == 4096
+
+
 @pytest.mark.parametrize("size", [100, 16_384 - 40, 40_000], ids=["small", "frame", "continued"])
 def test_response_heads_framed_by_hand_decode_on_a_real_client(size: int) -> None:
     """trioserve frames response HEADERS itself (h2's HPACK encoder, our frame headers).

@@ -665,6 +665,32 @@ async def test_nghttp_decodes_repeated_and_interleaved_response_heads(
         assert log.count(f"shape {shape}") == order.count(shape), log
 
 
+@needs("nghttp")
+@pytest.mark.parametrize("mode", ["h2c-prior-knowledge", "h2-tls-alpn"])
+@pytest.mark.parametrize(
+    "sizes", [["0"], ["256"], ["0", "4096"], ["0", "0"], ["100", "50", "4096"]], ids="-c ".join
+)
+async def test_nghttp_reads_heads_after_its_table_size_changes(
+    serve: Serve, mode: str, sizes: list[str]
+) -> None:
+    """nghttp's decoder table set with -c (several values: changed within one
+    SETTINGS frame). nghttp2 insists on a size update for the smallest size, and
+    fails the connection with COMPRESSION_ERROR without one."""
+    flags, tls = NGHTTP_MODES[mode]
+    table_sizes = [flag for size in sizes for flag in ("-c", size)]
+    with trio.fail_after(QUICK):
+        server = await serve(validator(_shaped), tls=tls)
+        # (nghttp fetches each distinct URL once: the query tells them apart)
+        urls = [f"{server.url}/{shape}?n={index}" for index, shape in enumerate("0120")]
+        result = await run("nghttp", "--timeout=10", "-v", "--no-dep", *table_sizes, *flags, *urls)
+    log = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, log
+    assert "COMPRESSION_ERROR" not in log
+    assert len(re.findall(r"recv \(stream_id=\d+\) :status: (?:200|404)", log)) == 4, log
+    for shape in "012":
+        assert f"shape {shape}" in log, log
+
+
 def _fields(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     """The request fields trioserve.http2_fields has a say in, as JSON."""
     keys = ("HTTP_COOKIE", "HTTP_TE", "HTTP_X_SPACED", "HTTP_HOST", "REQUEST_METHOD")

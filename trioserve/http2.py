@@ -103,6 +103,7 @@ FRAME_SETTINGS = 0x4
 FRAME_CONTINUATION = 0x9
 FLAG_END_STREAM = 0x1
 FLAG_END_HEADERS = 0x4
+FLAG_ACK = 0x1  # (SETTINGS and PING)
 FLAG_PADDED = 0x8
 FLAG_PRIORITY = 0x20
 
@@ -271,6 +272,9 @@ class HTTP2Connection:
         # then on h2 is handed whole frames.
         self._settings_seen = False
         self._settings_end: int | None = None  # in this read, where that SETTINGS ends
+        # A SETTINGS frame's payload split across reads, gathered for its table
+        # sizes (_signal_smallest_table_size).
+        self._settings_payload: bytearray | None = None
         self._whole_frames = False
         self._partial_frame = b""  # a frame header, or a HEADERS frame, not yet whole
         self._h2_frame_left = 0  # bytes still to come of a frame h2 has the start of
@@ -464,6 +468,11 @@ class HTTP2Connection:
             position = skipped
         if self._frame_left:
             skipped = min(self._frame_left, size - position)
+            if self._settings_payload is not None:
+                self._settings_payload += data[position : position + skipped]
+                if skipped == self._frame_left:
+                    self._signal_smallest_table_size(self._settings_payload)
+                    self._settings_payload = None
             self._frame_left -= skipped
             position += skipped
         while position < size:
@@ -488,14 +497,40 @@ class HTTP2Connection:
                     self._control_frames += 1  # empty, or for a closed stream
             else:
                 self._control_frames += 1
-                if frame_type == FRAME_SETTINGS and not self._settings_seen:
-                    self._settings_seen = True
+                if frame_type == FRAME_SETTINGS and not head[4] & FLAG_ACK:
+                    if not self._settings_seen:
+                        self._settings_seen = True
+                        if position + length <= size:
+                            self._settings_end = position + length
                     if position + length <= size:
-                        self._settings_end = position + length
+                        self._signal_smallest_table_size(data[position : position + length])
+                    else:
+                        self._settings_payload = bytearray(data[position:])
             skipped = min(length, size - position)
             position += skipped
             self._frame_left = length - skipped
         return None
+
+    def _signal_smallest_table_size(self, payload: bytes | bytearray) -> None:
+        """A SETTINGS frame that changes SETTINGS_HEADER_TABLE_SIZE more than once:
+        tell our encoder its smallest value first, before h2 reads the frame.
+
+        RFC 9113 §6.5.3 applies a frame's settings in order, and RFC 7541 §4.2
+        has the encoder signal the smallest table size between two header
+        blocks, then the last. h2 reads a frame's settings into a dict, so it
+        sees the last value alone; a client whose decoder shrank its table
+        (nghttp -c 0 -c 4096) would find no size update and fail the connection
+        with COMPRESSION_ERROR. Called before h2 reads the frame, which then sets
+        the last size: the encoder sends both updates. A malformed frame is h2's
+        to refuse; only its whole entries are read here.
+        """
+        sizes = [
+            int.from_bytes(payload[entry + 2 : entry + 6], "big")
+            for entry in range(0, len(payload) - 5, 6)
+            if payload[entry : entry + 2] == b"\x00\x01"  # SETTINGS_HEADER_TABLE_SIZE
+        ]
+        if len(sizes) > 1 and min(sizes[:-1]) < sizes[-1]:
+            self._encoder.header_table_size = min(sizes[:-1])
 
     def _receive_frames(self, data: bytes | bytearray) -> list[h2.events.Event]:
         """h2's receive_data, except that a plain HEADERS frame opening a stream is ours.
