@@ -1171,12 +1171,10 @@ class Connection:
             # under load: it fires, finds the connection busy again, and waits
             # on). It was worked out as an earlier idle spell's, and those only
             # come later (so do the idle timeouts and _busy_until): never late.
-            if (
-                scope is not None
-                and scope.deadline > now + ctx.idle_floor
-                and scope.deadline > self._busy_until
-            ):
-                self._tighten_deadline()
+            if scope is not None:
+                deadline = scope.deadline  # (a property: read once)
+                if deadline > now + ctx.idle_floor and deadline > self._busy_until:
+                    self._tighten_deadline()
         wanted = self._output_wanted
         if not wanted.armed and (self.proto.wants_sender or self._phase is _PHASE_ABORTED):
             # Something to send, or the sender may now close the connection. (A

@@ -203,13 +203,13 @@ class HTTP1Connection:
         "_max_request_line_size",
         "_no_keep_alive",
         "_outbound",
-        "_outbound_size",
         "_parser",
         "_peer_eof",
         "_response_started",
         "_stream_id",
         "_upgrade",
         "_upgrade_body",
+        "output_size",
     )
 
     multiplexed = False
@@ -251,7 +251,10 @@ class HTTP1Connection:
         self._continue_withheld = False  # ...and has had neither 100 nor a response
         # Output.
         self._outbound: list[bytes | memoryview | FileSegment] = []
-        self._outbound_size = 0
+        # Bytes queued for the socket (the protocols' ``output_size``): a plain
+        # attribute, not a property, since the driver reads it after every
+        # read and every response.
+        self.output_size = 0
         self._files_queued = 0  # FileSegments in _outbound
         self._response_started = False
         self._framing = _FRAMING_NONE
@@ -308,20 +311,15 @@ class HTTP1Connection:
     @property
     def wants_sender(self) -> bool:
         """Output queued, or the connection closing (HTTP/1.1 queues no streams)."""
-        return bool(self._outbound_size) or self.closing
+        return bool(self.output_size) or self.closing
 
     def response_ended(self, stream_id: int) -> bool:
         """HTTP/1.1 counts no streams: a response ends when its request's turn does."""
         return False
 
-    @property
-    def output_size(self) -> int:
-        """Bytes queued for the socket."""
-        return self._outbound_size
-
     def stream_output_size(self, stream_id: int) -> int:
         """Bytes queued for the socket on behalf of ``stream_id`` (all of them, in HTTP/1.1)."""
-        return self._outbound_size
+        return self.output_size
 
     def stream_blocked(self, stream_id: int) -> bool:
         """HTTP/1.1 has no flow-control window: output waits only for the socket."""
@@ -720,7 +718,7 @@ class HTTP1Connection:
                 self._body_sent = size
                 whole = head + b"".join(body)
                 self._outbound.append(whole)  # (self._queue, spelled out)
-                self._outbound_size += len(whole)
+                self.output_size += len(whole)
                 self._finish_request()
                 return
         self._queue(head)
@@ -802,7 +800,7 @@ class HTTP1Connection:
             self._queue(b"%x\r\n" % segment.length)
         self._files_queued += 1
         self._outbound.append(segment)
-        self._outbound_size += segment.length
+        self.output_size += segment.length
         if chunked:
             self._queue(b"\r\n")
 
@@ -868,11 +866,11 @@ class HTTP1Connection:
             return []
         if (
             not self._files_queued
-            and self._outbound_size <= MAX_WRITE
+            and self.output_size <= MAX_WRITE
             and len(outbound) <= MAX_BUFFERS
         ):
             self._outbound = []  # all of it: the common case
-            self._outbound_size = 0
+            self.output_size = 0
             return outbound  # type: ignore[return-value]  # no FileSegment in it
         parts: list[bytes | memoryview] = []
         size = 0
@@ -891,7 +889,7 @@ class HTTP1Connection:
             size += len(part)
             taken += 1
         del outbound[:taken]
-        self._outbound_size -= size
+        self.output_size -= size
         return parts
 
     def data_to_send(self) -> bytes:
@@ -908,7 +906,7 @@ class HTTP1Connection:
             segment = self._outbound.pop(0)
             assert isinstance(segment, FileSegment)
             self._files_queued -= 1
-            self._outbound_size -= segment.length
+            self.output_size -= segment.length
             return segment
         return None
 
@@ -921,7 +919,7 @@ class HTTP1Connection:
 
     def _queue(self, data: bytes | memoryview) -> None:
         self._outbound.append(data)
-        self._outbound_size += len(data)
+        self.output_size += len(data)
 
     def _count_body(self, size: int) -> None:
         sent = self._body_sent + size

@@ -53,7 +53,7 @@ from urllib.parse import unquote_to_bytes
 import trio
 
 from .events import UNCHECKED, FileSegment, Headers, InvalidResponse, RequestReceived
-from .proxy import AllowList, apply_forwarded
+from .proxy import FORWARDING_KEYS, AllowList, apply_forwarded
 from .responses import (
     check_status,
     declared_length,
@@ -401,7 +401,9 @@ def build_environ(
                 continue  # HTTP/2: :authority wins over a Host field
             text = environ[key] + ("; " if key == "HTTP_COOKIE" else ", ") + text
         environ[key] = text
-    if info.forwarding is not None:
+    if info.forwarding is not None and not environ.keys().isdisjoint(FORWARDING_KEYS):
+        # (apply_forwarded's own first look, made here without the call: most
+        # requests carry no forwarding header at all)
         apply_forwarded(environ, info.forwarding)
     return environ
 
