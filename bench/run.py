@@ -1052,8 +1052,57 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
 # --------------------------------------------------------------------------- running
 
 
+def _process_cpu() -> dict[int, tuple[int, int]]:
+    """Every process now: pid -> (parent pid, CPU time used so far, in clock ticks)."""
+    found: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        # After the command name: state, ppid (field 4), ... utime, stime (fields 14, 15).
+        found[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    return found
+
+
+def _others_cpu(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> int:
+    """CPU ticks that processes other than this harness's own used between two
+    :func:`_process_cpu` readings.
+
+    The harness's own are this process and its descendants (the servers and the
+    load generators); kernel threads (children of kthreadd, pid 2) are left out
+    too, since they carry the benchmark's own loopback traffic. A process that
+    ended between the readings is not seen. Unlike the load average, which counts
+    every runnable thread (a server with 40 app threads alone lifts it to
+    about 10), this is what else competed for the two cores.
+    """
+    parents = {pid: ppid for pid, (ppid, _) in before.items()}
+    parents.update((pid, ppid) for pid, (ppid, _) in after.items())
+    me = os.getpid()
+
+    def ours(pid: int) -> bool:
+        for _ in range(64):  # (a bound: pids are reused, so a cycle is possible)
+            if pid in (me, 2):
+                return True
+            parent = parents.get(pid)
+            if parent is None or parent == 0:
+                return False
+            pid = parent
+        return False
+
+    return sum(
+        ticks - before.get(pid, (0, 0))[1]
+        for pid, (_, ticks) in after.items()
+        if not ours(pid) and ticks > before.get(pid, (0, 0))[1]
+    )
+
+
 def run_one(ctx: Ctx, scenario: Scenario, variant: Variant, server: str) -> dict[str, Any]:
     load = os.getloadavg()[0]
+    cpu_before = _process_cpu()
     started = time.monotonic()
     try:
         if variant.run is not None:
@@ -1069,8 +1118,12 @@ def run_one(ctx: Ctx, scenario: Scenario, variant: Variant, server: str) -> dict
     except Exception as exc:  # a harness bug must not lose the other results
         traceback.print_exc()
         return {"error": f"{type(exc).__name__}: {exc}"}
+    elapsed = time.monotonic() - started
     metrics["load1"] = load
-    metrics["seconds"] = round(time.monotonic() - started, 2)
+    # What else ran meanwhile, in percent of one core.
+    others = _others_cpu(cpu_before, _process_cpu())
+    metrics["others_cpu_pct"] = round(100 * others / os.sysconf("SC_CLK_TCK") / elapsed, 1)
+    metrics["seconds"] = round(elapsed, 2)
     return metrics
 
 
@@ -1258,10 +1311,14 @@ def write_results(
         f"{settings['warmup_s']:g} s warm-up; server on CPU {SERVER_CPUS}, load generator on "
         f"CPU {CLIENT_CPUS}; values are medians, ratios are medians of per-repeat ratios",
         f"- load average (1 min) at start/end: {info.get('load_start')} / {info.get('load_end')}"
-        + (
-            f"; when each measurement started: {info['load_runs']}" if info.get("load_runs") else ""
-        ),
+        + (f"; when each measurement started: {info['load_runs']}" if info.get("load_runs") else "")
+        + " (it counts the servers' own threads)",
     ]
+    if info.get("others_cpu"):
+        head.append(
+            "- CPU used by other processes than the harness, its servers and load "
+            f"generators, during each measurement: {info['others_cpu']}"
+        )
     if info.get("note"):
         head.append(f"- note: {info['note']}")
     if info.get("elapsed_s"):
@@ -1428,6 +1485,19 @@ def main() -> int:
     if loads:
         info["load_runs"] = (
             f"min {loads[0]:.1f}, median {statistics.median(loads):.1f}, max {loads[-1]:.1f}"
+        )
+    others = sorted(
+        run["others_cpu_pct"]
+        for scenario in data.values()
+        for variant in scenario.values()
+        for runs in variant["runs"].values()
+        for run in runs
+        if "others_cpu_pct" in run
+    )
+    if others:
+        info["others_cpu"] = (
+            f"min {others[0]:.1f}%, median {statistics.median(others):.1f}%, "
+            f"max {others[-1]:.1f}% of one core"
         )
     info["elapsed_s"] = round(time.monotonic() - started, 1)
     if interrupted:
