@@ -202,6 +202,35 @@ def test_keep_alive_serves_requests_in_sequence() -> None:
     assert feed(server, get("/three")) == [request_event(3, target=b"/three")]
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+@pytest.mark.parametrize(
+    "field",
+    [b"Proxy-Connection: close", b"Upgrade: websocket\r\nConnection: upgrade"],
+    ids=["proxy-connection-close", "declined-upgrade"],
+)
+def test_a_request_with_fields_a_parser_may_take_as_the_last_keeps_the_connection(
+    parser: str, field: bytes
+) -> None:
+    """The same answers from both parsers: HTTP/1.1 knows no Proxy-Connection and
+    trioserve upgrades only to h2c, so the connection stays open and the request
+    after it (here pipelined behind it) is served. llhttp, reused for that next
+    head, takes Proxy-Connection: close as the connection's end and refused the
+    next head ("Data after `Connection: close`") before it was asked in time."""
+    if parser == "httptools":
+        pytest.importorskip("httptools")
+    server = HTTP1Connection(parser=parser)
+    first = b"GET /one HTTP/1.1\r\nHost: example.com\r\n" + field + b"\r\n\r\n"
+    events = feed(server, first + get("/two"))
+    assert len(events) == 1
+    assert isinstance(events[0], RequestReceived)
+    assert events[0].target == b"/one"
+    assert respond(server, 1) == OK_EMPTY
+    assert not server.closing
+    assert feed(server) == [request_event(2, target=b"/two")]
+    assert respond(server, 2) == OK_EMPTY
+    assert feed(server, get("/three")) == [request_event(3, target=b"/three")]
+
+
 def test_pipelined_request_waits_for_the_first_response_to_end() -> None:
     server = HTTP1Connection()
     assert feed(server, get("/one") + get("/two")) == [

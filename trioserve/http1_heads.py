@@ -269,9 +269,11 @@ class HttptoolsHeadParser:
     """Heads read by llhttp through httptools, fed only the head.
 
     One llhttp parser serves a connection's heads for as long as each request
-    ends with its head (no body): llhttp is then ready for the next message
-    anyway. A request with a body leaves it waiting for that body, which goes
-    elsewhere, so the next head gets a new parser.
+    ends with its head (no body) and llhttp would read another message after it
+    (asked when the message completes): llhttp is then ready for the next one.
+    A request with a body leaves it waiting for that body, which goes
+    elsewhere, and llhttp refuses anything after a message it took as the
+    connection's last, so in those cases the next head gets a new parser.
     """
 
     name = "httptools"
@@ -283,7 +285,7 @@ class HttptoolsHeadParser:
         self._parser: httptools.HttpRequestParser | None = None
         self._target = b""
         self._headers: Headers = []
-        self._complete = False
+        self._reusable = False
 
     # Callbacks of httptools.HttpRequestParser (the head only).
     def on_url(self, url: bytes) -> None:
@@ -293,30 +295,36 @@ class HttptoolsHeadParser:
         self._headers.append((name.lower(), value.strip(b" \t")))
 
     def on_message_complete(self) -> None:
-        self._complete = True
+        # Asked here, while llhttp still holds this message's flags: once the
+        # message is over it resets them, and should_keep_alive() says yes even
+        # after "Proxy-Connection: close", which llhttp obeys (and trioserve, as
+        # h11, ignores): the next head would then be refused.
+        assert self._parser is not None
+        self._reusable = self._parser.should_keep_alive()
 
     def parse(self, head: bytes) -> ParsedHead:
         httptools = self._httptools
         self._target = b""
         headers: Headers = []
         self._headers = headers
-        self._complete = False
+        self._reusable = False
         parser = self._parser
         if parser is None:
-            parser = httptools.HttpRequestParser(self)
+            parser = self._parser = httptools.HttpRequestParser(self)
             # The framing fields were checked already (head_problem), more strictly
             # than llhttp does and as h11 reads them ("chunked" with OWS around
             # it): llhttp's own judgement of them would only make the two differ.
             parser.set_dangerous_leniencies(lenient_transfer_encoding=True)
-        self._parser = None
         try:
             parser.feed_data(head)
         except httptools.HttpParserUpgrade:
-            pass  # an Upgrade request: its head was read whole all the same
+            self._reusable = False  # an Upgrade request: read whole, but llhttp stops there
         except httptools.HttpParserError as exc:
+            self._reusable = False
             raise HeadError(400, describe(exc)) from None
-        if self._complete and parser.should_keep_alive():
-            self._parser = parser  # ready for the next head
+        finally:
+            if not self._reusable:
+                self._parser = None  # the next head gets a fresh one
         target, self._target = self._target, b""
         self._headers = []  # the request's own list goes with it, not kept while idle
         return ParsedHead(parser.get_method(), target, parser.get_http_version().encode(), headers)
