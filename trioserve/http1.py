@@ -208,7 +208,6 @@ class HTTP1Connection:
         "_response_started",
         "_stream_id",
         "_upgrade",
-        "_upgrade_body",
         "output_size",
     )
 
@@ -239,8 +238,8 @@ class HTTP1Connection:
         self._chunks: ChunkedScan | None = None  # _INPUT_BODY/DRAIN of a chunked body
         self._body_received = 0
         self._drained = 0
-        self._upgrade: tuple[RequestReceived, bytes] | None = None
-        self._upgrade_body: list[bytes] = []
+        # An h2c upgrade under way: the request, its HTTP2-Settings, and its body so far.
+        self._upgrade: tuple[RequestReceived, bytes, list[bytes]] | None = None
         # The exchange.
         self._stream_id = 0  # id of the current (or last) request
         self._active = False  # a request has been handed out and its response not ended
@@ -544,8 +543,7 @@ class HTTP1Connection:
             and valid_settings(settings)
         ):
             # RFC 9113 §3.2.1 omits base64 padding; h2's decoder needs it.
-            self._upgrade = (request, settings + b"=" * (-len(settings) % 4))
-            self._upgrade_body = []
+            self._upgrade = (request, settings + b"=" * (-len(settings) % 4), [])
         return request
 
     def _body(self, events: list[Event]) -> bool:
@@ -608,7 +606,7 @@ class HTTP1Connection:
             events.append(self._reject(413, "request body too large"))
             return False
         if self._upgrade is not None:
-            self._upgrade_body.append(data)
+            self._upgrade[2].append(data)
             if self._body_received > MAX_UPGRADE_BODY:
                 self._decline_upgrade(events)
             return True
@@ -630,13 +628,12 @@ class HTTP1Connection:
 
     def _accept_upgrade(self) -> UpgradeToH2:
         assert self._upgrade is not None
-        request, settings = self._upgrade
+        request, settings, upgrade_body = self._upgrade
         self._queue(_SWITCHING)
-        body = b"".join(self._upgrade_body)
+        body = b"".join(upgrade_body)
         trailing = bytes(self._buffer)
         self._buffer.clear()
         self._upgrade = None
-        self._upgrade_body = []
         self._active = False
         self._input = _INPUT_CLOSED
         self._closed = True  # this HTTP/1.1 connection is over; HTTP/2 takes the socket
@@ -645,11 +642,10 @@ class HTTP1Connection:
     def _decline_upgrade(self, events: list[Event]) -> None:
         """Serve an upgrade request over HTTP/1.1 after all (its body grew too large)."""
         assert self._upgrade is not None
-        request, _ = self._upgrade
+        request, _, upgrade_body = self._upgrade
         events.append(request)
-        events.extend(BodyReceived(request.stream_id, chunk) for chunk in self._upgrade_body)
+        events.extend(BodyReceived(request.stream_id, chunk) for chunk in upgrade_body)
         self._upgrade = None
-        self._upgrade_body = []
 
     def _reject(self, status: int, reason: str) -> BadRequest:
         """Answer a bad request ourselves if no response is under way, then close."""

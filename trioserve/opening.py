@@ -103,6 +103,13 @@ class _Opening:
     http2: bool = False
     initial: bytearray = dataclasses.field(default_factory=bytearray)  # sniffed, not parsed
 
+    def take_initial(self) -> bytes:
+        """The sniffed bytes, handed over: this object lives as long as its connection
+        (its serve_connection frame holds it), they need not."""
+        data = bytes(self.initial)
+        self.initial.clear()
+        return data
+
 
 async def serve_connection(
     stream: trio.abc.Stream,
@@ -135,7 +142,7 @@ async def serve_connection(
             conn = Connection(opening.stream, proto, ctx, opening.info)
             ctx.connections.add(conn)
             try:
-                await conn.run(bytes(opening.initial))
+                await conn.run(opening.take_initial())
             finally:
                 ctx.connections.discard(conn)
         except ProxyHeaderError as exc:
