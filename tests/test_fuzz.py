@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -84,6 +85,10 @@ HEADERS = [
     b"Transfer-Encoding: Chunked ",
     b"Expect: 100-continue",
     b"Connection: close",
+    b"Connection: keep-alive, close",
+    b"Proxy-Connection: close",
+    b"Keep-Alive: timeout=5",
+    b"Upgrade: websocket",
     b"Connection: Upgrade, HTTP2-Settings",
     b"Upgrade: h2c",
     b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
@@ -504,6 +509,57 @@ def test_http1_layer_never_raises(chunks: list[bytes], choices: list[int]) -> No
     out += proto.data_to_send()
     if out:
         assert out.startswith(b"HTTP/1.1 "), out[:40]
+
+
+class RecordingDriver(Driver):
+    """A :class:`Driver` that also keeps what each request looked like to the app."""
+
+    def __init__(self, proto: Any, choices: list[int]) -> None:
+        super().__init__(proto, choices)
+        self.requests: list[tuple[object, ...]] = []
+
+    def handle(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, RequestReceived):
+                request = (event.method, event.target, event.headers, event.http_version)
+                framing = (event.end_stream, event.expects_continue, event.content_length)
+                self.requests.append((*request, *framing))
+        super().handle(events)
+
+
+def answered_alike(parser: str, chunks: list[bytes], choices: list[int]) -> tuple[object, ...]:
+    """What a client can tell of a connection served with ``parser``, and what its app
+    got: the requests (all but their stream ids), the statuses sent in order, and
+    whether and when the connection ended."""
+    proto = HTTP1Connection(
+        max_header_size=1024,
+        max_request_line_size=200,
+        max_header_count=4,
+        max_body_size=50,
+        allow_h2c_upgrade=True,
+        parser=parser,
+    )
+    driver = RecordingDriver(proto, list(choices))
+    out = b""
+    fed = 0
+    for chunk in [*chunks, b""]:
+        if driver.closed:
+            break
+        out += driver.feed(chunk)
+        fed += 1
+    out += proto.data_to_send()
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", out)
+    return tuple(driver.requests), statuses, proto.closing, driver.closed, fed
+
+
+@FUZZ
+@given(chunks=http1_inputs, choices=st.lists(st.integers(0, 100), max_size=20))
+def test_http1_parsers_answer_alike(chunks: list[bytes], choices: list[int]) -> None:
+    """Issue 13's rule for the two head parsers: any difference in what a client
+    sees (statuses, the close) or what the app gets is a bug. Error reasons may be
+    worded differently, so bodies are not compared."""
+    pytest.importorskip("httptools")
+    assert answered_alike("h11", chunks, choices) == answered_alike("httptools", chunks, choices)
 
 
 @FUZZ

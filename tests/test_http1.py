@@ -231,6 +231,45 @@ def test_a_request_with_fields_a_parser_may_take_as_the_last_keeps_the_connectio
     assert feed(server, get("/three")) == [request_event(3, target=b"/three")]
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        # Any token is a method (RFC 9110 §9.1): llhttp knows a fixed list.
+        (b"FOO /x HTTP/1.1\r\nHost: a\r\n\r\n", b"FOO"),
+        (b"get /x HTTP/1.1\r\nHost: a\r\n\r\n", b"get"),
+        (b"! /x HTTP/1.1\r\nHost: a\r\n\r\n", b"!"),
+        # ...and llhttp takes PRI for an HTTP/2 preface.
+        (b"PRI /x HTTP/1.1\r\nHost: a\r\n\r\n", b"PRI"),
+        # The version is told before either parser sees it: llhttp says 400.
+        (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 505),
+        (b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 505),
+        (b"! ! HTTP/0.0\r\n\r\n", 505),
+        # So is the number of fields: h11 would first miss the Host.
+        (b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 101 + b"\r\n", 431),
+    ],
+    ids=["custom", "lower-case", "one-character", "PRI", "1.2", "0.9", "0.0", "fields-no-host"],
+)
+def test_both_parsers_answer_alike(parser: str, head: bytes, expected: bytes | int) -> None:
+    """Heads on which the two parsers once differed (tests/test_fuzz.py compares them
+    on random input): the app gets the request, or the client the status, either way."""
+    if parser == "httptools":
+        pytest.importorskip("httptools")
+    server = HTTP1Connection(parser=parser)
+    events = feed(server, head)
+    if isinstance(expected, bytes):
+        assert len(events) == 1
+        assert isinstance(events[0], RequestReceived)
+        assert events[0].method == expected
+        assert respond(server, 1) == OK_EMPTY
+    else:
+        assert len(events) == 1
+        assert isinstance(events[0], BadRequest)
+        assert events[0].status == expected
+        assert server.data_to_send().startswith(b"HTTP/1.1 %d " % expected)
+        assert server.closing
+
+
 def test_pipelined_request_waits_for_the_first_response_to_end() -> None:
     server = HTTP1Connection()
     assert feed(server, get("/one") + get("/two")) == [

@@ -425,19 +425,25 @@ class HTTP1Connection:
         if problem is not None:
             events.append(self._reject(*problem))
             return None
+        # The head is a request line "method SP target SP HTTP/d.d", then one field
+        # a line (either check above made sure). Its version and its number of
+        # fields are told here, before a parser sees it, so that both parsers
+        # answer alike: llhttp refuses HTTP/0.0 or HTTP/1.2 as a 400, and h11
+        # refuses a head without Host before its fields could be counted.
+        if head[line_end - 3 : line_end] not in (b"1.1", b"1.0"):
+            events.append(self._reject(505, "HTTP version not supported"))
+            return None
+        if head.count(b"\r\n") - 2 > self._max_header_count:  # (CRLFs: line, fields, end)
+            events.append(self._reject(431, "too many header fields"))
+            return None
         try:
             parsed = self._parser.parse(head)
         except HeadError as error:
             events.append(self._reject(error.status, error.reason))
             return None
-        if parsed.http_version not in (b"1.1", b"1.0"):
-            events.append(self._reject(505, "HTTP version not supported"))
-            return None
-        headers = parsed.headers
-        if len(headers) > self._max_header_count:
-            events.append(self._reject(431, "too many header fields"))
-            return None
-        return self._admit(parsed.method, parsed.target, parsed.http_version, headers, events)
+        return self._admit(
+            parsed.method, parsed.target, parsed.http_version, parsed.headers, events
+        )
 
     def _admit(
         self,

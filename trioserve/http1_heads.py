@@ -278,10 +278,12 @@ class HttptoolsHeadParser:
 
     name = "httptools"
 
-    def __init__(self) -> None:
+    def __init__(self, max_head_size: int) -> None:
         import httptools  # an optional dependency: imported only when chosen
 
         self._httptools = httptools
+        self._max_head_size = max_head_size
+        self._reference: H11HeadParser | None = None  # for methods llhttp does not know
         self._parser: httptools.HttpRequestParser | None = None
         self._target = b""
         self._headers: Headers = []
@@ -321,6 +323,14 @@ class HttptoolsHeadParser:
             self._reusable = False  # an Upgrade request: read whole, but llhttp stops there
         except httptools.HttpParserError as exc:
             self._reusable = False
+            if isinstance(exc, httptools.HttpParserInvalidMethodError) or head[:4] == b"PRI ":
+                # llhttp knows a fixed list of methods (in capitals only), and takes
+                # PRI for the start of an HTTP/2 preface; RFC 9110 §9.1 lets a
+                # method be any token, which the request line was checked to have.
+                # The reference parser reads such a head, as it would alone.
+                if self._reference is None:
+                    self._reference = H11HeadParser(self._max_head_size)
+                return self._reference.parse(head)
             raise HeadError(400, describe(exc)) from None
         finally:
             if not self._reusable:
@@ -347,7 +357,7 @@ def head_parser(choice: str, max_head_size: int) -> HeadParser:
     """The parser ``--http1-parser`` names: ``h11``, ``httptools``, or ``auto``
     (httptools when it can be imported, else h11)."""
     if choice == "httptools" or (choice == "auto" and httptools_available()):
-        return HttptoolsHeadParser()
+        return HttptoolsHeadParser(max_head_size)
     return H11HeadParser(max_head_size)
 
 
