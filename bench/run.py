@@ -1100,6 +1100,18 @@ def _others_cpu(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, 
     )
 
 
+def _every_run(data: dict[str, Any], key: str) -> list[float]:
+    """``key`` of every run that has it, of every scenario, variant and server, sorted."""
+    return sorted(
+        run[key]
+        for scenario in data.values()
+        for variant in scenario.values()
+        for runs in variant["runs"].values()
+        for run in runs
+        if key in run
+    )
+
+
 def run_one(ctx: Ctx, scenario: Scenario, variant: Variant, server: str) -> dict[str, Any]:
     load = os.getloadavg()[0]
     cpu_before = _process_cpu()
@@ -1474,26 +1486,12 @@ def main() -> int:
         print("\nbench: interrupted; writing what was measured")
     info["load_end"] = round(os.getloadavg()[0], 2)
     info["trioserve_commit_end"] = trioserve_commit()
-    loads = sorted(
-        run["load1"]
-        for scenario in data.values()
-        for variant in scenario.values()
-        for runs in variant["runs"].values()
-        for run in runs
-        if "load1" in run
-    )
+    loads = _every_run(data, "load1")
     if loads:
         info["load_runs"] = (
             f"min {loads[0]:.1f}, median {statistics.median(loads):.1f}, max {loads[-1]:.1f}"
         )
-    others = sorted(
-        run["others_cpu_pct"]
-        for scenario in data.values()
-        for variant in scenario.values()
-        for runs in variant["runs"].values()
-        for run in runs
-        if "others_cpu_pct" in run
-    )
+    others = _every_run(data, "others_cpu_pct")
     if others:
         info["others_cpu"] = (
             f"min {others[0]:.1f}%, median {statistics.median(others):.1f}%, "

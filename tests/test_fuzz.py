@@ -486,16 +486,22 @@ def test_plain_head_end_leaves_everything_else_to_the_full_checks(head: bytes) -
     assert plain_head_end(head) == -1
 
 
-@FUZZ
-@given(chunks=http1_inputs, choices=st.lists(st.integers(0, 100), max_size=20))
-def test_http1_layer_never_raises(chunks: list[bytes], choices: list[int]) -> None:
-    proto = HTTP1Connection(
+def fuzzed_http1(parser: str = "auto") -> HTTP1Connection:
+    """An HTTP/1.1 layer with limits small enough for the inputs to reach them."""
+    return HTTP1Connection(
         max_header_size=1024,
         max_request_line_size=200,
         max_header_count=4,
         max_body_size=50,
         allow_h2c_upgrade=True,
+        parser=parser,
     )
+
+
+@FUZZ
+@given(chunks=http1_inputs, choices=st.lists(st.integers(0, 100), max_size=20))
+def test_http1_layer_never_raises(chunks: list[bytes], choices: list[int]) -> None:
+    proto = fuzzed_http1()
     driver = Driver(proto, choices)
     out = b""
     for chunk in [*chunks, b""]:
@@ -531,14 +537,7 @@ def answered_alike(parser: str, chunks: list[bytes], choices: list[int]) -> tupl
     """What a client can tell of a connection served with ``parser``, and what its app
     got: the requests (all but their stream ids), the statuses sent in order, and
     whether and when the connection ended."""
-    proto = HTTP1Connection(
-        max_header_size=1024,
-        max_request_line_size=200,
-        max_header_count=4,
-        max_body_size=50,
-        allow_h2c_upgrade=True,
-        parser=parser,
-    )
+    proto = fuzzed_http1(parser)
     driver = RecordingDriver(proto, list(choices))
     out = b""
     fed = 0
