@@ -43,7 +43,14 @@ from trioserve.events import (
     StreamReset,
     WindowOpened,
 )
-from trioserve.http2 import MAX_BATCH, MAX_WINDOW, PREFACE, RESET_BUDGET, HTTP2Connection
+from trioserve.http2 import (
+    CONTROL_BUDGET,
+    MAX_BATCH,
+    MAX_WINDOW,
+    PREFACE,
+    RESET_BUDGET,
+    HTTP2Connection,
+)
 from trioserve.responses import error_body
 
 Codes = h2.settings.SettingCodes
@@ -1217,6 +1224,34 @@ def test_malformed_requests_spend_the_reset_budget() -> None:
     assert server.closing
     assert events[-1] == ConnectionClosed(abort=True, error_code=Errors.ENHANCE_YOUR_CALM)
     assert summary(client_events)[-1][:2] == ("goaway", Errors.ENHANCE_YOUR_CALM)
+
+
+def test_a_client_opening_its_window_a_kib_at_a_time_is_not_a_flood() -> None:
+    """A client with a 1 KiB stream window that answers each DATA frame with a
+    WINDOW_UPDATE for the stream and one for the connection sends two control
+    frames a KiB: a response several times CONTROL_BUDGET KiB long still goes out
+    whole, with no GOAWAY (each DATA frame sent earns the two it may draw)."""
+    client, server = connect(client_settings={Codes.INITIAL_WINDOW_SIZE: 1024})
+    request(client, 1)
+    pump(client, server)
+    size = 2 * CONTROL_BUDGET * 1024  # 20 MiB, in 20,480 DATA frames of 1 KiB
+    respond(server, 1, b"x" * size)
+    received = 0
+    ended = False
+    while not ended:
+        client_events, _ = pump(client, server)
+        assert not [e for e in client_events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert client_events, "the response stalled"
+        for event in client_events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_ended is None:
+                received += event.flow_controlled_length
+                client.increment_flow_control_window(event.flow_controlled_length, stream_id=1)
+                client.increment_flow_control_window(event.flow_controlled_length)
+            elif isinstance(event, h2.events.DataReceived):
+                received += event.flow_controlled_length  # the last: no window to open
+            ended = ended or isinstance(event, h2.events.StreamEnded)
+    assert received == size
+    assert not server.closing
 
 
 def trailers_request(

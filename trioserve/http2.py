@@ -138,7 +138,11 @@ RESET_BUDGET = 100  # streams reset (by the peer, by h2, or refused) beyond thos
 CONTROL_BUDGET = 10_000  # frames that carry no request data (PING, SETTINGS, PRIORITY,
 # WINDOW_UPDATE, RST_STREAM, unknown types, empty DATA, DATA for closed streams)...
 CONTROL_PER_STREAM = 100  # ...plus this many per completed stream...
-CONTROL_BYTES_PER_FRAME = 1024  # ...plus one per this many response bytes sent
+CONTROL_BYTES_PER_FRAME = 1024  # ...plus one per this many response bytes sent...
+# ...plus this many per DATA frame sent: a client may answer each one with a
+# WINDOW_UPDATE for its stream and one for the connection, and one that opens
+# its window a KiB at a time does (two frames a KiB, against one a KiB above).
+CONTROL_PER_DATA_FRAME = 2
 
 
 class _Shutdown(enum.Enum):
@@ -280,6 +284,7 @@ class HTTP2Connection:
         self._h2_frame_left = 0  # bytes still to come of a frame h2 has the start of
         self._h2_in_header_block = False  # h2 holds HEADERS that await CONTINUATIONs
         self._bytes_sent = 0
+        self._data_frames_sent = 0  # with data: each earns CONTROL_PER_DATA_FRAME
         self._last_stream_id = MAX_STREAM_ID
         self._peer_closed = False  # EOF, error, or GOAWAY from the peer
 
@@ -444,6 +449,7 @@ class HTTP2Connection:
             CONTROL_BUDGET
             + CONTROL_PER_STREAM * self._completed
             + self._bytes_sent // CONTROL_BYTES_PER_FRAME
+            + CONTROL_PER_DATA_FRAME * self._data_frames_sent
         )
 
     def _scan_frame_headers(self, data: bytes | bytearray) -> int | None:
@@ -1145,6 +1151,7 @@ class HTTP2Connection:
                 out.chunks[0] = chunk[n:]
             out.size -= n
             self._bytes_sent += n
+            self._data_frames_sent += 1
             finished = not out.size and self._body_complete(sid, out)
             self._send_data_frame(sid, chunk[:n], finished)
             if finished:
