@@ -24,6 +24,7 @@ from wsgiref.validate import validator
 
 import h2.config
 import h2.connection
+import h2.events
 import h2.settings
 import trio
 import trio.lowlevel
@@ -78,14 +79,21 @@ async def http2_attacker(port: int, trickle: bool, done: trio.Event) -> None:
     path = b"/big"
     head = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", path)]
     conn.send_headers(1, head, end_stream=True)
+    ended = False  # the whole response came (a trickler can get it all, in time)
     async with stream:
         await stream.send_all(conn.data_to_send())
         while not done.is_set():
             with trio.move_on_after(0.05):
-                conn.receive_data(await stream.receive_some(64 * KiB))
-            if trickle:
+                events = conn.receive_data(await stream.receive_some(64 * KiB))
+                ended = ended or any(isinstance(e, h2.events.StreamEnded) for e in events)
+            if trickle and not ended:
+                # A KiB more of window, for the stream and the connection, every
+                # 50 ms at most (20 KiB/s), however fast the data comes.
                 conn.increment_flow_control_window(KiB, stream_id=1)
                 conn.increment_flow_control_window(KiB)
+                await stream.send_all(conn.data_to_send())
+                with trio.move_on_after(0.05):
+                    await done.wait()
             if pending := conn.data_to_send():
                 await stream.send_all(pending)
 
