@@ -18,8 +18,9 @@ bounding how far the event loop runs ahead, as the trioserve command's
 defaults have it: trioserve.app_threads), on non-blocking socket calls as
 trioserve's. What that
 costs is the floor trioserve's design puts under any HTTP/1.1 request, and its
-idle connections (which doze after DOZE_AFTER, as trioserve's do) show the floor
-of its memory per connection.
+idle connections (which doze after DOZE_AFTER, as trioserve's do: their tasks
+end, and trioserve's keeper of dozing connections starts one again when the
+socket turns readable) show the floor of its memory per connection.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import resource
 import trio
 
 from trioserve.app_threads import app_thread_limiter, batch_this_thread
+from trioserve.dozing import DozingConnections
 from trioserve.wakeup import Wakeup
 
 TERMINATOR = b"\r\n\r\n"
@@ -69,7 +71,7 @@ async def handle(stream: trio.SocketStream) -> None:
 LIMITER_TOKENS = 40
 WRITE_TIMEOUT = 30.0
 # --shaped: idle this long, a connection dozes as trioserve's do (its tasks
-# end until the socket is readable again; trioserve.connection.DOZE_AFTER).
+# end until the socket is readable again; trioserve.dozing.DOZE_AFTER).
 DOZE_AFTER = 0.1
 READ_SIZE = 64 * 1024  # trioserve.connection.READ_SIZE
 
@@ -89,8 +91,11 @@ class ShapedConnection:
     the tasks sleep on reusable wake-ups.
     """
 
-    def __init__(self, stream: trio.SocketStream, limiter: trio.CapacityLimiter) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, limiter: trio.CapacityLimiter, dozing: DozingConnections
+    ) -> None:
         self.stream = stream
+        self.keeper = dozing
         self.fd = stream.socket.fileno()
         self.limiter = limiter
         self.output: list[bytes] = []
@@ -103,15 +108,23 @@ class ShapedConnection:
         self.dozing = False
 
     async def run(self) -> None:
+        """Serve until the connection ends, or dozes: then, with no task left, the
+        keeper starts ``resume`` once the socket is readable (no keep-alive time)."""
+        listed = False
         try:
-            while True:
-                await self.run_tasks()
-                if not self.dozing:
-                    return
-                await trio.lowlevel.wait_readable(self.fd)
-                self.dozing = False
+            await self.run_tasks()
+            if self.dozing:
+                listed = self.keeper.add(self.fd, math.inf, self.resume)
         finally:
+            if not listed:
+                await trio.aclose_forcefully(self.stream)
+
+    async def resume(self, readable: bool) -> None:
+        if not readable:  # the keeper was cancelled
             await trio.aclose_forcefully(self.stream)
+            return
+        self.dozing = False
+        await self.run()
 
     async def run_tasks(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -197,11 +210,19 @@ async def main(host: str, port: int, shaped: bool = False) -> None:
         await trio.serve_listeners(handle, listeners)
         return
     limiter = app_thread_limiter(trio.CapacityLimiter(LIMITER_TOKENS), "batch")
+    dozing = DozingConnections()
 
-    async def handle_shaped(stream: trio.SocketStream) -> None:
-        await ShapedConnection(stream, limiter).run()
+    async def accept(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        # (Not trio.serve_listeners: it closes a connection once its task returns,
+        # and a dozing connection's task has returned.)
+        while True:
+            stream = await listener.accept()
+            nursery.start_soon(ShapedConnection(stream, limiter, dozing).run)
 
-    await trio.serve_listeners(handle_shaped, listeners)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dozing.keep)
+        for listener in listeners:
+            nursery.start_soon(accept, listener, nursery)
 
 
 def cli() -> None:

@@ -137,7 +137,8 @@ async def test_an_idle_connection_dozes_and_wakes_for_its_next_request(
         assert sorted(connection_tasks()) == sorted(CONNECTION_TASKS)
         await quiet_for(server, mock_clock, DOZE_AFTER / 2 + 0.001)
         assert conn.dozing
-        assert connection_tasks() == []  # nothing left running but the connection's own task
+        assert connection_tasks() == []
+        assert connection_tasks_of("serve_connection") == []  # nor the connection's own
         for _ in range(3):  # and again: each idle spell gets its doze
             assert (await get(stream)).startswith(b"HTTP/1.1 200 ")
             assert the_connection(server) is conn  # the same connection, woken
@@ -249,28 +250,51 @@ def connection_tasks_of(function: str) -> list[trio.lowlevel.Task]:
     return found
 
 
-def connection_task() -> trio.lowlevel.Task:
-    """The one connection's own task (the one that dozes)."""
-    [task] = connection_tasks_of("serve_connection")
-    return task
-
-
-async def test_a_dozing_connection_holds_no_cancel_scope_of_its_own(
+async def test_a_dozing_connection_has_no_task(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    """Its keep-alive time is kept by the server's one keeper (trioserve.dozing):
-    a scope and its deadline would be about 900 bytes of every idle connection."""
+    """Its task ends and the server's keeper (trioserve.dozing) watches its socket
+    and its keep-alive time: a task and its frames would be about 3 KB of every
+    idle connection, a cancel scope for the keep-alive time 900 bytes more. Its
+    request starts a task again, in the keeper's nursery."""
     async with served() as server:
         assert server._context is not None
         dozing = server._context.dozing
-        stream, _ = await dozing_connection(server, mock_clock)
+        stream, conn = await dozing_connection(server, mock_clock)
         assert len(dozing) == 1
-        task = connection_task()
-        assert task.parent_nursery is not None
-        # (trio's own record of which scope the task is in: none between it and its nursery)
-        assert task._cancel_status._scope is task.parent_nursery.cancel_scope
+        assert connection_tasks_of("serve_connection") == []
+        assert connection_tasks_of("_serve") == []
+        assert server.open_connections == 1
+        assert the_connection(server) is conn
         assert (await get(stream)).startswith(b"HTTP/1.1 200 ")
         assert len(dozing) == 0  # woken by its request: off the list
+        [task] = connection_tasks_of("_serve")
+        assert task.name is CONNECTION_TASK
+        assert not conn.dozing
+
+
+async def test_a_hard_stop_closes_dozing_connections(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Cancelling the server cancels its keeper, which wakes every dozing
+    connection to close: none is left open, nor counted as open."""
+    async with trio.open_nursery() as nursery:
+        server = await serve_wsgi(
+            apps.hello, nursery, bind="127.0.0.1:0", keep_alive_timeout=KEEP_ALIVE
+        )
+        ctx = server._context
+        assert ctx is not None
+        first, _ = await dozing_connection(server, mock_clock)
+        second = await trio.open_tcp_stream("127.0.0.1", server.port)
+        assert (await get(second)).startswith(b"HTTP/1.1 200 ")
+        await quiet_for(server, mock_clock, DOZE_AFTER + 0.001)
+        assert len(ctx.dozing) == 2
+        nursery.cancel_scope.cancel()
+    assert ctx.open_connections == 0
+    assert not ctx.connections
+    assert len(ctx.dozing) == 0
+    for stream in (first, second):
+        assert await receive_promptly(stream) == b""
 
 
 async def test_idle_connections_share_what_they_can(
@@ -283,10 +307,10 @@ async def test_idle_connections_share_what_they_can(
     async with served() as server:
         assert server._context is not None
         first, _ = await dozing_connection(server, mock_clock)
-        [task] = connection_tasks_of("serve_connection")
-        assert task.name is CONNECTION_TASK
         second = await trio.open_tcp_stream("127.0.0.1", server.port)
         assert (await get(second)).startswith(b"HTTP/1.1 200 ")
+        [task] = connection_tasks_of("serve_connection")  # the second's, as accepted
+        assert task.name is CONNECTION_TASK
         await quiet_for(server, mock_clock, DOZE_AFTER + 0.001)
         a, b = (conn.info for conn in server._context.connections)
         assert a.server_name is b.server_name

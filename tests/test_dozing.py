@@ -1,8 +1,9 @@
-"""The keeper of dozing connections' keep-alive time (trioserve.dozing), on its own.
+"""The keeper of dozing connections (trioserve.dozing), on its own.
 
-Socket pairs stand in for dozing connections: a task waits for each to become
-readable, as Connection._doze does, and the keeper must end exactly the waits
-whose time is up, when it is up, with ClosedResourceError.
+Socket pairs stand in for dozing connections, listed with what to start when
+they wake, as trioserve.opening lists a dozing connection. The keeper must
+start each exactly once: with True when its socket turns readable, with False
+when its time is up (not before), when woken, or when the keeper is cancelled.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
+from trioserve import dozing as dozing_module
 from trioserve.dozing import DozingConnections
 
 
@@ -41,7 +45,7 @@ async def keeper() -> AsyncIterator[tuple[DozingConnections, trio.Nursery]]:
 
 
 class Dozer:
-    """Lists a socket and waits for it as a dozing connection does; records how it ended."""
+    """Lists a socket as a dozing connection is listed; records how it was woken."""
 
     def __init__(self, dozing: DozingConnections, sock: socket.socket, due: float) -> None:
         self.dozing = dozing
@@ -49,17 +53,16 @@ class Dozer:
         self.due = due
         self.ended: str | None = None
         self.ended_at: float | None = None
+        self.task_name: str | None = None
 
     async def doze(self) -> None:
-        self.dozing.add(self.fd, self.due)
-        try:
-            await trio.lowlevel.wait_readable(self.fd)
-            self.ended = "readable"
-        except trio.ClosedResourceError:
-            self.ended = "woken"
-        finally:
-            self.dozing.remove(self.fd)
-            self.ended_at = trio.current_time()
+        assert self.dozing.add(self.fd, self.due, self.resume)
+
+    async def resume(self, readable: bool) -> None:
+        assert self.ended is None, "woken twice"
+        self.ended = "readable" if readable else "woken"
+        self.ended_at = trio.current_time()
+        self.task_name = trio.lowlevel.current_task().name
 
 
 async def doze_in_order(nursery: trio.Nursery, *dozers: Dozer) -> None:
@@ -105,10 +108,11 @@ async def test_a_socket_that_becomes_readable_leaves_the_list(
             assert len(dozing) == 1
             await trio.sleep_until(start + 7)
             assert (second.ended, second.ended_at) == ("woken", start + 6)
-            # The readable one's wait can begin again: it was left alone.
-            with trio.move_on_after(1):
+            # The readable one's socket was left alone: a wait on it works, the
+            # bytes are all there, and the keeper no longer watches it.
+            with trio.fail_after(1):
                 await trio.lowlevel.wait_readable(pairs[0][0])
-                assert pairs[0][0].recv(10) == b"GET"
+            assert pairs[0][0].recv(10) == b"GET"
 
 
 async def test_wake_ends_a_doze_at_once_and_only_a_listed_one(
@@ -124,7 +128,8 @@ async def test_wake_ends_a_doze_at_once_and_only_a_listed_one(
             dozing.wake(dozer.fd)
             await trio.testing.wait_all_tasks_blocked()
             assert (dozer.ended, dozer.ended_at) == ("woken", start + 1)
-            dozing.wake(dozer.fd)  # no longer listed: no second notify
+            dozing.wake(dozer.fd)  # no longer listed: not started twice
+            await trio.testing.wait_all_tasks_blocked()
             assert len(dozing) == 0
 
 
@@ -159,3 +164,91 @@ async def test_a_socket_listed_out_of_order_is_woken_with_the_one_before_it(
             assert second.ended == "woken"
             assert second.ended_at is not None
             assert start + 4.99 <= second.ended_at <= start + 5.0
+
+
+async def test_bytes_already_there_wake_a_socket_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The request came while the connection's tasks were ending: not lost."""
+    with socket_pairs(1) as pairs:
+        async with keeper() as (dozing, nursery):
+            pairs[0][1].send(b"GET")
+            start = trio.current_time()
+            dozer = Dozer(dozing, pairs[0][0], start + 5)
+            await doze_in_order(nursery, dozer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (dozer.ended, dozer.ended_at) == ("readable", start)
+            assert len(dozing) == 0
+
+
+async def test_more_readable_sockets_than_one_look_takes_are_all_woken(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dozing_module, "_EVENTS_PER_LOOK", 2)
+    with socket_pairs(5) as pairs:
+        async with keeper() as (dozing, nursery):
+            start = trio.current_time()
+            dozers = [Dozer(dozing, a, start + 100) for a, _ in pairs]
+            await doze_in_order(nursery, *dozers)
+            for _, b in pairs:
+                b.send(b"x")
+            await trio.sleep_until(start + 1)
+            assert [d.ended for d in dozers] == ["readable"] * 5
+            assert [d.ended_at for d in dozers] == [start] * 5
+
+
+async def test_woken_connections_run_in_the_keepers_nursery_with_its_name(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with socket_pairs(1) as pairs:
+        dozing = DozingConnections()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dozing.keep, "a connection")
+            dozer = Dozer(dozing, pairs[0][0], trio.current_time() + 1)
+            await dozer.doze()
+            await trio.sleep(2)
+            assert dozer.task_name == "a connection"
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_cancelled_keeper_wakes_every_listed_socket_to_close(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The server's hard stop: each listed connection is started, with False, in
+    the keeper's cancelled nursery (it closes its socket, and can do no more);
+    the keeper ends only after they have."""
+    started: list[Any] = []
+
+    with socket_pairs(3) as pairs:
+        dozing = DozingConnections()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dozing.keep)
+
+            async def resume(readable: bool) -> None:
+                started.append(readable)
+                try:
+                    await trio.sleep(1)
+                except trio.Cancelled:
+                    started.append("cancelled")
+                    raise
+
+            for a, _ in pairs:
+                assert dozing.add(a.fileno(), trio.current_time() + 100, resume)
+            nursery.cancel_scope.cancel()
+        assert started.count(False) == 3
+        assert started.count("cancelled") == 3
+        assert len(dozing) == 0
+        assert not dozing.running
+        # Stopped: nothing more is listed (the caller closes its connection itself).
+        assert not dozing.add(pairs[0][0].fileno(), trio.current_time() + 1, resume)
+        assert len(dozing) == 0
+
+
+async def test_without_epoll_the_keeper_lets_no_connection_doze(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dozing_module, "CAN_DOZE", False)
+    dozing = DozingConnections()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dozing.keep)
+        assert not dozing.running

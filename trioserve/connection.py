@@ -44,13 +44,13 @@ callbacks, which trio runs one at a time, so it needs no locks. Which protocol
 it is never matters here: both speak :class:`~trioserve.events.ServerProtocol`.
 
 An HTTP/1.1 connection on a plain socket that has been idle for
-``DOZE_AFTER`` dozes: its reader, sender and request tasks end and its
-nursery closes, and ``Connection.run`` itself waits for the socket to become
-readable (or for the keep-alive time, a graceful stop or an abort: the
-server's one keeper in :mod:`trioserve.dozing` ends that wait, so a dozing
-connection holds no cancel scope of its own), then starts them again. Idle
-keep-alive connections are most of a server's connections, and their tasks
-were most of their memory.
+``DOZE_AFTER`` dozes: its reader, sender and request tasks end, its nursery
+closes, and ``Connection.run`` returns True. Its caller lists it with the
+server's one keeper (:mod:`trioserve.dozing`), which holds no task for it and
+starts ``Connection.resume`` in a new one when the socket turns readable (or
+to close it, when the keep-alive time is up, the server stops or it is
+aborted). Idle keep-alive connections are most of a server's connections, and
+their tasks were most of their memory.
 
 The connection ends when the protocol says it is closing, no stream is live,
 and all output is flushed; or at once when the socket breaks, in which case
@@ -526,18 +526,48 @@ class Connection:
 
     # ---- lifecycle ----------------------------------------------------------
 
-    async def run(self, initial: bytes = b"") -> None:
+    async def run(self, initial: bytes = b"") -> bool:
+        """Serve the connection until it closes; True if it dozes instead.
+
+        A dozing connection has no task: its caller lists it with the server's
+        keeper (``doze_listing``), which starts ``resume`` when it wakes.
+        """
         self._stats.connection_opened(self._protocol)
+        return await self._serve(initial)
+
+    async def resume(self, readable: bool) -> bool:
+        """Go on after a doze: serve what came if ``readable``, else close (the
+        keep-alive time is up, the server stops, or ``abort``). True if it
+        dozes again."""
+        if readable and not self._dropped:
+            self._phase = _PHASE_OPEN
+            return await self._serve(b"")
         try:
-            while True:
-                await self._run_tasks(initial)
-                initial = b""
-                if self._phase is not _PHASE_DOZING or self._dropped or not await self._doze():
-                    break
-            if self._phase is _PHASE_DONE:
+            if self._phase is _PHASE_DOZING and not self._dropped:
+                self._phase = _PHASE_DONE
                 await self._close_politely()
         finally:
             self._stats.connection_closed(self._protocol)
+        return False
+
+    def doze_listing(self) -> tuple[int, float]:
+        """A dozing connection's socket, and when its keep-alive time ends."""
+        assert isinstance(self._io, _SocketIO)
+        assert self._idle_since is not None
+        return self._io.fd, self._idle_since + self.ctx.config.keep_alive_timeout
+
+    async def _serve(self, initial: bytes) -> bool:
+        dozes = False
+        try:
+            await self._run_tasks(initial)
+            if self._phase is _PHASE_DOZING and not self._dropped:
+                dozes = self._doze()
+            if self._phase is _PHASE_DONE:
+                await self._close_politely()
+        finally:
+            if not dozes:
+                self._stats.connection_closed(self._protocol)
+        return dozes
 
     async def _run_tasks(self, initial: bytes) -> None:
         """The connection's nursery, until its tasks end (its frame, and the nursery, go then)."""
@@ -609,40 +639,22 @@ class Connection:
             and self.ctx.dozing.running  # (someone keeps the keep-alive time)
         )
 
-    async def _doze(self) -> bool:
-        """Wait, with no task but this one, for the idle connection's next bytes.
+    def _doze(self) -> bool:
+        """The tasks have ended for a doze: keep only what an idle connection needs.
 
-        True once they are there: the tasks start again. False if the
-        keep-alive time ran out, the server is stopping (both: closed
-        politely) or the connection was aborted.
+        True if it dozes (the caller lists it, with no task left); False if it
+        is closing after all (a graceful stop began meanwhile): closed politely.
         """
-        assert self._idle_since is not None
-        assert isinstance(self._io, _SocketIO)
         self._requests = None  # its task has ended: the next request starts one
         self._reader_done = False
         # Hold only what the next request cannot build again (see DOZE_AFTER):
         # the parser, and the streams table a dict keeps after its last key goes.
         self.proto.release_idle()
         self.streams = {}
-        ctx = self.ctx
-        if not self.proto.closing and not ctx.shutting_down:
-            # No cancel scope of its own: the server's one keeper of dozing
-            # connections wakes this wait when the keep-alive time is up, or
-            # for a stop or an abort (see trioserve.dozing).
-            fd = self._io.fd
-            ctx.dozing.add(fd, self._idle_since + ctx.config.keep_alive_timeout)
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            except trio.ClosedResourceError:
-                pass  # woken by the keeper: the connection closes
-            else:
-                self._phase = _PHASE_OPEN
-                return True
-            finally:
-                ctx.dozing.remove(fd)
-        if self._phase is _PHASE_DOZING and not self._dropped:
-            self._phase = _PHASE_DONE  # closed politely
-        return False
+        if self.proto.closing or self.ctx.shutting_down:
+            self._phase = _PHASE_DONE
+            return False
+        return True
 
     @property
     def _reading(self) -> bool:

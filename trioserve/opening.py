@@ -14,11 +14,14 @@ bytes, and are closed if they have asked for nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import socket
 import ssl
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
@@ -118,49 +121,97 @@ async def serve_connection(
     *,
     accepted: bool = False,
 ) -> None:
-    """Serve one accepted connection until it closes. Never raises for client misbehaviour.
+    """Serve one accepted connection until it closes or dozes. Never raises for
+    client misbehaviour.
 
     ``info`` overrides the addresses read from the socket (for in-memory streams).
     ``accepted``: the accept loop counted the connection in ``ctx.open_connections``;
-    it is counted out when this returns (here rather than in a wrapper, whose
-    frame every connection would carry for its whole life).
+    it is counted out when it closes. A connection that dozes (an idle HTTP/1.1
+    one; see :mod:`trioserve.dozing`) has no task until it wakes: this returns,
+    and the server's keeper goes on with it later, in a task of its own.
     """
+    conn: Connection | None = None
+    opening: _Opening | None = None
     try:
         if info is None:
             info = connection_info(stream, ctx)
         opening = _Opening(stream, info)
-        try:
-            if not await _open(opening, ctx):
-                return
-            proto: ServerProtocol
-            if opening.http2:
-                h2_proto = ctx.new_http2()
-                h2_proto.initiate()
-                proto = h2_proto
-            else:
-                proto = ctx.new_http1(allow_h2c_upgrade=ctx.ssl_context is None)
-            conn = Connection(opening.stream, proto, ctx, opening.info)
-            ctx.connections.add(conn)
-            try:
-                await conn.run(opening.take_initial())
-            finally:
-                ctx.connections.discard(conn)
-        except ProxyHeaderError as exc:
-            LOGGER.info("Invalid PROXY protocol header from %s: %s", _peer(opening.info), exc)
-        except (
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            trio.TooSlowError,
-            ssl.SSLError,
-        ) as exc:
-            LOGGER.debug("Connection from %s ended: %r", _peer(opening.info), exc)
-        except Exception:
-            LOGGER.exception("Internal error on the connection from %s", _peer(opening.info))
-        finally:
-            await trio.aclose_forcefully(opening.stream)
+        with _ends_logged(opening):
+            if await _open(opening, ctx):
+                proto: ServerProtocol
+                if opening.http2:
+                    h2_proto = ctx.new_http2()
+                    h2_proto.initiate()
+                    proto = h2_proto
+                else:
+                    proto = ctx.new_http1(allow_h2c_upgrade=ctx.ssl_context is None)
+                conn = Connection(opening.stream, proto, ctx, opening.info)
     finally:
-        if accepted:
-            ctx.connection_closed()
+        if conn is None:
+            try:
+                await trio.aclose_forcefully(stream if opening is None else opening.stream)
+            finally:
+                if accepted:
+                    ctx.connection_closed()
+    if conn is None or opening is None:
+        return  # (closed above)
+    ctx.connections.add(conn)
+    await _serve(conn, ctx, accepted, opening.take_initial())
+
+
+async def _serve(
+    conn: Connection,
+    ctx: ServerContext,
+    accepted: bool,
+    initial: bytes,
+    readable: bool | None = None,
+) -> None:
+    """Run ``conn`` until it closes or dozes; with ``readable``, go on after a doze.
+
+    A connection that closed is closed here and counted out. One that dozes is
+    listed with the server's keeper instead, which starts this again (with
+    ``readable``) when it wakes; its socket stays open meanwhile.
+    """
+    dozing = False
+    try:
+        with _ends_logged(conn):
+            if readable is None:
+                dozes = await conn.run(initial)
+            else:
+                dozes = await conn.resume(readable)
+            if dozes:
+                fd, due = conn.doze_listing()
+                dozing = ctx.dozing.add(
+                    fd, due, functools.partial(_serve, conn, ctx, accepted, b"")
+                )
+                if not dozing:
+                    await conn.resume(False)  # the keeper has stopped: the server is cancelled
+    finally:
+        if not dozing:
+            ctx.connections.discard(conn)
+            try:
+                await trio.aclose_forcefully(conn.stream)
+            finally:
+                if accepted:
+                    ctx.connection_closed()
+
+
+@contextlib.contextmanager
+def _ends_logged(source: _Opening | Connection) -> Iterator[None]:
+    """Log how a connection ended (``source.info``: its addresses), if it raised."""
+    try:
+        yield
+    except ProxyHeaderError as exc:
+        LOGGER.info("Invalid PROXY protocol header from %s: %s", _peer(source.info), exc)
+    except (
+        trio.BrokenResourceError,
+        trio.ClosedResourceError,
+        trio.TooSlowError,
+        ssl.SSLError,
+    ) as exc:
+        LOGGER.debug("Connection from %s ended: %r", _peer(source.info), exc)
+    except Exception:
+        LOGGER.exception("Internal error on the connection from %s", _peer(source.info))
 
 
 def _peer(info: ConnectionInfo) -> str:

@@ -4,7 +4,8 @@ Task tree of one server::
 
     serve_wsgi                    task_status.started(server) once listening
     └── nursery
-        ├── DozingConnections.keep        the keep-alive time of dozing connections
+        ├── DozingConnections.keep        dozing connections (idle, taskless)
+        │   └── _serve x woken ones       (each until it closes or dozes again)
         ├── _accept_task x listeners      (in the accept cancel scope)
         └── serve_connection x connections   (accepted=True: it counts itself out)
 
@@ -207,7 +208,7 @@ async def serve_wsgi(
         ctx.on_max_requests = server._max_requests_reached
     try:
         async with trio.open_nursery() as server_nursery:
-            await server_nursery.start(ctx.dozing.keep)
+            await server_nursery.start(ctx.dozing.keep, CONNECTION_TASK)
             if metrics_listeners:
                 server._metrics = await _start_metrics(server_nursery, ctx, metrics_listeners)
             for listener in bound:
