@@ -257,6 +257,10 @@ class _SocketIO:
         # the next read waits for readiness first instead of failing with EAGAIN.
         self._drained = False
 
+    def known_readable(self) -> None:
+        """The socket was seen readable (a doze ended): the next read need not wait first."""
+        self._drained = False
+
     async def receive(self) -> bytes:
         """The next bytes from the peer; b"" at EOF."""
         if self._drained:
@@ -541,6 +545,8 @@ class Connection:
         dozes again."""
         if readable and not self._dropped:
             self._phase = _PHASE_OPEN
+            assert isinstance(self._io, _SocketIO)  # (only those doze)
+            self._io.known_readable()
             return await self._serve(b"")
         try:
             if self._phase is _PHASE_DOZING and not self._dropped:
