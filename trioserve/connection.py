@@ -121,10 +121,11 @@ BODY_READ_AHEAD = 256 * 1024
 # with its own write_timeout: the timeout bounds a pause in progress, not a whole
 # response. Each piece is copied twice (joined here, encrypted by the TLS layer),
 # and both copies are freed before the next piece. At 256 KiB the pair was big
-# enough for glibc's malloc to give the heap back to the kernel after every piece
-# and fault it in again for the next: 70,000 page faults per 200 MiB sent, and
-# HTTP/2 over TLS at 550 MiB/s where 128 KiB gives 820 (smaller pieces cost more
-# calls into the TLS layer: 96 KiB gave 720, 64 KiB 690).
+# enough that in most server processes glibc's malloc gave the heap back to the
+# kernel after every piece and faulted it in again for the next (whether it does
+# depends on what the process allocated before): 70,000 page faults per 200 MiB
+# sent, and HTTP/2 over TLS at 550 MiB/s where 128 KiB gives 820. Smaller pieces
+# cost more calls into the TLS layer: 96 KiB gave 720, 64 KiB 690.
 WRITE_CHUNK = 128 * 1024
 
 # os.writev takes at most this many pieces per call (IOV_MAX).
