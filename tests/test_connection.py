@@ -575,6 +575,37 @@ async def test_writes_to_other_streams_join_pieces_at_most_write_chunk_at_a_time
     assert len(writes) == 5  # 1000 B; the big piece in two; c + d would pass WRITE_CHUNK
 
 
+@pytest.mark.parametrize(
+    ("framing", "payload"),
+    [
+        ("HTTP/2 DATA frames", [b"\x00" * 9, b"x" * 16384]),  # a frame header, then its data
+        ("HTTP/1.1 chunks", [b"10000\r\n", b"x" * 65536, b"\r\n"]),
+    ],
+)
+async def test_tls_writes_take_128_kib_of_payload_with_its_framing(
+    framing: str, payload: list[bytes]
+) -> None:
+    """A piece holds 128 KiB of payload and the framing around it: eight full
+    DATA frames, or two 64 KiB chunks, not one unit fewer (a third more pieces,
+    each a call into the TLS layer)."""
+    from trioserve.connection import _StreamIO
+
+    writes: list[int] = []
+    stream = trio.testing.MemorySendStream()
+
+    async def collect() -> None:
+        writes.append(len(stream.get_data_nowait()))
+
+    stream.send_all_hook = collect
+    unit = sum(map(len, payload))
+    units = 8 if len(payload) == 2 else 2  # 128 KiB of payload
+    parts: list[bytes | memoryview] = list(payload) * (units * 4)
+    with trio.CancelScope() as scope:
+        await _StreamIO(stream).send_rest(parts, scope, 30)
+    assert sum(writes) == unit * units * 4
+    assert len(writes) == 4, framing  # (a piece may take the next unit's header along)
+
+
 async def test_a_task_running_streams_in_turn_opens_a_fresh_scope_after_a_cancel() -> None:
     """HTTP/1.1's request task and HTTP/2's parked stream tasks lend one cancel
     scope to stream after stream (``_run_in_turn``). A stream cancelled after its
