@@ -252,3 +252,30 @@ async def test_without_epoll_the_keeper_lets_no_connection_doze(
     async with trio.open_nursery() as nursery:
         await nursery.start(dozing.keep)
         assert not dozing.running
+
+
+async def test_a_socket_the_kernel_will_not_watch_is_not_listed(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Listing fails (epoll refuses a regular file, as it would any descriptor past
+    the kernel's limit of watches): add says so, the caller closes its connection,
+    and the keeper goes on."""
+    path = tmp_path / "not-a-socket"
+    path.write_bytes(b"")
+    with open(path, "rb") as file, socket_pairs(1) as pairs:
+        async with keeper() as (dozing, nursery):
+            start = trio.current_time()
+
+            async def never(readable: bool) -> None:
+                raise AssertionError("woken")
+
+            assert not dozing.add(file.fileno(), start + 1, never)
+            assert len(dozing) == 0
+            assert "cannot doze" in caplog.text
+            dozer = Dozer(dozing, pairs[0][0], start + 1)
+            await doze_in_order(nursery, dozer)
+            pairs[0][1].send(b"x")
+            with trio.fail_after(5):
+                while dozer.ended is None:
+                    await trio.sleep(0)
+            assert dozer.ended == "readable"

@@ -30,12 +30,16 @@ keep their tasks, and their readers keep the keep-alive time.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import select
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import trio
+
+LOGGER = logging.getLogger("trioserve.error")
 
 # An HTTP/1.1 keep-alive connection on a plain socket that has been idle this
 # long (seconds) dozes: its reader, sender and request tasks end, and so does
@@ -93,7 +97,11 @@ class DozingConnections:
         epoll = self._epoll
         if not self.running or epoll is None:
             return False
-        epoll.register(fd, select.EPOLLIN)  # (level-triggered: bytes already there count)
+        try:
+            epoll.register(fd, select.EPOLLIN)  # (level-triggered: bytes already there count)
+        except OSError as exc:  # (the kernel's limit of watched descriptors, say)
+            LOGGER.warning("Closing an idle connection that cannot doze: %s", exc)
+            return False
         self._due[fd] = (due, resume)
         wait = self._wait
         if wait is not None and due < wait.deadline:
@@ -109,7 +117,11 @@ class DozingConnections:
     def _resume(self, fd: int, resume: Resume, readable: bool) -> None:
         assert self._epoll is not None
         assert self._nursery is not None
-        self._epoll.unregister(fd)  # before the connection's task may close it
+        # Before the connection's task may close it. (Nothing closes a listed
+        # socket; if something did, the kernel has dropped it from the epoll
+        # instance already, and the keeper must not fail for the whole server.)
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(fd)
         self._nursery.start_soon(resume, readable, name=self._task_name)
 
     async def keep(
