@@ -8,9 +8,11 @@ when its time is up (not before), when woken, or when the keeper is cancelled.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -254,28 +256,34 @@ async def test_without_epoll_the_keeper_lets_no_connection_doze(
         assert not dozing.running
 
 
+@contextmanager
+def regular_file(path: Path) -> Iterator[int]:
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 async def test_a_socket_the_kernel_will_not_watch_is_not_listed(
-    tmp_path: Any, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Listing fails (epoll refuses a regular file, as it would any descriptor past
     the kernel's limit of watches): add says so, the caller closes its connection,
     and the keeper goes on."""
-    path = tmp_path / "not-a-socket"
-    path.write_bytes(b"")
-    with open(path, "rb") as file, socket_pairs(1) as pairs:
+    with regular_file(tmp_path / "not-a-socket") as fd, socket_pairs(1) as pairs:
         async with keeper() as (dozing, nursery):
             start = trio.current_time()
 
             async def never(readable: bool) -> None:
                 raise AssertionError("woken")
 
-            assert not dozing.add(file.fileno(), start + 1, never)
+            assert not dozing.add(fd, start + 1, never)
             assert len(dozing) == 0
             assert "cannot doze" in caplog.text
-            dozer = Dozer(dozing, pairs[0][0], start + 1)
+            dozer = Dozer(dozing, pairs[0][0], start + 5)
             await doze_in_order(nursery, dozer)
             pairs[0][1].send(b"x")
-            with trio.fail_after(5):
-                while dozer.ended is None:
-                    await trio.sleep(0)
-            assert dozer.ended == "readable"
+            await trio.sleep_until(start + 1)
+            assert (dozer.ended, dozer.ended_at) == ("readable", start)
