@@ -206,10 +206,11 @@ async def test_woken_connections_run_in_the_keepers_nursery_with_its_name(
         dozing = DozingConnections()
         async with trio.open_nursery() as nursery:
             await nursery.start(dozing.keep, "a connection")
-            dozer = Dozer(dozing, pairs[0][0], trio.current_time() + 1)
+            start = trio.current_time()
+            dozer = Dozer(dozing, pairs[0][0], start + 1)
             await dozer.doze()
-            await trio.sleep(2)
-            assert dozer.task_name == "a connection"
+            await trio.sleep_until(start + 2)  # (mock time: its keep-alive is up)
+            assert (dozer.ended, dozer.task_name) == ("woken", "a connection")
             nursery.cancel_scope.cancel()
 
 
@@ -229,7 +230,7 @@ async def test_a_cancelled_keeper_wakes_every_listed_socket_to_close(
             async def resume(readable: bool) -> None:
                 started.append(readable)
                 try:
-                    await trio.sleep(1)
+                    await trio.sleep_forever()  # (as a polite close would wait on its client)
                 except trio.Cancelled:
                     started.append("cancelled")
                     raise
