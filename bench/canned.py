@@ -16,11 +16,12 @@ response coming back from a worker thread (``trio.to_thread.run_sync`` under
 a ``CapacityLimiter``, the thread under ``SCHED_BATCH`` and the limiter
 bounding how far the event loop runs ahead, as the trioserve command's
 defaults have it: trioserve.app_threads), on non-blocking socket calls as
-trioserve's. What that
-costs is the floor trioserve's design puts under any HTTP/1.1 request, and its
-idle connections (which doze after DOZE_AFTER, as trioserve's do: their tasks
-end, and trioserve's keeper of dozing connections starts one again when the
-socket turns readable) show the floor of its memory per connection.
+trioserve's, the reader waiting for input through trioserve's watch on busy
+sockets (trioserve.readiness). What that costs is the floor trioserve's design
+puts under any HTTP/1.1 request, and its idle connections (which doze after
+DOZE_AFTER, as trioserve's do: their tasks end, and trioserve's keeper of
+dozing connections starts one again when the socket turns readable) show the
+floor of its memory per connection.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import trio
 
 from trioserve.app_threads import app_thread_limiter, batch_this_thread
 from trioserve.dozing import DozingConnections
+from trioserve.readiness import SocketWatch, WatchedSocket
 from trioserve.wakeup import Wakeup
 
 TERMINATOR = b"\r\n\r\n"
@@ -85,17 +87,25 @@ class ShapedConnection:
     """Reader, sender and request task, as trioserve.connection runs them for HTTP/1.1.
 
     The socket is read and written with non-blocking system calls, waiting on
-    the event loop only when the kernel says so (trioserve's ``_SocketIO``).
+    the event loop only when the kernel says so (trioserve's ``_SocketIO``), and
+    input waited for through the server's one edge-triggered watch while the
+    connection has tasks.
     One long-lived request task answers the requests in turn, each in the
     cancel scope the task lends it (a new one only after a cancellation), and
     the tasks sleep on reusable wake-ups.
     """
 
     def __init__(
-        self, stream: trio.SocketStream, limiter: trio.CapacityLimiter, dozing: DozingConnections
+        self,
+        stream: trio.SocketStream,
+        limiter: trio.CapacityLimiter,
+        dozing: DozingConnections,
+        watch: SocketWatch,
     ) -> None:
         self.stream = stream
         self.keeper = dozing
+        self.watch = watch
+        self.watched: WatchedSocket | None = None  # while it has tasks, as trioserve's
         self.fd = stream.socket.fileno()
         self.limiter = limiter
         self.output: list[bytes] = []
@@ -127,10 +137,16 @@ class ShapedConnection:
         await self.run()
 
     async def run_tasks(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.reader, nursery)
-            nursery.start_soon(self.sender, nursery)
-            nursery.start_soon(self.requests)
+        self.watched = self.watch.add(self.fd)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.reader, nursery)
+                nursery.start_soon(self.sender, nursery)
+                nursery.start_soon(self.requests)
+        finally:
+            if self.watched is not None:
+                self.watch.remove(self.watched)
+                self.watched = None
 
     async def reader(self, nursery: trio.Nursery) -> None:
         tail = b""
@@ -141,7 +157,11 @@ class ShapedConnection:
             with trio.CancelScope() as self.read_scope:
                 while True:
                     if drained:
-                        await trio.lowlevel.wait_readable(self.fd)
+                        watched = self.watched
+                        if watched is None:
+                            await trio.lowlevel.wait_readable(self.fd)
+                        else:
+                            await watched.wait_readable()
                     try:
                         data = os.read(self.fd, READ_SIZE)
                     except BlockingIOError:
@@ -211,16 +231,18 @@ async def main(host: str, port: int, shaped: bool = False) -> None:
         return
     limiter = app_thread_limiter(trio.CapacityLimiter(LIMITER_TOKENS), "batch")
     dozing = DozingConnections()
+    watch = SocketWatch()
 
     async def accept(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         # (Not trio.serve_listeners: it closes a connection once its task returns,
         # and a dozing connection's task has returned.)
         while True:
             stream = await listener.accept()
-            nursery.start_soon(ShapedConnection(stream, limiter, dozing).run)
+            nursery.start_soon(ShapedConnection(stream, limiter, dozing, watch).run)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(dozing.keep)
+        await nursery.start(watch.watch)
         for listener in listeners:
             nursery.start_soon(accept, listener, nursery)
 

@@ -91,6 +91,7 @@ from .events import (
     UpgradeToH2,
     WindowOpened,
 )
+from .readiness import WatchedSocket
 from .responses import HAS_DATE, HAS_SERVER, field_traits
 from .stats import HTTP1, HTTP2, LAYOUT, Cause
 from .stream import CancelReason, Failure, RequestStream
@@ -258,7 +259,7 @@ class _SocketIO:
     ``_SPINS`` reads all the same, so a fast sender cannot starve other tasks.
     """
 
-    __slots__ = ("_drained", "_spins", "fd")
+    __slots__ = ("_drained", "_spins", "fd", "watched")
     _SPINS = 4
 
     def __init__(self, fd: int) -> None:
@@ -267,6 +268,9 @@ class _SocketIO:
         # The last read took less than it asked for: the kernel had no more, so
         # the next read waits for readiness first instead of failing with EAGAIN.
         self._drained = False
+        # The server's watch on the socket while the connection has tasks
+        # (trioserve.readiness); None: wait through trio.
+        self.watched: WatchedSocket | None = None
 
     def known_readable(self) -> None:
         """The socket was seen readable (a doze ended): the next read need not wait first."""
@@ -274,16 +278,19 @@ class _SocketIO:
 
     async def receive(self) -> bytes:
         """The next bytes from the peer; b"" at EOF."""
-        if self._drained:
-            self._drained = False
-            self._spins = 0
-            await trio.lowlevel.wait_readable(self.fd)
+        wait_first = self._drained
         while True:
+            if wait_first:
+                self._spins = 0
+                watched = self.watched
+                if watched is None:
+                    await trio.lowlevel.wait_readable(self.fd)
+                else:
+                    await watched.wait_readable()
             try:
                 data = os.read(self.fd, READ_SIZE)
             except BlockingIOError:
-                self._spins = 0
-                await trio.lowlevel.wait_readable(self.fd)
+                wait_first = True
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
@@ -588,6 +595,11 @@ class Connection:
 
     async def _run_tasks(self, initial: bytes) -> None:
         """The connection's nursery, until its tasks end (its frame, and the nursery, go then)."""
+        io = self._io
+        if type(io) is _SocketIO:
+            # Watched while it has tasks: not while it dozes (the keeper
+            # watches it then), nor once they ended and it closes.
+            io.watched = self.ctx.readiness.add(io.fd)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -601,6 +613,9 @@ class Connection:
         finally:
             # (Also when an outer cancel, a server's hard stop, ends the nursery.)
             self._nursery = None
+            if type(io) is _SocketIO and io.watched is not None:
+                self.ctx.readiness.remove(io.watched)
+                io.watched = None
             # A request dispatched while the tasks were being cancelled (by a
             # read already done) may have been handed to a task that never ran
             # again.

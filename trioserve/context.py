@@ -25,6 +25,7 @@ from .dozing import DOZE_AFTER, DozingConnections
 from .http1 import HTTP1Connection
 from .http2 import HTTP2Connection
 from .proxy import AllowList, parse_allow_list
+from .readiness import SocketWatch
 from .spill import SpillBudget
 from .stats import ServerStats, Snapshot
 from .tls import make_ssl_context
@@ -71,6 +72,9 @@ class ServerContext:
     # Idle HTTP/1.1 connections waiting without tasks, and their keep-alive
     # time (the server runs its keeper; without it no connection dozes).
     dozing: DozingConnections = dataclasses.field(default_factory=DozingConnections)
+    # Busy connections' plain sockets, watched for input on one edge-triggered
+    # epoll (the server runs its watcher; without it readers wait through trio).
+    readiness: SocketWatch = dataclasses.field(default_factory=SocketWatch)
     spill_budget: SpillBudget = dataclasses.field(default_factory=lambda: SpillBudget(0))
     stats: ServerStats = dataclasses.field(default_factory=ServerStats)
 

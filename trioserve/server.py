@@ -6,6 +6,7 @@ Task tree of one server::
     └── nursery
         ├── DozingConnections.keep        dozing connections (idle, taskless)
         │   └── _serve x woken ones       (each until it closes or dozes again)
+        ├── SocketWatch.watch             input on busy connections' sockets
         ├── _accept_task x listeners      (in the accept cancel scope)
         └── serve_connection x connections   (accepted=True: it counts itself out)
 
@@ -209,6 +210,7 @@ async def serve_wsgi(
     try:
         async with trio.open_nursery() as server_nursery:
             await server_nursery.start(ctx.dozing.keep, CONNECTION_TASK)
+            await server_nursery.start(ctx.readiness.watch)
             if metrics_listeners:
                 server._metrics = await _start_metrics(server_nursery, ctx, metrics_listeners)
             for listener in bound:
