@@ -144,9 +144,8 @@ class ShapedConnection:
                 nursery.start_soon(self.sender, nursery)
                 nursery.start_soon(self.requests)
         finally:
-            if self.watched is not None:
-                self.watch.remove(self.watched)
-                self.watched = None
+            self.watch.remove(self.watched)
+            self.watched = None
 
     async def reader(self, nursery: trio.Nursery) -> None:
         tail = b""

