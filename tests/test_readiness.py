@@ -22,27 +22,23 @@ import trio
 import trio.testing
 
 from tests import apps
+from tests.test_doze import all_closed, get
+from tests.test_dozing import socket_pairs as dozing_socket_pairs
 from trioserve import readiness as readiness_module
 from trioserve.connection import DOZE_AFTER, _SocketIO
 from trioserve.readiness import WATCH_FROM, SocketWatch, WatchedSocket
-from trioserve.server import Server, serve_wsgi
-
-REQUEST = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
+from trioserve.server import serve_wsgi
 
 pytestmark = pytest.mark.skipif(not readiness_module.HAVE_EPOLL, reason="needs select.epoll")
 
 
 @contextmanager
 def socket_pairs(count: int) -> Iterator[list[tuple[socket.socket, socket.socket]]]:
-    pairs = [socket.socketpair() for _ in range(count)]
-    for ours, _peer in pairs:
-        ours.setblocking(False)
-    try:
+    """test_dozing's pairs, ours non-blocking as a connection's socket is."""
+    with dozing_socket_pairs(count) as pairs:
+        for ours, _peer in pairs:
+            ours.setblocking(False)
         yield pairs
-    finally:
-        for ours, peer in pairs:
-            ours.close()
-            peer.close()
 
 
 @asynccontextmanager
@@ -306,25 +302,6 @@ async def test_the_first_busy_sockets_wait_through_trio() -> None:
 
 
 # ---- in a server -------------------------------------------------------------
-
-
-async def get(stream: trio.SocketStream) -> bytes:
-    await stream.send_all(REQUEST)
-    response = b""
-    while not response.endswith(b"Hello, world!\n"):
-        data = await stream.receive_some()
-        assert data, response
-        response += data
-    return response
-
-
-async def all_closed(server: Server) -> None:
-    """Wait until the server holds no connection, without letting any time pass."""
-    for _ in range(1_000):
-        if not server.open_connections:
-            return
-        await trio.testing.wait_all_tasks_blocked()
-    raise AssertionError("a connection is still open")
 
 
 async def test_a_connection_is_watched_while_it_has_tasks(
