@@ -55,15 +55,11 @@ _BATCH: int | None = getattr(os, "SCHED_BATCH", None)
 
 # App calls in flight beyond which, under batch, the trio thread lets the app
 # threads it woke run before it hands out the next call (see above). Chosen by
-# measurement: 1, 2, 4 and 8 all kept batch's requests a second (HTTP/1.1 and
+# measurement: 1, 2, 4 and 8 all keep batch's requests a second (HTTP/1.1 and
 # h2c hello); in the idle scenario the pool then stays at 2, 3, 5 and 9
-# threads, and an idle connection cost 7.3-7.5 KiB with 1 (7.2-7.4 under the
-# default policy), 7.1-7.7 with 2, 7.2-8.1 with 4. Since input is waited for
-# through trioserve.readiness, whose one look serves every socket that turned
-# readable, handing out more calls per pass of the event loop pays: with 4,
-# HTTP/1.1 hello (wrk -c50) served about 3% more requests a second than with 1
-# (six of seven alternating pairs).
-RUN_AHEAD = 4
+# threads, and an idle connection costs 7.3-7.5 KiB with 1 (7.2-7.4 under the
+# default policy), 7.1-7.7 with 2, 7.2-8.1 with 4.
+RUN_AHEAD = 1
 
 
 class _ThisThread(threading.local):
