@@ -1351,7 +1351,7 @@ def test_buffers_to_send_hands_over_the_app_s_own_chunks_uncopied_and_in_order()
     server = HTTP1Connection()
     feed(server, get("/"))
     server.send_response(1, 200, [])  # no Content-Length: chunked
-    big = bytes(range(256)) * (3 * 1024)  # 768 KiB
+    big = bytes(range(256)) * (MAX_WRITE * 3 // 4 // 256)  # two of them exceed one write
     small = [bytes([65 + n % 26]) * 10 for n in range(MAX_BUFFERS)]
     chunks = [big, big, *small]
     for chunk in chunks:
