@@ -572,6 +572,12 @@ class RequestStream:
             await self._wait_for_output(self._spill_drained)
             spill.rewind()
             return
+        if self._writable():
+            # The sender wrote the queue while this call was on its way from the
+            # thread (the usual case with a client that keeps up): nothing to
+            # wait for, so no timers to set up either.
+            self._queued = self._owner.output_queued(self.stream_id)
+            return
         config = self._ctx.config
         if config.spill_after and self._ctx.spill_budget.has_room:
             with trio.move_on_after(config.spill_after):
