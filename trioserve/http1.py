@@ -102,16 +102,15 @@ MAX_UPGRADE_BODY = 64 * 1024
 # Beyond it, closing is cheaper than draining (nginx's lingering_close logic).
 MAX_DRAIN = 256 * 1024
 
-# buffers_to_send() hands over at most this much at a time: half a streaming
-# app's queue (HTTP1_HIGH_WATER), so the app thread's queue goes out in two
-# writes. Larger gathering writes cost the kernel about twice as much per byte
-# (measured over loopback, 64 KiB chunks: 14-16 us of system time per chunk
-# with 1 MiB writes against 7-8 with 512 KiB ones), smaller ones are more
-# calls (256 KiB: about 10% slower). A write takes no more than was queued, and
-# its pieces are the app's own chunks (a gathering write copies nothing; TLS
-# joins them into pieces of connection.WRITE_CHUNK), so a stalled client holds
-# at most its queue and one write.
-MAX_WRITE = 512 * 1024
+# buffers_to_send() hands over at most this much at a time: with
+# stream.HTTP1_HIGH_WATER, the memory a stalled client can hold (see there for
+# the split). Gathering writes of over 512 KiB cost the kernel about twice as
+# much per byte (over loopback, 64 KiB chunks: 14-16 us of system time per
+# chunk with 1 MiB writes against 7-8 with 512 KiB ones). A write takes no more
+# than was queued, and its pieces are the app's own chunks (a gathering write
+# copies nothing; TLS joins them into pieces of connection.WRITE_CHUNK), so a
+# stalled client holds at most its queue and one write.
+MAX_WRITE = 256 * 1024
 # ...in at most this many pieces (a gathering write takes at most IOV_MAX,
 # 1024 on Linux); more small chunks than that go out in later writes.
 MAX_BUFFERS = 512
