@@ -20,9 +20,9 @@ behind as allocator space (1,000 idle connections opened 50 at a time cost
 8.6-8.9 KiB each against 7.0-7.3). So with more than ``RUN_AHEAD`` calls out
 (another one, that is), the trio thread gives the core to the app threads
 already woken (``os.sched_yield``) before it hands out the next: they run, the
-pool stays at two threads in that burst, and idle connections cost about what
-they do under the default policy (7.3-7.5 KiB against 7.2-7.4) while the
-requests a second stay those of batch. A thread blocked on I/O is not
+pool stays at ``RUN_AHEAD + 1`` threads in that burst, and idle connections cost
+about what they do under the default policy (with ``RUN_AHEAD`` 1: 7.3-7.5 KiB
+against 7.2-7.4) while the requests a second stay those of batch. A thread blocked on I/O is not
 runnable, and the yield returns at once.
 
 The policy is set from inside the app thread, the first time it runs an app,
@@ -55,11 +55,16 @@ _BATCH: int | None = getattr(os, "SCHED_BATCH", None)
 
 # App calls in flight beyond which, under batch, the trio thread lets the app
 # threads it woke run before it hands out the next call (see above). Chosen by
-# measurement: 1, 2, 4 and 8 all keep batch's requests a second (HTTP/1.1 and
-# h2c hello); in the idle scenario the pool then stays at 2, 3, 5 and 9
-# threads, and an idle connection costs 7.3-7.5 KiB with 1 (7.2-7.4 under the
-# default policy), 7.1-7.7 with 2, 7.2-8.1 with 4.
-RUN_AHEAD = 1
+# measurement. Since input is waited for through trioserve.readiness, whose one
+# look serves every socket that turned readable, handing out more calls per
+# pass of the event loop pays: with 4, HTTP/1.1 hello (wrk -c50) served 1.00x
+# to 1.08x the requests a second of 1 (median 1.02x, five alternating pairs;
+# 8 added about 1% more). The pool then settles at 5 threads instead of 2, and
+# their allocator arenas hold about 0.4-0.5 MiB more: a cost per process, not
+# per connection (idle connections opened after 100 warm ones: 1,000 grew the
+# process 5.4-6.4 MiB with 1 and 6.8-7.0 with 4; 3,000 grew it 11.1-11.2 MiB
+# and 11.6, where a cost per connection would have added 1.2-1.5 MiB).
+RUN_AHEAD = 4
 
 
 class _ThisThread(threading.local):
