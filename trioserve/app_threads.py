@@ -22,8 +22,8 @@ behind as allocator space (1,000 idle connections opened 50 at a time cost
 already woken (``os.sched_yield``) before it hands out the next: they run, the
 pool stays at ``RUN_AHEAD + 1`` threads in that burst, and idle connections cost
 about what they do under the default policy (with ``RUN_AHEAD`` 1: 7.3-7.5 KiB
-against 7.2-7.4) while the requests a second stay those of batch. A thread blocked on I/O is not
-runnable, and the yield returns at once.
+against 7.2-7.4) while the requests a second stay those of batch. A thread
+blocked on I/O is not runnable, and the yield returns at once.
 
 The policy is set from inside the app thread, the first time it runs an app,
 and stays with the thread: trio's thread cache reuses it for other work until
