@@ -553,6 +553,11 @@ def answered_alike(parser: str, chunks: list[bytes], choices: list[int]) -> tupl
 
 @FUZZ
 @given(chunks=http1_inputs, choices=st.lists(st.integers(0, 100), max_size=20))
+# Found at TRIOSERVE_FUZZ_SCALE=20: h11 read 20 digits (413 over the limit), llhttp
+# refused a value over 2**64 - 1 (400). Kept here so every run tries it.
+@hypothesis.example(
+    chunks=[b"GET / HTTP/1.0\r\n!:\r\nContent-Length:20000000000000000000\r\n\r\n"], choices=[]
+)
 def test_http1_parsers_answer_alike(chunks: list[bytes], choices: list[int]) -> None:
     """Issue 13's rule for the two head parsers: any difference in what a client
     sees (statuses, the close) or what the app gets is a bug. Error reasons may be

@@ -615,6 +615,30 @@ BAD_REQUESTS = [
         "request body too large",
     ),
     (
+        # h11 took this one (20 digits), llhttp refused it (over 2**64 - 1).
+        "content-length-of-20-digits",
+        {},
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551616\r\n\r\n",
+        400,
+        "Content-Length of more than 18 digits",
+    ),
+    (
+        # The fuzzers' find: h11 answered 413 (over the body limit), llhttp 400.
+        "content-length-of-20-digits-over-max-body-size",
+        {"max_body_size": 50},
+        b"GET / HTTP/1.0\r\n!:\r\nContent-Length:20000000000000000000\r\n\r\n",
+        400,
+        "Content-Length of more than 18 digits",
+    ),
+    (
+        # llhttp took this one (it is 1), h11 refused it (over 20 characters).
+        "content-length-of-1-in-22-digits",
+        {},
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0000000000000000000001\r\n\r\n",
+        400,
+        "Content-Length of more than 18 digits",
+    ),
+    (
         "content-length-and-transfer-encoding",
         {},
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -650,6 +674,23 @@ def test_bad_request_is_answered_by_the_layer(
     assert server.closing
     assert feed(server) == []
     assert server.data_to_send() == b""
+
+
+@pytest.mark.parametrize(
+    ("value", "length"),
+    [(b"999999999999999999", 999_999_999_999_999_999), (b"000000000000000005", 5)],
+    ids=["largest", "leading-zeros"],
+)
+def test_a_content_length_of_18_digits_is_read(value: bytes, length: int) -> None:
+    """18 digits is the bound (trioserve.responses.CONTENT_LENGTH_DIGITS), and
+    both parsers read every value within it as the same length."""
+    server = HTTP1Connection()
+    (request,) = feed(
+        server, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + value + b"\r\n\r\n"
+    )
+    assert isinstance(request, RequestReceived)
+    assert request.content_length == length
+    assert not request.end_stream
 
 
 @pytest.mark.parametrize(

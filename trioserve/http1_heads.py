@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .events import Headers
-from .responses import in_words
+from .responses import CONTENT_LENGTH_DIGITS, in_words
 
 # RFC 9112 §3: request-line = method SP request-target SP HTTP-version. The
 # method is a token; the target any visible characters (checked further by
@@ -65,6 +65,9 @@ _METHOD_SO_FAR = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*(?: |\Z)")
 # Where a head ends: a line ending (CRLF, or a bare LF that h11 would take)
 # and an empty line.
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+_LONG_CONTENT_LENGTH = f"Content-Length of more than {CONTENT_LENGTH_DIGITS} digits"
 
 
 class HeadError(Exception):
@@ -157,6 +160,11 @@ def head_problem(head: bytes) -> tuple[int, str] | None:
                 return 400, "list-form Content-Length"
             if not value.isdigit():
                 return 400, "invalid Content-Length"
+            if len(value) > CONTENT_LENGTH_DIGITS:
+                # The parsers bound it too, but not alike (h11: 20 characters,
+                # leading zeros counted; llhttp: 2**64 - 1), so each would
+                # refuse values the other takes: bounded here first, below both.
+                return 400, _LONG_CONTENT_LENGTH
         elif name == b"transfer-encoding":
             codings += 1
             if codings > 1:
