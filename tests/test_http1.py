@@ -270,6 +270,22 @@ def test_both_parsers_answer_alike(parser: str, head: bytes, expected: bytes | i
         assert server.closing
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+@pytest.mark.parametrize("coding", [b"chunked", b"Chunked", b"CHUNKED"])
+def test_both_parsers_hand_over_transfer_encoding_in_lower_case(parser: str, coding: bytes) -> None:
+    """h11 lower-cases the value; llhttp passed it on as sent, so the app's
+    HTTP_TRANSFER_ENCODING depended on the parser."""
+    if parser == "httptools":
+        pytest.importorskip("httptools")
+    server = HTTP1Connection(parser=parser)
+    events = feed(
+        server, b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
+    )
+    assert len(events) == 1
+    assert isinstance(events[0], RequestReceived)
+    assert events[0].headers == [(b"host", b"a"), (b"transfer-encoding", b"chunked")]
+
+
 def test_pipelined_request_waits_for_the_first_response_to_end() -> None:
     server = HTTP1Connection()
     assert feed(server, get("/one") + get("/two")) == [

@@ -302,7 +302,13 @@ class HttptoolsHeadParser:
         self._target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value.strip(b" \t")))
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name == b"transfer-encoding":
+            # h11 hands it over in lower case (head_problem let only "chunked"
+            # through, in any case): the app sees the same either way.
+            value = value.lower()
+        self._headers.append((name, value))
 
     def on_message_complete(self) -> None:
         # Asked here, while llhttp still holds this message's flags: once the
