@@ -1301,6 +1301,95 @@ def test_malformed_trailers_reset_the_stream_the_app_already_has(
     assert [type(e) for e in later] == [RequestReceived]
 
 
+def content_length_request(
+    declared: list[bytes], body: list[bytes]
+) -> tuple[h2.connection.H2Connection, HTTP2Connection, list[object]]:
+    """A POST on stream 1 with a content-length field for each of ``declared``, its
+    body in ``body``'s DATA frames (the last ends the stream; none: the HEADERS
+    does), sent without h2's own checks."""
+    client, server = connect()
+    client.config.validate_outbound_headers = False
+    client.config.normalize_outbound_headers = False
+    fields = [*POST, *((b"content-length", value) for value in declared)]
+    client.send_headers(1, fields, end_stream=not body)
+    for n, chunk in enumerate(body):
+        client.send_data(1, chunk, end_stream=n == len(body) - 1)
+    _, server_events = pump(client, server)
+    return client, server, server_events
+
+
+def assert_only_stream_1_was_reset(
+    client: h2.connection.H2Connection, server: HTTP2Connection
+) -> None:
+    """Stream 1 got RST_STREAM(PROTOCOL_ERROR), no GOAWAY, and stream 3 is served."""
+    assert not server.closing
+    assert server.data_to_send() == b""  # (pump handed the RST_STREAM to the client)
+    request(client, 3)
+    client_events, later = pump(client, server)
+    assert [type(e) for e in later] == [RequestReceived]
+    assert later[0].stream_id == 3
+    assert not [e for e in client_events if isinstance(e, h2.events.ConnectionTerminated)]
+
+
+@pytest.mark.parametrize(
+    ("body", "problem", "events_before"),
+    [
+        ([b"ab", b"c"], "body shorter than its content-length", [BodyReceived, BodyReceived]),
+        ([b"abc", b"def"], "body longer than its content-length", [BodyReceived]),
+        ([b"abcdefg"], "body longer than its content-length", []),
+    ],
+    ids=["shorter", "longer-in-the-second-frame", "longer-in-one-frame"],
+)
+def test_a_body_that_breaks_its_content_length_resets_that_stream_alone(
+    body: list[bytes], problem: str, events_before: list[type]
+) -> None:
+    """RFC 9113 §8.1.1: the request is malformed, a stream error. h2 alone would end
+    the whole connection (GOAWAY), taking every other stream on it along."""
+    client, server, events = content_length_request([b"5"], body)
+    assert [type(e) for e in events] == [
+        RequestReceived,
+        *events_before,
+        BadRequest,
+        StreamReset,
+    ]
+    bad, reset = events[-2:]
+    assert bad.reason == f"malformed request: {problem} (stream 1)"
+    assert not bad.answered  # the app may have the request: the driver cancels it
+    assert reset == StreamReset(1, Errors.PROTOCOL_ERROR)
+    assert_only_stream_1_was_reset(client, server)
+
+
+@pytest.mark.parametrize(
+    ("declared", "body", "problem"),
+    [
+        ([b"x"], [b"abcde"], "invalid content-length"),
+        ([b"-1"], [b"abcde"], "invalid content-length"),
+        ([b"5", b"6"], [b"abcde"], "conflicting content-length fields"),
+        ([b"1" * 19], [b"abcde"], "content-length of more than 18 digits"),
+        ([b"1" * 5000], [b"abcde"], "content-length of more than 18 digits"),
+        ([b"5"], [], "content-length but no body"),
+    ],
+    ids=["letter", "negative", "conflicting", "19-digits", "5000-digits", "no-body"],
+)
+def test_a_malformed_content_length_is_a_stream_error(
+    declared: list[bytes], body: list[bytes], problem: str
+) -> None:
+    """Refused before the app sees the request, on that stream alone (h2 would have
+    ended the connection for each of these but the last two)."""
+    client, server, events = content_length_request(declared, body)
+    assert [type(e) for e in events] == [BadRequest]
+    assert events[0].reason == f"malformed request: {problem} (stream 1)"
+    assert events[0].answered
+    assert_only_stream_1_was_reset(client, server)
+
+
+def test_equal_content_lengths_and_a_body_that_matches_them_are_a_request() -> None:
+    _, server, events = content_length_request([b"5", b"5"], [b"ab", b"cde"])
+    assert [type(e) for e in events] == [RequestReceived, BodyReceived, BodyReceived, BodyEnded]
+    assert events[0].content_length == 5
+    assert not server.closing
+
+
 # ---- h2c upgrade ------------------------------------------------------------------------
 
 SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"

@@ -617,6 +617,40 @@ async def test_nghttp_early_response_to_unread_upload(
     assert set(re.findall(r"error_code=(\w+)", log)) <= {"NO_ERROR"}, log
 
 
+@needs("nghttp")
+@pytest.mark.parametrize("mode", ["h2c-prior-knowledge", "h2-tls-alpn"])
+async def test_nghttp_bodies_that_break_their_content_length_reset_only_their_streams(
+    serve: Serve, tmp_path: Path, mode: str
+) -> None:
+    """Two uploads on one connection, each declaring 10 bytes and sending 3: each
+    is malformed (RFC 9113 §8.1.1), a stream error. Both streams get
+    RST_STREAM(PROTOCOL_ERROR) and the server sends no GOAWAY: the connection, and
+    whatever else it carries, goes on (h2 alone would have ended it at the first)."""
+    flags, tls = NGHTTP_MODES[mode]
+    upload = tmp_path / "short.bin"
+    upload.write_bytes(b"abc")
+    with trio.fail_after(QUICK):
+        server = await serve(apps.echo, tls=tls)
+        result = await run(
+            "nghttp",
+            "--timeout=10",
+            "-nv",
+            *flags,
+            "-d",
+            str(upload),
+            "-H",
+            "content-length: 10",
+            server.url + "/a",
+            server.url + "/b",
+        )
+    log = result.stdout.decode(errors="replace")
+    resets = re.findall(r"recv RST_STREAM frame <[^>]*stream_id=(\d+)>\s+\(error_code=(\w+)", log)
+    assert len(resets) == 2, log
+    assert {code for _, code in resets} == {"PROTOCOL_ERROR"}, log
+    assert "recv GOAWAY" not in log, log
+    assert ":status" not in log, log  # neither reached an app that answered
+
+
 def _shaped(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     """A response head per path: /0 plain, /1 JSON with an extra field, /2 a 404."""
     shape = environ["PATH_INFO"].lstrip("/")

@@ -174,6 +174,33 @@ class _Outbound:
     counted: int = 0  # body bytes queued in all, counted against ``declared``
 
 
+class _H2Stream(h2.stream.H2Stream):
+    """h2's stream, less its own checks of a request's content-length (see _H2Connection)."""
+
+    def _initialize_content_length(self, headers: object) -> None:
+        # Nothing expected, so h2's _track_content_length never raises either.
+        self._expected_content_length = None
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection, whose streams leave a request's content-length to trioserve.
+
+    h2 holds a request's DATA to its content-length, and when they differ, or
+    the value is not a number, it ends the whole connection (GOAWAY
+    PROTOCOL_ERROR): every other stream on it is lost too. RFC 9113 §8.1.1
+    makes either a malformed request, to be answered with a stream error. So
+    trioserve reads the value (trioserve.http2_fields), counts the DATA
+    (HTTP2Connection._translate), and resets that one stream.
+    """
+
+    def _begin_new_stream(
+        self, stream_id: int, allowed_ids: AllowedStreamIDs
+    ) -> h2.stream.H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _H2Stream  # built by h2 as ever; only that method differs
+        return stream
+
+
 class HTTP2Connection:
     """One HTTP/2 server connection's protocol state.
 
@@ -214,7 +241,7 @@ class HTTP2Connection:
             validate_inbound_headers=False,
             normalize_inbound_headers=False,
         )
-        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2 = _H2Connection(config=config)
         settings = h2.settings.SettingCodes
         initial_values = {
             settings.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
@@ -252,6 +279,9 @@ class HTTP2Connection:
         self._ready: dict[int, None] = {}  # streams with something to frame, in round-robin order
         self._remote_open: set[int] = set()  # streams whose request body is still coming
         self._body_received: dict[int, int] = {}
+        # Streams whose request declared a content-length and has a body still
+        # coming: sid -> that length, which its DATA must add up to (§8.1.1).
+        self._declared_length: dict[int, int] = {}
         self._uncredited: dict[int, int] = {}  # body bytes that never used a window
         self._rejected: set[int] = set()  # streams answered without the app (413, 501)
         # Streams whose END_STREAM went out with the last byte of their declared
@@ -665,8 +695,8 @@ class HTTP2Connection:
 
         Decoding (h2's error translation around our decoder), the connection
         state machine, a new stream, and the stream's own receive_headers
-        (its state machine, content-length bookkeeping and events), in h2's
-        order. A protocol error ends the connection exactly as in h2's
+        (its state machine and events; the content-length is trioserve's, see
+        _H2Connection), in h2's order. A protocol error ends the connection exactly as in h2's
         receive_data: GOAWAY queued, then the error raised.
         """
         conn = self._h2
@@ -716,6 +746,13 @@ class HTTP2Connection:
                 return
             total = self._body_received.get(sid, 0) + len(data)
             self._body_received[sid] = total
+            declared = self._declared_length.get(sid)
+            if declared is not None and total > declared:
+                self._h2.acknowledge_received_data(len(data), sid)
+                self._malformed(
+                    sid, "malformed request: body longer than its content-length", started=True
+                )
+                return
             if self._max_body_size and total > self._max_body_size:
                 self._h2.acknowledge_received_data(len(data), sid)
                 self._rejected.add(sid)
@@ -735,9 +772,14 @@ class HTTP2Connection:
             sid = event.stream_id
             body_came = sid in self._remote_open
             self._remote_open.discard(sid)
-            self._body_received.pop(sid, None)
+            received = self._body_received.pop(sid, 0)
+            declared = self._declared_length.pop(sid, None)
             if sid in self._rejected:
                 self._rejected.discard(sid)
+            elif declared is not None and received != declared:
+                self._malformed(
+                    sid, "malformed request: body shorter than its content-length", started=True
+                )
             elif body_came:  # (a request without one was announced with end_stream)
                 emit(BodyEnded(sid))
         elif isinstance(event, h2.events.StreamReset):
@@ -782,9 +824,14 @@ class HTTP2Connection:
             self._malformed(sid, f"malformed request: {exc}")
             return
         method, target, scheme, authority, headers, content_length, expects_continue = fields
+        if end_stream and content_length:
+            self._malformed(sid, "malformed request: content-length but no body")
+            return
         self._outbound[sid] = _Outbound(head_only=method == b"HEAD")
         if not end_stream:
             self._remote_open.add(sid)
+            if content_length is not None:
+                self._declared_length[sid] = content_length
         if target is None or scheme is None:
             self._reject(sid, 501, "CONNECT is not supported", end_stream)
             return
@@ -1093,6 +1140,7 @@ class HTTP2Connection:
         self._ready.pop(stream_id, None)
         self._remote_open.discard(stream_id)
         self._body_received.pop(stream_id, None)
+        self._declared_length.pop(stream_id, None)
 
     def _pull_control(self) -> None:
         data = self._h2.data_to_send()

@@ -40,6 +40,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from .events import Headers
+from .responses import CONTENT_LENGTH_DIGITS
 
 __all__ = ["MalformedFields", "RequestFields", "request_fields", "trailer_problem"]
 
@@ -148,11 +149,16 @@ def request_fields(fields: Iterable[tuple[bytes, bytes]]) -> RequestFields:
                 raise MalformedFields("more than one host field")
             host = value
         elif name == b"content-length":
-            # h2 has checked that it is digits and agrees with any other one;
-            # checked again so that a parser change can never raise here.
+            # h2 leaves it to us (trioserve.http2._H2Connection). Digits, at most
+            # as many as HTTP/1.1 allows, and any other one the same number.
             if not value.isdigit():
                 raise MalformedFields("invalid content-length")
-            content_length = int(value)
+            if len(value) > CONTENT_LENGTH_DIGITS:
+                raise MalformedFields(f"content-length of more than {CONTENT_LENGTH_DIGITS} digits")
+            length = int(value)
+            if content_length is not None and length != content_length:
+                raise MalformedFields("conflicting content-length fields")
+            content_length = length
         elif name == b"expect":
             expects_continue = value.lower() == b"100-continue"
         headers.append(field)
