@@ -694,10 +694,10 @@ class HTTP2Connection:
         """Open stream ``sid`` from its header block: the steps of h2's own HEADERS handling.
 
         Decoding (h2's error translation around our decoder), the connection
-        state machine, a new stream, and the stream's own receive_headers
-        (its state machine and events; the content-length is trioserve's, see
-        _H2Connection), in h2's order. A protocol error ends the connection exactly as in h2's
-        receive_data: GOAWAY queued, then the error raised.
+        state machine, a new stream, and the stream's own receive_headers (its
+        state machine and events; the content-length is trioserve's, see
+        _H2Connection), in h2's order. A protocol error ends the connection
+        exactly as in h2's receive_data: GOAWAY queued, then the error raised.
         """
         conn = self._h2
         try:

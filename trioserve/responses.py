@@ -35,8 +35,8 @@ NO_BODY_STATUSES = frozenset({204, 304})
 # RFC 9112 §4: reason-phrase = 1*( HTAB / SP / VCHAR / obs-text )
 _REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 # The most digits a Content-Length may have, a response's here and a request's
-# (trioserve.http1_heads): 18 stay below 2**63, the largest size a 64-bit peer
-# can represent.
+# (trioserve.http1_heads, trioserve.http2_fields): 18 stay below 2**63, the
+# largest size a 64-bit peer can represent.
 CONTENT_LENGTH_DIGITS = 18
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,%d}" % CONTENT_LENGTH_DIGITS)
 
